@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random checkpoints of every released variant, built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from vllm_qwen3tts.checkpoint import VARIANTS, make_checkpoint  # noqa: E402
+
+# Parity is judged in float32 with no TF32 anywhere (the spec's reference setting).
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory) -> Path:
+    root = os.environ.get("QWEN3TTS_TEST_CHECKPOINTS")
+    return Path(root) if root else tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_root):
+    """`tiny_checkpoint(variant, seed=0)` -> directory; each is generated once per session."""
+    made: dict[tuple[str, int], Path] = {}
+
+    def get(variant: str, seed: int = 0) -> Path:
+        key = (variant, seed)
+        if key not in made:
+            out = checkpoint_root / f"{variant}-tiny-s{seed}"
+            if not (out / "speech_tokenizer" / "model.safetensors").is_file():
+                make_checkpoint(variant, "tiny", out, seed=seed)
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def official(tiny_checkpoint):
+    """`official(variant)` -> the official `Qwen3TTSModel` loaded on the tiny checkpoint."""
+    from oracle import load_official
+
+    loaded = {}
+
+    def get(variant: str, seed: int = 0):
+        if (variant, seed) not in loaded:
+            loaded[(variant, seed)] = load_official(tiny_checkpoint(variant, seed))
+        return loaded[(variant, seed)]
+
+    return get
+
+
+ALL_VARIANTS = VARIANTS
