@@ -6,7 +6,10 @@ Three environment gaps are bridged here and nowhere else:
 - on transformers >= 5 the code-predictor config has no `pad_token_id` attribute,
   which its model constructor reads (4.57 defaulted it to None);
 - it registers `qwen3_tts` with AutoConfig without `exist_ok`, which fails if our
-  vLLM plugin registered the name first in this process.
+  vLLM plugin registered the name first in this process;
+- on transformers 5.19 its RoPE `inv_freq` buffers (non-persistent, so not in the
+  checkpoint) come out of `from_pretrained` as uninitialised memory, not zeros, so
+  its own zero-check does not repair them; we recompute every one after loading.
 """
 
 from __future__ import annotations
@@ -77,4 +80,90 @@ def load_official(model_dir, dtype=None):
     finally:
         AutoConfig.register, AutoModel.register, AutoProcessor.register = original
     model.model.eval()
+    for root in (model.model, model.model.speech_tokenizer.model):
+        _recompute_rope(root)
     return model
+
+
+def _recompute_rope(root) -> None:
+    import torch
+
+    for module in root.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
+            device = next(root.parameters()).device
+            inv_freq, module.attention_scaling = module.rope_init_fn(module.config, device)
+            module.inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+            module.original_inv_freq = module.inv_freq
+
+
+class _Captured(Exception):
+    pass
+
+
+def official_prefill(official, method: str, **kwargs):
+    """Run an official `generate_*` wrapper only up to the talker call and return
+    (prefill embeddings [L, H], trailing text embeddings [N, H]) of a single request."""
+    talker = official.model.talker
+    captured = {}
+
+    def capture(**kw):
+        captured.update(kw)
+        raise _Captured
+
+    original = talker.generate
+    talker.generate = capture
+    try:
+        getattr(official, method)(**kwargs)
+    except _Captured:
+        pass
+    finally:
+        talker.generate = original
+    return captured["inputs_embeds"][0], captured["trailing_text_hidden"][0]
+
+
+def official_generate_trace(official, method: str, **kwargs):
+    """Run an official `generate_*` wrapper and record, for every talker decode
+    forward, its input embedding, the hidden state handed to the code predictor,
+    and the frame it completed. Returns (codes [T,16], steps) where steps[k] =
+    {"inputs_embeds": [H], "past_hidden": [H], "codes": [16]}."""
+    import torch
+
+    talker = official.model.talker
+    steps = []
+
+    def pre_hook(module, args, kw):
+        if kw.get("past_hidden") is not None and kw.get("input_ids") is not None:
+            steps.append({"past_hidden": kw["past_hidden"][0, -1].clone(), "code0": kw["input_ids"][0, -1].clone()})
+        return None
+
+    def post_hook(module, args, kw, out):
+        if steps and "codes" not in steps[-1] and out.hidden_states[1] is not None:
+            steps[-1]["codes"] = out.hidden_states[1][0].clone()
+        return None
+
+    def model_pre_hook(module, args, kw):
+        if steps and "inputs_embeds" not in steps[-1] and kw["inputs_embeds"].shape[1] == 1:
+            steps[-1]["inputs_embeds"] = kw["inputs_embeds"][0, 0].clone()
+        return None
+
+    handles = [
+        talker.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        talker.register_forward_hook(post_hook, with_kwargs=True),
+        talker.model.register_forward_pre_hook(model_pre_hook, with_kwargs=True),
+    ]
+    captured = {}
+    original_decode = official.model.speech_tokenizer.decode
+
+    def keep_codes(items):
+        captured["codes"] = [it["audio_codes"] for it in items]
+        return original_decode(items)
+
+    official.model.speech_tokenizer.decode = keep_codes
+    try:
+        with torch.no_grad():
+            getattr(official, method)(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        official.model.speech_tokenizer.decode = original_decode
+    return captured["codes"][0], steps

@@ -1,0 +1,193 @@
+"""The code predictor: residual codebooks 1..15 of a frame from the talker's hidden state.
+
+A small Qwen3-style decoder (5 layers released) run autoregressively over 16
+positions per frame: position 0 is the talker's final-normed hidden state,
+position 1 the embedding of code 0, position j the embedding of code j-1.
+Each frame starts from an empty 16-slot KV cache, so there is no re-prefill
+and the shapes are fixed (graph capturable). Batched over requests; each row
+samples with its own temperature / top-k / top-p / seed.
+
+Numerics follow the reference exactly where it is known to matter (errors
+compound through the 15 sub-steps): RMSNorm in fp32 then cast, then weight;
+RoPE cos/sin computed in fp32 and cast to the activation dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .config import DecoderGeometry, TalkerConfig
+from .sampling import SamplingTensors, sample
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, g: DecoderGeometry):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = g.num_heads, g.num_kv_heads, g.head_dim
+        self.q_proj = nn.Linear(g.hidden_size, g.num_heads * g.head_dim, bias=False)
+        self.k_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=False)
+        self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=False)
+        self.o_proj = nn.Linear(g.num_heads * g.head_dim, g.hidden_size, bias=False)
+        self.q_norm = RMSNorm(g.head_dim, g.rms_norm_eps)
+        self.k_norm = RMSNorm(g.head_dim, g.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, n, hidden]
+        cos: torch.Tensor,  # [n, head_dim]
+        sin: torch.Tensor,
+        cache_k: torch.Tensor,  # [B, kv_heads, S, head_dim], written in place at `start`
+        cache_v: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, n, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, n, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache_k[:, :, start : start + n] = k
+        cache_v[:, :, start : start + n] = v
+        end = start + n
+        # causal within the new positions, everything before `start` is visible
+        mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        out = nn.functional.scaled_dot_product_attention(
+            q, cache_k[:, :, :end], cache_v[:, :, :end], attn_mask=mask, enable_gqa=self.heads != self.kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, g: DecoderGeometry):
+        super().__init__()
+        self.gate_proj = nn.Linear(g.hidden_size, g.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(g.hidden_size, g.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, g: DecoderGeometry):
+        super().__init__()
+        self.input_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
+        self.self_attn = Attention(g)
+        self.post_attention_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
+        self.mlp = MLP(g)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CodePredictor(nn.Module):
+    def __init__(self, cfg: TalkerConfig):
+        super().__init__()
+        cp = cfg.code_predictor
+        g = cp.decoder
+        self.geometry = g
+        self.num_residual = cfg.num_code_groups - 1
+        self.seq_len = cfg.num_code_groups  # hidden state + 15 code embeddings
+        self.layers = nn.ModuleList(DecoderLayer(g) for _ in range(g.num_layers))
+        self.norm = RMSNorm(g.hidden_size, g.rms_norm_eps)
+        self.lm_head = nn.ModuleList(nn.Linear(g.hidden_size, cp.vocab_size, bias=False) for _ in range(self.num_residual))
+        talker_hidden = cfg.decoder.hidden_size
+        # 1.7B: talker states and embeddings (2048 wide) are projected to the predictor's 1024.
+        self.small_to_mtp_projection = (
+            nn.Linear(talker_hidden, g.hidden_size, bias=True) if talker_hidden != g.hidden_size else nn.Identity()
+        )
+        inv_freq = 1.0 / (g.rope_theta ** (torch.arange(0, g.head_dim, 2, dtype=torch.float32) / g.head_dim))
+        angles = torch.arange(self.seq_len, dtype=torch.float32).unsqueeze(-1) * inv_freq
+        emb = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+
+    def _new_cache(self, batch: int, dtype, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        g = self.geometry
+        shape = (batch, g.num_kv_heads, self.seq_len, g.head_dim)
+        return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)) for _ in self.layers]
+
+    def _run(self, x: torch.Tensor, cache, start: int) -> torch.Tensor:
+        n = x.shape[1]
+        cos = self.rope_cos[start : start + n].to(x.dtype)
+        sin = self.rope_sin[start : start + n].to(x.dtype)
+        for layer, (ck, cv) in zip(self.layers, cache):
+            x = layer(x, cos, sin, ck, cv, start)
+        return self.norm(x)
+
+    def predict(
+        self,
+        hidden: torch.Tensor,  # [B, H_talker] talker final-normed hidden state
+        code0_embed: torch.Tensor,  # [B, H_talker] talker codec embedding of code 0
+        residual_tables: nn.ModuleList,  # TalkerEmbeddings.residual_codec_embedding
+        params: SamplingTensors,
+        frame_index: torch.Tensor,  # [B] int64: draws are keyed by (seed, frame, codebook)
+    ) -> torch.Tensor:
+        """Codes 1..15 of the frame, [B, 15]."""
+        b = hidden.shape[0]
+        cache = self._new_cache(b, hidden.dtype, hidden.device)
+        x = self.small_to_mtp_projection(torch.stack((hidden, code0_embed), dim=1))
+        out = self._run(x, cache, start=0)[:, -1]
+        codes = []
+        for j in range(self.num_residual):
+            logits = self.lm_head[j](out)
+            code = sample(logits, params, frame_index * self.seq_len + j + 1)
+            codes.append(code)
+            if j + 1 < self.num_residual:
+                x = self.small_to_mtp_projection(residual_tables[j](code)).unsqueeze(1)
+                out = self._run(x, cache, start=j + 2)[:, -1]
+        return torch.stack(codes, dim=1)
+
+    def teacher_forced_logits(
+        self, hidden: torch.Tensor, codes: torch.Tensor, code0_embed: torch.Tensor, residual_tables: nn.ModuleList
+    ) -> torch.Tensor:
+        """Logits of codes 1..15 given the true frame in one causal pass; [B, 15, vocab]."""
+        inputs = [hidden, code0_embed] + [residual_tables[j](codes[:, j + 1]) for j in range(self.num_residual - 1)]
+        x = self.small_to_mtp_projection(torch.stack(inputs, dim=1))
+        out = self._run(x, self._new_cache(hidden.shape[0], hidden.dtype, hidden.device), start=0)
+        return torch.stack([self.lm_head[j](out[:, j + 1]) for j in range(self.num_residual)], dim=1).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """`talker.code_predictor.{model.layers,model.norm,lm_head,small_to_mtp_projection}.*` -> parameters.
+
+        The predictor's input tables (`model.codec_embedding.*`) belong to `TalkerEmbeddings`.
+        """
+        prefix = "talker.code_predictor."
+        params = dict(self.named_parameters())
+        expected = {prefix + ("model." + n if n.startswith(("layers.", "norm.")) else n): n for n in params}
+        loaded = set()
+        for name, tensor in weights:
+            target = expected.get(name)
+            if target is None:
+                continue
+            param = params[target]
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor.to(param.dtype))
+            loaded.add(name)
+        missing = set(expected) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} code-predictor tensors, e.g. {sorted(missing)[:3]}")
+        return loaded
