@@ -1,0 +1,27 @@
+"""`vllm.general_plugins` entry point: makes vLLM understand Qwen3-TTS checkpoints.
+
+Runs in every vLLM process (API server, engine core, workers, the model
+inspection subprocess), possibly several times; it must be idempotent, fast and
+CUDA-free.
+"""
+
+from __future__ import annotations
+
+RELEASED_ARCH = "Qwen3TTSForConditionalGeneration"  # what released config.json files name
+PLUGIN_ARCH = "Qwen3TTSPluginTalker"  # always ours: --hf-overrides '{"architectures": ["Qwen3TTSPluginTalker"]}'
+MODEL_MODULE = "vllm_qwen3tts.talker.model"
+MODEL_CLASS = f"{MODEL_MODULE}:Qwen3TTSTalkerForVLLM"
+
+
+def register() -> None:
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from .hf_config import Qwen3TTSConfig
+
+    AutoConfig.register("qwen3_tts", Qwen3TTSConfig, exist_ok=True)
+    ModelRegistry.register_model(PLUGIN_ARCH, MODEL_CLASS)
+    # vllm-omni registers the released name too; never take it from another plugin.
+    existing = getattr(ModelRegistry, "models", {}).get(RELEASED_ARCH)
+    if existing is None or getattr(existing, "module_name", MODEL_MODULE) == MODEL_MODULE:
+        ModelRegistry.register_model(RELEASED_ARCH, MODEL_CLASS)

@@ -1,0 +1,153 @@
+"""Model Runner V1 support (the vLLM CPU build; a GPU fallback), in one guarded module.
+
+V1 gives a model no per-request hook, so this driver reads the runner that is
+building the model (found on the call stack while the model is constructed)
+and, on each forward, turns its persistent batch into token slots for
+`TalkerState`. It keeps its own slot per request id because V1 moves requests
+between batch rows. The runner's sampler is wrapped (one attribute) so the code
+predictor runs right after code 0 is sampled.
+
+Everything read here is read-only runner state: `input_batch.req_ids`,
+`input_batch.num_computed_tokens_cpu`, `query_start_loc.np`, `requests[...]`
+(`prompt_token_ids`, `output_token_ids`, `sampling_params`),
+`discard_request_mask.np`. A vLLM change to any of them fails loudly at start-up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import numpy as np
+import torch
+
+REQUIRED_RUNNER_ATTRS = ("input_batch", "query_start_loc", "requests", "sampler", "discard_request_mask")
+
+
+class UnsupportedRunner(RuntimeError):
+    pass
+
+
+def _find_runner():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for frame_info in inspect.stack(context=0):
+        candidate = frame_info.frame.f_locals.get("self")
+        if isinstance(candidate, GPUModelRunner):
+            return candidate
+    raise UnsupportedRunner(
+        "Qwen3-TTS needs either Model Runner V2 or vLLM's V1 GPUModelRunner family; no runner was "
+        "found while the model was built. Set VLLM_USE_V2_MODEL_RUNNER=1 on GPUs."
+    )
+
+
+def attach_v1_driver(model, vllm_config) -> "V1Driver":
+    from vllm.config.compilation import CUDAGraphMode
+
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        raise UnsupportedRunner(
+            "Qwen3-TTS on Model Runner V1 builds its inputs in Python inside forward, which FULL CUDA "
+            "graphs would freeze. Use Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1) or "
+            "--compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}'."
+        )
+    runner = _find_runner()
+    missing = [a for a in REQUIRED_RUNNER_ATTRS if not hasattr(runner, a)]
+    if missing:
+        raise UnsupportedRunner(f"this vLLM's V1 model runner lacks {missing}; unsupported vLLM version")
+    driver = V1Driver(model, runner)
+    runner.sampler = V1TalkerSampler(runner.sampler, driver)
+    return driver
+
+
+class V1Driver:
+    def __init__(self, model, runner):
+        self._model = weakref.ref(model)
+        self._runner = weakref.ref(runner)
+        self.free_slots = list(range(model.state.max_slots - 1, -1, -1))
+        self.row_slots: torch.Tensor | None = None
+        self.last_positions: torch.Tensor | None = None
+
+    @property
+    def state(self):
+        return self._model().state
+
+    def _sync_requests(self, req_ids: list[str]) -> None:
+        runner = self._runner()
+        state = self.state
+        for req_id in [r for r in state.slot_of if r not in runner.requests]:
+            self.free_slots.append(state.slot_of[req_id])
+            state.remove_request(req_id)
+        for req_id in req_ids:
+            if req_id in state.slot_of:
+                continue
+            if not self.free_slots:
+                raise RuntimeError("no free talker slot; max_num_seqs is exceeded")
+            cached = runner.requests[req_id]
+            prompt_len = len(cached.prompt_token_ids)
+            sp = cached.sampling_params
+            state.add_request(self.free_slots.pop(), req_id, sp.extra_args if sp else None, prompt_len, prompt_len)
+
+    def token_slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Slot of every token of this step's batch (null slot for padding and dummy runs)."""
+        runner = self._runner()
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        model = self._model()
+        null = self.state.null_slot
+        n = positions.shape[0]
+        qsl = runner.query_start_loc.np[: num_reqs + 1]
+        if num_reqs == 0 or int(qsl[-1]) > n or any(r not in runner.requests for r in batch.req_ids[:num_reqs]):
+            # a profiling / warm-up run: no real requests behind these tokens
+            model.row_slots = None
+            return torch.full_like(positions, null)
+        req_ids = list(batch.req_ids[:num_reqs])
+        self._sync_requests(req_ids)
+        rows = np.array([self.state.slot_of[r] for r in req_ids], dtype=np.int64)
+        num_scheduled = np.diff(qsl)
+        slots = np.full(n, null, dtype=np.int64)
+        slots[: int(qsl[-1])] = np.repeat(rows, num_scheduled)
+        last = batch.num_computed_tokens_cpu[:num_reqs] + num_scheduled - 1
+        device = positions.device
+        self.row_slots = torch.from_numpy(rows).to(device)
+        self.last_positions = torch.from_numpy(last.astype(np.int64)).to(device)
+        model.row_slots = self.row_slots
+        return torch.from_numpy(slots).to(device)
+
+
+class V1TalkerSampler:
+    """Wraps V1's sampler: after code 0 is sampled, complete the frames and emit 16 codes."""
+
+    def __init__(self, base, driver: V1Driver):
+        self.base = base
+        self.driver = driver
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def __call__(self, logits: torch.Tensor, sampling_metadata, *args, **kwargs):
+        out = self.base(logits, sampling_metadata, *args, **kwargs)
+        driver = self.driver
+        model = driver._model()
+        rows = driver.row_slots
+        code0 = out.sampled_token_ids[:, 0]
+        if rows is None or rows.shape[0] != code0.shape[0]:
+            return out  # profiling run
+        runner = driver._runner()
+        discard = torch.from_numpy(runner.discard_request_mask.np[: rows.shape[0]].copy()).to(code0.device)
+        codes = model.complete_frames(rows, driver.last_positions, code0, ~discard)
+        out.logprobs_tensors = _codes_as_logprobs(codes, out.logprobs_tensors)
+        return out
+
+
+def _codes_as_logprobs(codes: torch.Tensor, template):
+    """All 16 codes of each frame as the 16 sample-logprob token ids of its position."""
+    from vllm.v1.outputs import LogprobsTensors
+
+    dtype = template.logprob_token_ids.dtype if template is not None else torch.int64
+    n = codes.shape[0]
+    return LogprobsTensors(
+        logprob_token_ids=codes.to(dtype),
+        logprobs=torch.zeros(codes.shape, dtype=torch.float32, device=codes.device),
+        selected_token_ranks=torch.zeros(n, dtype=torch.int64, device=codes.device),
+    )

@@ -1,0 +1,245 @@
+"""Per-request talker state on the device, independent of which vLLM model runner drives it.
+
+Every request occupies a *slot* (a row in fixed-size buffers). The input
+embedding of any token is a pure function of (slot, position):
+
+- position p < L (the prompt): the recipe entry at p — projected text token plus
+  a codec entry (codec id, the speaker x-vector, or a reference frame);
+- position L + k (decode step k): S(frame k) + P(trailing text k, or PAD).
+
+Because the generated frames are kept (the `history` buffer), this one rule
+covers prefill, chunked prefill, decode, and re-prefill after preemption, and
+it is plain tensor code: batched over tokens, no host synchronisation, and
+capturable inside the talker's CUDA graph.
+
+After vLLM samples code 0 of a frame, `after_sample` runs the code predictor
+for every sampled row at once, stores the 16 codes in `history`, and returns
+them for the output channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import OrderedDict
+
+import torch
+
+from ..code_predictor import CodePredictor
+from ..config import TalkerConfig
+from ..prompt import NO_CODEC, NO_REF, NO_TEXT, SPEAKER_VECTOR, PromptError
+from ..sampling import SamplingTensors
+from ..talker_io import TalkerEmbeddings
+from .protocol import TalkerRequest
+
+logger = logging.getLogger(__name__)
+
+
+class TalkerState:
+    def __init__(
+        self,
+        cfg: TalkerConfig,
+        max_slots: int,
+        max_positions: int,
+        max_frames: int,
+        max_ref_frames: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
+        self.cfg = cfg
+        self.max_slots = max_slots
+        self.null_slot = max_slots  # padding tokens and dummy runs read (and write) this row
+        self.max_positions = max_positions
+        self.max_frames = max_frames
+        self.max_ref_frames = max_ref_frames
+        self.device = torch.device(device)
+        n = max_slots + 1
+        q = cfg.num_code_groups
+
+        def ints(*shape, fill=0, dt=torch.int32):
+            return torch.full(shape, fill, dtype=dt, device=self.device)
+
+        self.prompt_len = ints(n)
+        self.prefill_len = ints(n)
+        self.prompt_text = ints(n, max_positions, fill=NO_TEXT)
+        self.prompt_codec = ints(n, max_positions, fill=NO_CODEC)
+        self.prompt_ref = ints(n, max_positions, fill=NO_REF)
+        self.trailing_text = ints(n, max_positions)
+        self.trailing_len = ints(n)
+        self.pad_text = ints(n)
+        self.xvector = torch.zeros(n, cfg.decoder.hidden_size, dtype=dtype, device=self.device)
+        self.ref_codes = ints(n, max(max_ref_frames, 1), q)
+        self.history = ints(n, max_frames, q, dt=torch.int16)
+        self.poisoned = torch.zeros(n, dtype=torch.bool, device=self.device)
+        self.sub_temperature = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.sub_top_k = ints(n, dt=torch.int64)
+        self.sub_top_p = torch.ones(n, dtype=torch.float32, device=self.device)
+        self.seed = ints(n, dt=torch.int64)
+
+        self.slot_of: dict[str, int] = {}
+        # Histories of removed requests, kept because removal may be a preemption:
+        # the request then comes back as "new" with its generated tokens appended
+        # to the prompt, and re-prefilling them needs their residual codes.
+        self.parked: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.max_parked = 2 * max_slots
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, slot: int, req_id: str, extra_args: dict | None, prompt_len: int, prefill_len: int) -> None:
+        """Load a request into `slot`. Never raises on bad input: the request is
+        poisoned instead (it emits EOS as soon as vLLM allows), so one malformed
+        request cannot take the engine down."""
+        self.slot_of[req_id] = slot
+        self.prompt_len[slot] = prompt_len
+        self.prefill_len[slot] = prefill_len
+        try:
+            self._load(slot, req_id, TalkerRequest.from_extra_args(extra_args), prompt_len, prefill_len)
+            self.poisoned[slot] = False
+        except PromptError as e:
+            logger.error("request %s rejected in the worker (it will end at once): %s", req_id, e)
+            self.poisoned[slot] = True
+
+    def _load(self, slot: int, req_id: str, req: TalkerRequest, prompt_len: int, prefill_len: int) -> None:
+        self._validate(req, prompt_len)
+        r = req.recipe
+        n = len(r)
+        refs = r.ref_codes or []
+        dev = self.device
+
+        def put(buf: torch.Tensor, values: list, fill: int) -> None:
+            buf[slot].fill_(fill)
+            if values:
+                buf[slot, : len(values)] = torch.tensor(values, dtype=buf.dtype, device=dev)
+
+        put(self.prompt_text, r.text_ids, NO_TEXT)
+        put(self.prompt_codec, r.codec_ids, NO_CODEC)
+        put(self.prompt_ref, r.ref_frames, NO_REF)
+        put(self.trailing_text, r.trailing_text_ids, 0)
+        self.trailing_len[slot] = len(r.trailing_text_ids)
+        self.pad_text[slot] = r.pad_text_id
+        if r.xvector is not None:
+            self.xvector[slot] = torch.tensor(r.xvector, dtype=self.xvector.dtype, device=dev)
+        if refs:
+            self.ref_codes[slot, : len(refs)] = torch.tensor(refs, dtype=torch.int32, device=dev)
+        sub = req.subtalker
+        self.sub_temperature[slot] = sub.temperature
+        self.sub_top_k[slot] = sub.top_k
+        self.sub_top_p[slot] = sub.top_p
+        self.seed[slot] = req.seed if req.seed is not None else random.getrandbits(62)
+
+        generated = prefill_len - prompt_len
+        if generated > 0:
+            # Resumed after preemption: the re-prefill covers generated frames too.
+            parked = self.parked.pop(req_id, None)
+            if parked is None:
+                raise PromptError(f"resumed with {generated} generated frames but their codes were not kept")
+            self.history[slot] = parked
+            logger.info("request %s resumed: re-prefilling %d generated frames", req_id, generated)
+
+    def _validate(self, req: TalkerRequest, prompt_len: int) -> None:
+        """Everything the buffers and embedding tables assume, checked before any write."""
+        r, cfg = req.recipe, self.cfg
+        n = len(r)
+        if n != prompt_len:
+            raise PromptError(f"prompt has {prompt_len} placeholder tokens but the recipe has {n} positions")
+        if n > self.max_positions or len(r.trailing_text_ids) > self.max_positions:
+            raise PromptError(f"prompt of {n} positions exceeds the talker's limit of {self.max_positions}")
+        refs = r.ref_codes or []
+        if len(refs) > self.max_ref_frames:
+            raise PromptError(f"reference of {len(refs)} frames exceeds the limit of {self.max_ref_frames}")
+        if any(len(f) != cfg.num_code_groups or min(f) < 0 or max(f) >= cfg.code_predictor.vocab_size for f in refs):
+            raise PromptError("reference codes out of range")
+        if r.xvector is not None and len(r.xvector) != cfg.decoder.hidden_size:
+            raise PromptError("x-vector size does not match the talker")
+        text_ok = all(0 <= t < cfg.text_vocab_size for t in r.text_ids + r.trailing_text_ids + [r.pad_text_id] if t != NO_TEXT)
+        codec_ok = all(0 <= c < cfg.vocab_size for c in r.codec_ids if c not in (NO_CODEC, SPEAKER_VECTOR))
+        if not (text_ok and codec_ok):
+            raise PromptError("prompt ids out of range")
+        if SPEAKER_VECTOR in r.codec_ids and r.xvector is None:
+            raise PromptError("prompt uses a speaker vector but carries none")
+        if any(f >= len(refs) for f in r.ref_frames if f != NO_REF):
+            raise PromptError("prompt refers to a reference frame it does not carry")
+        req.subtalker.validate()
+
+    def remove_request(self, req_id: str) -> None:
+        slot = self.slot_of.pop(req_id, None)
+        if slot is None:
+            return
+        self.parked[req_id] = self.history[slot].clone()
+        while len(self.parked) > self.max_parked:
+            self.parked.popitem(last=False)
+
+    # ------------------------------------------------------------------ per step
+
+    def embed(self, emb: TalkerEmbeddings, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [N, H] of tokens at `positions` of the requests in `slots`."""
+        slots = slots.long()
+        positions = positions.long()
+        L = self.prompt_len[slots].long()
+        step = positions - L
+        in_prompt = step < 0
+        p = positions.clamp(0, self.max_positions - 1)
+        k = step.clamp(0, self.max_frames - 1)
+
+        trailing = self.trailing_text[slots, k.clamp(max=self.max_positions - 1)]
+        trailing = torch.where(k < self.trailing_len[slots], trailing, self.pad_text[slots])
+        text_id = torch.where(in_prompt, self.prompt_text[slots, p], trailing).long()
+        codec_id = torch.where(in_prompt, self.prompt_codec[slots, p], NO_CODEC).long()
+        ref = torch.where(in_prompt, self.prompt_ref[slots, p], NO_REF).long()
+
+        frame_codes = torch.where(
+            in_prompt.unsqueeze(-1),
+            self.ref_codes[slots, ref.clamp(min=0)],
+            self.history[slots, k].to(torch.int32),
+        ).long()
+        use_frame = ~in_prompt | (ref != NO_REF)
+
+        zero = torch.zeros((), dtype=self.xvector.dtype, device=self.device)
+        text = torch.where((text_id != NO_TEXT).unsqueeze(-1), emb.text(text_id.clamp(min=0)), zero)
+        codec = torch.where((codec_id >= 0).unsqueeze(-1), emb.codec_embedding(codec_id.clamp(min=0)), zero)
+        codec = codec + torch.where((codec_id == SPEAKER_VECTOR).unsqueeze(-1), self.xvector[slots], zero)
+        codec = codec + torch.where(use_frame.unsqueeze(-1), emb.frame(frame_codes), zero)
+        # one rounding: text + codec, as the reference adds its two tracks
+        return text + codec
+
+    def after_sample(
+        self,
+        emb: TalkerEmbeddings,
+        predictor: CodePredictor,
+        slots: torch.Tensor,  # [B] slot of each sampled row
+        last_positions: torch.Tensor,  # [B] position of the token whose logits were sampled
+        code0: torch.Tensor,  # [B] sampled codebook-0 ids
+        hidden: torch.Tensor,  # [B, H] final-normed talker hidden state of that token
+        sampled: torch.Tensor,  # [B] bool: the row produced a real sample (not a partial prefill)
+    ) -> torch.Tensor:
+        """Complete each sampled frame with codes 1..15, record it, and return [B, 16]."""
+        slots = slots.long()
+        code0 = code0.long()
+        frame = last_positions.long() + 1 - self.prompt_len[slots].long()
+        valid = (
+            sampled
+            & (last_positions.long() + 1 >= self.prefill_len[slots].long())
+            & (code0 >= 0)
+            & (code0 < self.cfg.num_audio_codes)
+            & (frame >= 0)
+            & (frame < self.max_frames)
+            & (slots != self.null_slot)
+        )
+        params = SamplingTensors(
+            temperature=self.sub_temperature[slots],
+            top_k=self.sub_top_k[slots],
+            top_p=self.sub_top_p[slots],
+            seed=self.seed[slots],
+        )
+        safe_code0 = code0.clamp(0, self.cfg.vocab_size - 1)
+        residual = predictor.predict(
+            hidden, emb.codec_embedding(safe_code0), emb.residual_codec_embedding, params, frame.clamp(min=0)
+        )
+        codes = torch.cat([code0.unsqueeze(-1), residual], dim=-1)
+        write_slot = torch.where(valid, slots, self.null_slot)
+        write_frame = torch.where(valid, frame, 0)
+        self.history[write_slot, write_frame] = codes.to(torch.int16)
+        return codes
+
+    def poison_mask(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.poisoned[slots.long()]
