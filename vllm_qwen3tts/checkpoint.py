@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 VARIANTS = ("0.6b-base", "0.6b-custom_voice", "1.7b-base", "1.7b-custom_voice", "1.7b-voice_design")
@@ -453,51 +454,63 @@ def codec_decoder_shapes(g: Geometry) -> dict[str, tuple[int, ...]]:
 # random values
 
 
-def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def _init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Values that keep activations at a sane scale through a random network.
 
     Matrices get std 1/sqrt(fan_in) so signals neither vanish nor explode through
     dozens of layers (with HF's 0.02 the codec output would be ~0 and every
-    waveform comparison would pass trivially); norms start at 1 plus noise so a
-    swapped norm weight is still caught by the parity tests.
+    waveform comparison would pass trivially); norms and layer scales sit well
+    away from zero so every sub-layer visibly shapes the output, which the parity
+    tests rely on to catch mistakes.
     """
+
+    def normal(std: float = 1.0, mean: float = 0.0) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * std + mean).astype(np.float32)
+
+    def uniform(lo: float, hi: float) -> np.ndarray:
+        return (lo + (hi - lo) * rng.random(shape, dtype=np.float32)).astype(np.float32)
+
     leaf = name.rsplit(".", 1)[-1]
-    if leaf in ("cluster_usage",):
-        return torch.rand(shape, generator=gen) * 1.5 + 0.5
-    if leaf == "embedding_sum":
-        return torch.randn(shape, generator=gen) * 0.5
+    if leaf == "cluster_usage":
+        return uniform(0.5, 2.0)
+    if leaf in ("embedding_sum", "embed_sum"):
+        return normal(0.5)
     if leaf in ("alpha", "beta"):  # SnakeBeta log-parameters
-        return torch.randn(shape, generator=gen) * 0.1
-    if leaf == "scale":  # LayerScale
-        return torch.full(shape, 0.01) + torch.randn(shape, generator=gen) * 0.01
+        return normal(0.1)
+    if leaf == "scale":  # transformer LayerScale
+        return uniform(0.3, 1.0)
     if leaf == "gamma":  # ConvNeXt layer scale
-        return torch.full(shape, 0.1) + torch.randn(shape, generator=gen) * 0.05
+        return normal(0.05, 0.1)
+    if leaf == "initialized":
+        return np.ones(shape, dtype=np.float32)
     if "norm" in name and leaf == "weight":
-        return 1.0 + torch.randn(shape, generator=gen) * 0.1
+        return normal(0.1, 1.0)
     if leaf == "bias":
-        return torch.randn(shape, generator=gen) * 0.02
-    if "embedding" in name:  # text/codec/codebook embeddings: unit-ish rows
-        return torch.randn(shape, generator=gen)
+        return normal(0.02)
+    if "embedding" in name:  # text/codec embeddings: unit-ish rows
+        return normal()
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
     if name == "decoder.decoder.6.conv.weight":
         # the codec's last conv: keep the waveform mostly inside [-1, 1] so the final
         # clamp does not flatten it (a clipped waveform would hide decoder errors)
-        return torch.randn(shape, generator=gen) * (0.3 / math.sqrt(fan_in))
+        return normal(0.3 / math.sqrt(fan_in))
     if re.search(r"decoder\.decoder\.\d\.block\.\d\.conv2\.conv\.weight$", name):
         # residual branches of the vocoder blocks: damped so 12 stacked units do not blow up
-        return torch.randn(shape, generator=gen) * (0.3 / math.sqrt(fan_in))
-    if name.endswith(("codec_head.weight",)) or re.search(r"lm_head\.\d+\.weight$", name):
+        return normal(0.3 / math.sqrt(fan_in))
+    if name.endswith("codec_head.weight") or re.search(r"lm_head\.\d+\.weight$", name):
         # logits with a spread of a few nats: sampling is neither greedy-like nor uniform
-        return torch.randn(shape, generator=gen) * (3.0 / math.sqrt(fan_in))
-    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+        return normal(3.0 / math.sqrt(fan_in))
+    return normal(1.0 / math.sqrt(fan_in))
 
 
 def random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One numpy PCG64 stream per tensor, keyed by (seed, name): the values depend on
+    neither the other tensors nor the torch version (torch's CPU RNG differs across
+    releases, and checkpoints made on the GPU machine must equal those made here)."""
     out = {}
-    for i, (name, shape) in enumerate(sorted(shapes.items())):
-        # one generator per tensor: values do not depend on which other tensors exist
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + _stable_hash(name)) % (2**63))
-        out[name] = _init(name, shape, gen).to(dtype).contiguous()
+    for name, shape in sorted(shapes.items()):
+        rng = np.random.default_rng([seed, _stable_hash(name)])
+        out[name] = torch.from_numpy(_init(name, shape, rng)).to(dtype).contiguous()
     return out
 
 
@@ -509,27 +522,18 @@ def _stable_hash(s: str) -> int:
 
 
 def mimi_encoder_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Encoder half of a transformers MimiModel, with codebooks that produce distinct codes."""
+    """Random weights for the encoder half of a transformers MimiModel (names and shapes
+    from the model itself, values from `random_weights`)."""
     from transformers import MimiConfig, MimiModel
 
-    torch.manual_seed(seed)
-    model = MimiModel(MimiConfig(**cfg))
-    gen = torch.Generator().manual_seed(seed + 17)
-    out = {}
-    for name, t in model.state_dict().items():
-        if name.startswith(("upsample.", "decoder_transformer.", "decoder.")):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "embed_sum":
-            t = torch.randn(t.shape, generator=gen)
-        elif leaf == "cluster_usage":
-            t = torch.rand(t.shape, generator=gen) + 0.5
-        elif leaf == "initialized":
-            t = torch.ones_like(t)
-        elif t.is_floating_point() and t.dim() >= 2:
-            t = torch.randn(t.shape, generator=gen) / math.sqrt(math.prod(t.shape[1:]))
-        out["encoder." + name] = t.float().contiguous()
-    return out
+    with torch.device("meta"):
+        model = MimiModel(MimiConfig(**cfg))
+    shapes = {
+        "encoder." + name: tuple(t.shape)
+        for name, t in model.state_dict().items()
+        if not name.startswith(("upsample.", "decoder_transformer.", "decoder."))
+    }
+    return random_weights(shapes, seed, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------

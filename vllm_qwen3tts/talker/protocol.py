@@ -72,3 +72,59 @@ class TalkerRequest:
         """Prefix-cache salt: KV blocks depend on the embeddings, which token ids do not show."""
         payload = json.dumps(self.recipe.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Code0Params:
+    """Sampling of codebook 0 (done by vLLM). temperature 0 = greedy."""
+
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.05
+
+
+def talker_sampling_params(
+    req: TalkerRequest, code0: Code0Params, max_frames: int, eos_id: int, seed: int | None = None
+):
+    """vLLM SamplingParams that reproduce the reference's codebook-0 pipeline.
+
+    min_tokens=2 keeps EOS out of the first two samples; stop on EOS; the
+    suppression of other control ids happens inside the model. `max_frames`
+    bounds the frames produced (the reference's max_new_tokens minus one: its
+    last sample is never expanded into a frame, ours always is).
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        temperature=code0.temperature,
+        top_k=code0.top_k if code0.top_k > 0 else -1,
+        top_p=code0.top_p,
+        repetition_penalty=code0.repetition_penalty,
+        max_tokens=max_frames,
+        min_tokens=min(2, max_frames),
+        stop_token_ids=[eos_id],
+        seed=seed,
+        logprobs=NUM_CODE_LOGPROBS,
+        flat_logprobs=True,
+        detokenize=False,
+        skip_special_tokens=False,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=req.to_extra_args(),
+    )
+
+
+def frames_from_output(completion, eos_id: int) -> list[list[int]]:
+    """The 16-code frames carried by a (delta) CompletionOutput; the EOS sample is not a frame."""
+    lp = completion.logprobs
+    if lp is None:
+        return []
+    frames = []
+    for i in range(len(completion.token_ids)):
+        frame = list(lp.token_ids[lp.start_indices[i] : lp.end_indices[i]])
+        if len(frame) != NUM_CODE_LOGPROBS + 1:
+            raise RuntimeError(f"expected {NUM_CODE_LOGPROBS + 1} codes per frame, got {len(frame)}")
+        if frame[0] != eos_id:
+            frames.append(frame)
+    return frames

@@ -1,0 +1,791 @@
+"""Qwen3-TTS 12 Hz codec decoder: 16-codebook codes -> 24 kHz waveform.
+
+Architecture (spec §6.2): split-RVQ dequantizer, causal pre-conv, an 8-layer
+sliding-window transformer, two ConvNeXt upsampling stages and a SnakeBeta
+vocoder (four transposed-conv blocks). Everything is causal, so one code path
+serves both uses:
+
+- whole utterances: `decode` (the official procedure, including its 300/25 frame
+  chunking of long utterances) and `forward` (one pass over any length);
+- incremental streaming: `decode_chunk` carries a fixed-size per-stream state
+  (conv input tails, transposed-conv input frames, a sliding-window KV cache)
+  and emits exactly the samples a single whole-utterance pass would.
+
+`forward` is `decode_chunk` on a fresh state, so streaming and whole decoding
+cannot drift apart structurally; they differ only by floating-point blocking.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_qwen3tts.config import CODEC_MODEL_TYPE, CheckpointError, read_json
+
+# Constants fixed by the official implementation rather than by the config.
+CODEBOOK_USAGE_EPS = 1e-5  # clamp of cluster_usage before dividing embedding_sum by it
+SNAKE_EPS = 1e-9  # keeps 1 / exp(beta) finite
+CONVNEXT_NORM_EPS = 1e-6
+CONV_KERNEL = 7  # pre-vocoder conv, ConvNeXt depthwise conv, residual-unit convs, output conv
+PRE_CONV_KERNEL = 3
+RESIDUAL_DILATIONS = (1, 3, 9)
+CONVNEXT_EXPANSION = 4
+# Official long-utterance decode: 300-frame chunks, each re-decoded with 25 frames of left context.
+OFFICIAL_CHUNK_FRAMES = 300
+OFFICIAL_LEFT_CONTEXT_FRAMES = 25
+PAD_CODE = -1
+
+# Streaming conv state travels as two sequences in forward order: the tails saved by the
+# previous chunk (consumed one per stateful conv) and the tails for the next chunk.
+TailsIn = Iterator[torch.Tensor]
+TailsOut = list[torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass(frozen=True)
+class CodecDecoderConfig:
+    """`decoder_config` of `speech_tokenizer/config.json` (sizes only; nothing hard-coded)."""
+
+    codebook_size: int
+    codebook_dim: int  # width after the RVQ output projections; each codebook holds codebook_dim // 2
+    num_quantizers: int
+    num_semantic_quantizers: int
+    latent_dim: int
+    decoder_dim: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    sliding_window: int
+    upsample_rates: tuple[int, ...]  # vocoder blocks
+    upsampling_ratios: tuple[int, ...]  # ConvNeXt stages right after the transformer
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CodecDecoderConfig":
+        if d.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"codec decoder hidden_act {d['hidden_act']!r} is not supported (only silu)")
+        if d.get("attention_bias", False):
+            raise CheckpointError("codec decoder with attention_bias=true is not supported")
+        if int(d.get("num_semantic_quantizers", 1)) != 1:
+            # the official decoder hard-codes one semantic codebook whatever the config says
+            raise CheckpointError("codec decoder expects num_semantic_quantizers == 1")
+        rope_theta = d.get("rope_theta")
+        if rope_theta is None:  # transformers 5 style
+            rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            codebook_size=int(d["codebook_size"]),
+            codebook_dim=int(d["codebook_dim"]),
+            num_quantizers=int(d["num_quantizers"]),
+            num_semantic_quantizers=1,
+            latent_dim=int(d["latent_dim"]),
+            decoder_dim=int(d["decoder_dim"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=int(d["num_attention_heads"]),
+            num_key_value_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
+            head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
+            rms_norm_eps=float(d["rms_norm_eps"]),
+            rope_theta=float(rope_theta),
+            sliding_window=int(d["sliding_window"]),
+            upsample_rates=tuple(int(r) for r in d["upsample_rates"]),
+            upsampling_ratios=tuple(int(r) for r in d["upsampling_ratios"]),
+        )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "CodecDecoderConfig":
+        cfg = read_json(speech_tokenizer_dir(model_dir) / "config.json")
+        if cfg.get("model_type") != CODEC_MODEL_TYPE:
+            raise CheckpointError(
+                f"speech tokenizer model_type {cfg.get('model_type')!r} is not {CODEC_MODEL_TYPE!r}"
+            )
+        config = cls.from_dict(cfg["decoder_config"])
+        declared = cfg.get("decode_upsample_rate")
+        if declared is not None and int(declared) != config.samples_per_frame:
+            raise CheckpointError(
+                f"decode_upsample_rate {declared} does not match the decoder's upsampling "
+                f"{config.upsampling_ratios} x {config.upsample_rates} = {config.samples_per_frame}"
+            )
+        return config
+
+    @property
+    def samples_per_frame(self) -> int:
+        return math.prod(self.upsampling_ratios) * math.prod(self.upsample_rates)
+
+    @property
+    def codebook_entry_dim(self) -> int:
+        return self.codebook_dim // 2
+
+    @property
+    def kv_cache_len(self) -> int:
+        """Past positions a query can still see: the window minus the query itself."""
+        return self.sliding_window - 1
+
+
+def speech_tokenizer_dir(model_dir: str | Path) -> Path:
+    """`model_dir/speech_tokenizer` for a Qwen3-TTS checkpoint, or `model_dir` if it is one itself."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {model_dir} does not exist")
+    nested = model_dir / "speech_tokenizer"
+    return nested if nested.is_dir() else model_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+
+
+class CausalConv1d(nn.Module):
+    """Stride-1 conv that sees only the past: `(kernel - 1) * dilation` input samples of left context.
+
+    Whole-sequence and streamed use share `forward_chunk`: the caller provides the
+    last `context` input samples of the previous chunk (zeros at stream start, which
+    is exactly the official zero padding) and receives the tail for the next chunk.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1, groups: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        self.dilation = dilation
+        self.groups = groups
+        self.in_channels = in_channels
+        self.context = (kernel_size - 1) * dilation
+
+    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
+        if self.context > 0:
+            x = torch.cat([next(tails_in), x], dim=-1)
+            tails_out.append(x[..., x.shape[-1] - self.context :])
+        return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
+
+
+class CausalConvTranspose1d(nn.Module):
+    """Transposed conv (kernel k, stride s) whose output is cut to exactly `s` samples per input frame.
+
+    Each input frame spreads over k samples, so with k = 2s an output block also
+    receives the second half of the previous frame's spread. Streaming therefore
+    re-feeds the previous chunk's last `(k - s) / s` input frames and drops the
+    samples they produce on their own: identical terms to a whole-sequence pass.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int):
+        super().__init__()
+        if (kernel_size - stride) % stride != 0 or kernel_size < stride:
+            raise ValueError(f"transposed conv kernel {kernel_size} must be a multiple of its stride {stride}")
+        self.weight = nn.Parameter(torch.empty(in_channels, out_channels, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        self.stride = stride
+        self.in_channels = in_channels
+        self.context = (kernel_size - stride) // stride  # input frames
+
+    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
+        new_frames = x.shape[-1]
+        if self.context > 0:
+            x = torch.cat([next(tails_in), x], dim=-1)
+            tails_out.append(x[..., x.shape[-1] - self.context :])
+        y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)
+        start = self.context * self.stride
+        return y[..., start : start + new_frames * self.stride]
+
+
+class SnakeBeta(nn.Module):
+    """`x + sin²(exp(log_alpha)·x) / exp(log_beta)`, per channel, on [B, C, T]."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.empty(channels))
+        self.log_beta = nn.Parameter(torch.empty(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frequency = torch.exp(self.log_alpha)[None, :, None]
+        magnitude = 1.0 / (torch.exp(self.log_beta)[None, :, None] + SNAKE_EPS)
+        return x + magnitude * torch.sin(x * frequency).pow(2)
+
+
+class RMSNorm(nn.Module):
+    """Normalises in fp32, casts back to the activation dtype, then applies the weight (HF order)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class ResidualCodebooks(nn.Module):
+    """Split RVQ dequantizer: codebook 0 (semantic) and the sum of codebooks 1.. (acoustic),
+    each projected by its own 1x1 conv, then added.
+
+    The 16 tables are stacked into one parameter so a single gather serves all of them.
+    Entries are `embedding_sum / max(cluster_usage, eps)`; dividing only the gathered rows
+    gives the same values as the official divide-the-whole-table-then-gather.
+    """
+
+    def __init__(self, config: CodecDecoderConfig):
+        super().__init__()
+        q, v, d = config.num_quantizers, config.codebook_size, config.codebook_entry_dim
+        self.num_quantizers = q
+        self.codebook_size = v
+        self.embedding_sum = nn.Parameter(torch.empty(q, v, d))
+        self.cluster_usage = nn.Parameter(torch.empty(q, v))
+        self.semantic_output_proj = nn.Parameter(torch.empty(config.codebook_dim, d, 1))
+        self.acoustic_output_proj = nn.Parameter(torch.empty(config.codebook_dim, d, 1))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, T, Q] (all >= 0) -> [B, codebook_dim, T]."""
+        q = self.num_quantizers
+        offsets = torch.arange(q, device=codes.device) * self.codebook_size
+        rows = (codes.long() + offsets).reshape(-1)
+        entries = self.embedding_sum.reshape(-1, self.embedding_sum.shape[-1])[rows]
+        usage = self.cluster_usage.reshape(-1)[rows].clamp(min=CODEBOOK_USAGE_EPS)
+        entries = (entries / usage[:, None]).reshape(*codes.shape, -1)  # [B, T, Q, D]
+        # Acoustic codebooks are summed one after another, as the official code does,
+        # so bf16 rounding matches it bit for bit.
+        acoustic = entries[:, :, 1]
+        for k in range(2, q):
+            acoustic = acoustic + entries[:, :, k]
+        semantic = F.conv1d(entries[:, :, 0].transpose(1, 2), self.semantic_output_proj)
+        return semantic + F.conv1d(acoustic.transpose(1, 2), self.acoustic_output_proj)
+
+
+class SlidingWindowAttention(nn.Module):
+    """Multi-head attention with RoPE over a causal window of `sliding_window` positions.
+
+    The past arrives as a fixed-size KV cache of the last `window - 1` positions
+    (already rotated); slots before a stream's start are masked out by position.
+    """
+
+    def __init__(self, config: CodecDecoderConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        allowed: torch.Tensor,
+        past_keys: torch.Tensor,
+        past_values: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, n, hidden]; cos/sin [B, n, head_dim]; allowed [B, 1, n, past + n] (bool);
+        past_* [B, kv_heads, past, head_dim]. Returns (out, keys, values) where keys/values
+        cover past + n positions."""
+        batch, n, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(batch, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys = torch.cat([past_keys, k], dim=2)
+        values = torch.cat([past_values, v], dim=2)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=allowed, scale=self.head_dim**-0.5,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        out = out.transpose(1, 2).reshape(batch, n, self.q_size)
+        return self.o_proj(out), keys, values
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on [B, H, n, D] with cos/sin [B, n, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm layer whose residual branches are scaled per channel (LayerScale)."""
+
+    def __init__(self, config: CodecDecoderConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = SlidingWindowAttention(config)
+        self.attn_layer_scale = nn.Parameter(torch.empty(config.hidden_size))
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp_layer_scale = nn.Parameter(torch.empty(config.hidden_size))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        allowed: torch.Tensor,
+        past_keys: torch.Tensor,
+        past_values: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn_out, keys, values = self.attn(self.attn_norm(x), cos, sin, allowed, past_keys, past_values)
+        x = x + self.attn_layer_scale * attn_out
+        x = x + self.mlp_layer_scale * self.mlp(self.mlp_norm(x))
+        return x, keys, values
+
+
+class DecoderTransformer(nn.Module):
+    """latent_dim -> hidden transformer -> latent_dim, on [B, n, latent_dim] with per-stream positions."""
+
+    def __init__(self, config: CodecDecoderConfig):
+        super().__init__()
+        self.config = config
+        self.input_proj = nn.Linear(config.latent_dim, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output_proj = nn.Linear(config.hidden_size, config.latent_dim)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, n, head_dim] for integer positions [B, n]; angles in fp32, then cast (HF order).
+        The inverse frequencies are recomputed per call so that casting the module to bf16
+        can never round them."""
+        dim = self.config.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
+        inv_freq = 1.0 / (self.config.rope_theta ** exponents)
+        angles = positions.float()[..., None] * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, x: torch.Tensor, state: "DecoderStreamState") -> torch.Tensor:
+        """x [B, n, latent] -> [B, n, latent] for streams that have decoded `state.positions`
+        frames so far. Replaces state.keys / state.values in place by the last window-1 positions
+        (state.positions is left to the caller)."""
+        n = x.shape[1]
+        start_positions = state.positions
+        window = self.config.sliding_window
+        past = self.config.kv_cache_len
+        steps = torch.arange(n, device=x.device)
+        query_pos = start_positions[:, None] + steps  # [B, n]
+        # cache slot j holds position start - past + j; the new keys continue that numbering
+        key_pos = start_positions[:, None] - past + torch.arange(past + n, device=x.device)  # [B, past + n]
+        qp, kp = query_pos[:, :, None], key_pos[:, None, :]
+        allowed = ((kp >= 0) & (kp <= qp) & (kp > qp - window))[:, None]  # [B, 1, n, past + n]
+
+        hidden = self.input_proj(x)
+        cos, sin = self.rope(query_pos, hidden.dtype)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            hidden, keys, values = layer(hidden, cos, sin, allowed, state.keys[i], state.values[i])
+            new_keys.append(keys[:, :, n:])
+            new_values.append(values[:, :, n:])
+        state.keys.copy_(torch.stack(new_keys))
+        state.values.copy_(torch.stack(new_values))
+        return self.output_proj(self.norm(hidden))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Causal depthwise conv -> LayerNorm over channels -> MLP (GELU) -> per-channel gamma, residual."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.depthwise_conv = CausalConv1d(channels, channels, CONV_KERNEL, groups=channels)
+        self.norm = nn.LayerNorm(channels, eps=CONVNEXT_NORM_EPS)
+        self.pointwise_in = nn.Linear(channels, CONVNEXT_EXPANSION * channels)
+        self.pointwise_out = nn.Linear(CONVNEXT_EXPANSION * channels, channels)
+        self.gamma = nn.Parameter(torch.empty(channels))
+
+    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
+        h = self.depthwise_conv.forward_chunk(x, tails_in, tails_out).transpose(1, 2)
+        h = self.pointwise_out(F.gelu(self.pointwise_in(self.norm(h))))
+        return x + (self.gamma * h).transpose(1, 2)
+
+
+class UpsampleStage(nn.Module):
+    def __init__(self, channels: int, ratio: int):
+        super().__init__()
+        self.upsample = CausalConvTranspose1d(channels, channels, ratio, ratio)
+        self.convnext = ConvNeXtBlock(channels)
+
+    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
+        x = self.upsample.forward_chunk(x, tails_in, tails_out)
+        return self.convnext.forward_chunk(x, tails_in, tails_out)
+
+
+class ResidualUnit(nn.Module):
+    """x + pointwise(snake(dilated causal conv(snake(x))))."""
+
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        self.snake_in = SnakeBeta(channels)
+        self.dilated_conv = CausalConv1d(channels, channels, CONV_KERNEL, dilation=dilation)
+        self.snake_out = SnakeBeta(channels)
+        self.pointwise_conv = CausalConv1d(channels, channels, 1)
+
+    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
+        h = self.dilated_conv.forward_chunk(self.snake_in(x), tails_in, tails_out)
+        h = self.pointwise_conv.forward_chunk(self.snake_out(h), tails_in, tails_out)
+        return h + x
+
+
+class VocoderBlock(nn.Module):
+    """SnakeBeta, transposed conv upsampling by `rate` (halving channels), three residual units."""
+
+    def __init__(self, in_channels: int, out_channels: int, rate: int):
+        super().__init__()
+        self.snake = SnakeBeta(in_channels)
+        self.upsample = CausalConvTranspose1d(in_channels, out_channels, 2 * rate, rate)
+        self.residual_units = nn.ModuleList(ResidualUnit(out_channels, d) for d in RESIDUAL_DILATIONS)
+
+    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
+        x = self.upsample.forward_chunk(self.snake(x), tails_in, tails_out)
+        for unit in self.residual_units:
+            x = unit.forward_chunk(x, tails_in, tails_out)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming state
+
+
+@dataclass
+class DecoderStreamState:
+    """Everything `decode_chunk` needs about the past of a batch of streams; fixed shapes.
+
+    Row b of every tensor belongs to stream b. A fresh row (zeros, position 0) is a
+    stream that has decoded nothing yet. Tensors are updated in place, so a CUDA
+    graph captured over `decode_chunk` keeps valid addresses.
+    """
+
+    positions: torch.Tensor  # [B] int64: frames already decoded (the next frame's RoPE position)
+    keys: torch.Tensor  # [layers, B, kv_heads, window - 1, head_dim]: rotated keys of the last positions
+    values: torch.Tensor  # same shape as keys
+    conv_tails: list[torch.Tensor]  # per causal (transposed) conv in forward order: [B, C_in, context]
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "DecoderStreamState":
+        """A copy holding streams `idx` (in that order), to decode them as one batch."""
+        idx = idx.to(self.positions.device)
+        return DecoderStreamState(
+            positions=self.positions.index_select(0, idx),
+            keys=self.keys.index_select(1, idx),
+            values=self.values.index_select(1, idx),
+            conv_tails=[t.index_select(0, idx) for t in self.conv_tails],
+        )
+
+    def update(self, idx: torch.Tensor, sub: "DecoderStreamState") -> None:
+        """Write `sub` (as returned by `select(idx)` and then advanced) back into rows `idx`."""
+        idx = idx.to(self.positions.device)
+        self.positions.index_copy_(0, idx, sub.positions)
+        self.keys.index_copy_(1, idx, sub.keys)
+        self.values.index_copy_(1, idx, sub.values)
+        for mine, theirs in zip(self.conv_tails, sub.conv_tails, strict=True):
+            mine.index_copy_(0, idx, theirs)
+
+    def reset(self, idx: torch.Tensor) -> None:
+        """Make rows `idx` fresh streams (e.g. a slot reused by a new request)."""
+        idx = idx.to(self.positions.device)
+        self.positions.index_fill_(0, idx, 0)
+        self.keys.index_fill_(1, idx, 0)
+        self.values.index_fill_(1, idx, 0)
+        for tail in self.conv_tails:
+            tail.index_fill_(0, idx, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+class CodecDecoder(nn.Module):
+    """Codes [B, T, num_quantizers] -> waveform [B, T * samples_per_frame] at 24 kHz."""
+
+    def __init__(self, config: CodecDecoderConfig):
+        super().__init__()
+        self.config = config
+        # Registration order is forward order: `_stateful_convs` relies on it.
+        self.codebooks = ResidualCodebooks(config)
+        self.pre_conv = CausalConv1d(config.codebook_dim, config.latent_dim, PRE_CONV_KERNEL)
+        self.transformer = DecoderTransformer(config)
+        self.upsample_stages = nn.ModuleList(UpsampleStage(config.latent_dim, r) for r in config.upsampling_ratios)
+        self.vocoder_input_conv = CausalConv1d(config.latent_dim, config.decoder_dim, CONV_KERNEL)
+        channels = [config.decoder_dim // 2**i for i in range(len(config.upsample_rates) + 1)]
+        self.vocoder_blocks = nn.ModuleList(
+            VocoderBlock(channels[i], channels[i + 1], r) for i, r in enumerate(config.upsample_rates)
+        )
+        self.output_snake = SnakeBeta(channels[-1])
+        self.output_conv = CausalConv1d(channels[-1], 1, CONV_KERNEL)
+
+    # -- construction and weights ---------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(
+        cls, model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "CodecDecoder":
+        """Decoder of a Qwen3-TTS checkpoint directory (or of its `speech_tokenizer/` directory)."""
+        config = CodecDecoderConfig.from_model_dir(model_dir)
+        weights_path = speech_tokenizer_dir(model_dir) / "model.safetensors"
+        if not weights_path.is_file():
+            raise CheckpointError(f"missing codec weights {weights_path}")
+        with torch.device(device):
+            model = cls(config)
+        model.to(dtype=dtype)
+        model.load_weights(read_decoder_weights(weights_path))
+        return model.eval().requires_grad_(False)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (names relative to `decoder.`) into the parameters.
+
+        Every name must be known and every parameter must be filled; the return value
+        is the set of checkpoint names consumed.
+        """
+        targets = checkpoint_name_map(self.config)
+        params = dict(self.named_parameters())
+        untargeted = set(params) - {t.param for t in targets.values()}
+        if untargeted:  # a construction / mapping mismatch, not a checkpoint problem
+            raise RuntimeError(f"codec decoder parameters without a checkpoint source: {sorted(untargeted)}")
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        for name, tensor in weights:
+            if name in ENCODE_ONLY_WEIGHTS:
+                loaded.add(name)
+                continue
+            target = targets.get(name)
+            if target is None:
+                unexpected.append(name)
+                continue
+            dest = params[target.param].data
+            if target.index is not None:
+                dest = dest[target.index]
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"codec decoder weight {name}: checkpoint shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(dest.shape)} (config and weights disagree)"
+                )
+            dest.copy_(tensor)
+            loaded.add(name)
+        if unexpected:
+            raise CheckpointError(f"unexpected codec decoder weights: {sorted(unexpected)}")
+        missing = (set(targets) | ENCODE_ONLY_WEIGHTS) - loaded
+        if missing:
+            raise CheckpointError(f"codec decoder checkpoint lacks {len(missing)} weights: {sorted(missing)}")
+        return loaded
+
+    # -- streaming --------------------------------------------------------------------------------
+
+    def _stateful_convs(self) -> list[CausalConv1d | CausalConvTranspose1d]:
+        return [
+            m for m in self.modules() if isinstance(m, (CausalConv1d, CausalConvTranspose1d)) and m.context > 0
+        ]
+
+    def new_stream_state(self, batch_size: int) -> DecoderStreamState:
+        """State of `batch_size` streams that have decoded nothing yet."""
+        c = self.config
+        ref = self.pre_conv.weight
+        kv_shape = (c.num_hidden_layers, batch_size, c.num_key_value_heads, c.kv_cache_len, c.head_dim)
+        return DecoderStreamState(
+            positions=torch.zeros(batch_size, dtype=torch.int64, device=ref.device),
+            keys=ref.new_zeros(kv_shape),
+            values=ref.new_zeros(kv_shape),
+            conv_tails=[ref.new_zeros(batch_size, m.in_channels, m.context) for m in self._stateful_convs()],
+        )
+
+    def decode_chunk(self, codes: torch.Tensor, state: DecoderStreamState) -> tuple[torch.Tensor, DecoderStreamState]:
+        """Decode the next `n` frames of B streams: codes [B, n, Q] (>= 0) -> samples [B, n * 1920].
+
+        `state` (B rows, each stream at its own position) is advanced in place and returned.
+        The samples equal those of a single pass over each stream's whole history.
+        """
+        if codes.dim() != 3 or codes.shape[-1] != self.config.num_quantizers:
+            raise ValueError(f"codes must be [B, n, {self.config.num_quantizers}], got {tuple(codes.shape)}")
+        if codes.shape[0] != state.batch_size:
+            raise ValueError(f"codes hold {codes.shape[0]} streams but the state holds {state.batch_size}")
+        tails_in = iter(state.conv_tails)
+        tails_out: list[torch.Tensor] = []
+
+        x = self.pre_conv.forward_chunk(self.codebooks(codes), tails_in, tails_out)
+        x = self.transformer(x.transpose(1, 2), state).transpose(1, 2)
+        for stage in self.upsample_stages:
+            x = stage.forward_chunk(x, tails_in, tails_out)
+        x = self.vocoder_input_conv.forward_chunk(x, tails_in, tails_out)
+        for block in self.vocoder_blocks:
+            x = block.forward_chunk(x, tails_in, tails_out)
+        x = self.output_conv.forward_chunk(self.output_snake(x), tails_in, tails_out)
+
+        if len(tails_out) != len(state.conv_tails):
+            raise RuntimeError("conv state bookkeeping is out of order")
+        for tail, new in zip(state.conv_tails, tails_out):
+            tail.copy_(new)
+        state.positions.add_(codes.shape[1])
+        return x.squeeze(1).clamp(min=-1, max=1), state
+
+    # -- whole utterances -------------------------------------------------------------------------
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """One causal pass over whole utterances: codes [B, T, Q] (>= 0) -> [B, T * 1920]."""
+        audio, _ = self.decode_chunk(codes, self.new_stream_state(codes.shape[0]))
+        return audio
+
+    def chunked_forward(
+        self,
+        codes: torch.Tensor,
+        chunk_frames: int = OFFICIAL_CHUNK_FRAMES,
+        left_context_frames: int = OFFICIAL_LEFT_CONTEXT_FRAMES,
+    ) -> torch.Tensor:
+        """The official long-utterance scheme: independent passes over `chunk_frames`-frame
+        pieces, each preceded by up to `left_context_frames` frames whose audio is discarded.
+        Positions restart at every piece, so beyond the first chunk this differs slightly from
+        `forward`; it is what the reference decoder outputs."""
+        total = codes.shape[1]
+        spf = self.config.samples_per_frame
+        pieces = [self.pre_conv.weight.new_zeros(codes.shape[0], 0)]  # so that T = 0 yields empty audio
+        for start in range(0, total, chunk_frames):
+            end = min(start + chunk_frames, total)
+            # mirrors the reference condition exactly (strictly greater), including its edge cases
+            context = left_context_frames if start - left_context_frames > 0 else start
+            audio = self.forward(codes[:, start - context : end])
+            pieces.append(audio[:, context * spf :])
+        return torch.cat(pieces, dim=1)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Official decode: codes [B, T, Q], right-padded with -1 (see `pad_codes`) -> per-item
+        float32 waveforms of `valid_frames * 1920` samples."""
+        if codes.dim() != 3 or codes.shape[-1] != self.config.num_quantizers:
+            raise ValueError(f"codes must be [B, T, {self.config.num_quantizers}], got {tuple(codes.shape)}")
+        lengths = ((codes[..., 0] > PAD_CODE).sum(dim=1) * self.config.samples_per_frame).tolist()
+        audio = self.chunked_forward(codes.clamp(min=0))
+        return [a[:n].float() for a, n in zip(audio, lengths)]
+
+
+def pad_codes(items: list[torch.Tensor]) -> torch.Tensor:
+    """Per-utterance codes [T_b, Q] -> [B, max T_b, Q], right-padded with -1 as the official decode does."""
+    return nn.utils.rnn.pad_sequence(items, batch_first=True, padding_value=PAD_CODE)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint layout
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """Where a checkpoint tensor goes: a parameter, optionally a slice of its first dimension
+    (for the stacked codebooks and the fused qkv / gate-up projections)."""
+
+    param: str
+    index: int | slice | None = None
+
+
+# The RVQ input projections only serve encoding (they live in the decoder's quantizer in the
+# official layout); the encoder loads its own copy.
+ENCODE_ONLY_WEIGHTS = frozenset({"quantizer.rvq_first.input_proj.weight", "quantizer.rvq_rest.input_proj.weight"})
+
+
+def checkpoint_name_map(config: CodecDecoderConfig) -> dict[str, WeightTarget]:
+    """Checkpoint name (relative to `decoder.`) -> parameter of `CodecDecoder`, for every tensor."""
+    out: dict[str, WeightTarget] = {}
+
+    def add(ckpt: str, param: str, index: int | slice | None = None) -> None:
+        out[ckpt] = WeightTarget(param, index)
+
+    def conv(ckpt: str, module: str) -> None:
+        add(f"{ckpt}.conv.weight", f"{module}.weight")
+        add(f"{ckpt}.conv.bias", f"{module}.bias")
+
+    def snake(ckpt: str, module: str) -> None:
+        add(f"{ckpt}.alpha", f"{module}.log_alpha")
+        add(f"{ckpt}.beta", f"{module}.log_beta")
+
+    for k in range(config.num_quantizers):
+        group, j = ("rvq_first", k) if k < config.num_semantic_quantizers else ("rvq_rest", k - 1)
+        book = f"quantizer.{group}.vq.layers.{j}._codebook"
+        add(f"{book}.embedding_sum", "codebooks.embedding_sum", k)
+        add(f"{book}.cluster_usage", "codebooks.cluster_usage", k)
+    add("quantizer.rvq_first.output_proj.weight", "codebooks.semantic_output_proj")
+    add("quantizer.rvq_rest.output_proj.weight", "codebooks.acoustic_output_proj")
+    conv("pre_conv", "pre_conv")
+
+    q_size = config.num_attention_heads * config.head_dim
+    kv_size = config.num_key_value_heads * config.head_dim
+    inter = config.intermediate_size
+    for name in ("input_proj.weight", "input_proj.bias", "output_proj.weight", "output_proj.bias", "norm.weight"):
+        add(f"pre_transformer.{name}", f"transformer.{name}")
+    for i in range(config.num_hidden_layers):
+        ckpt, mine = f"pre_transformer.layers.{i}", f"transformer.layers.{i}"
+        add(f"{ckpt}.input_layernorm.weight", f"{mine}.attn_norm.weight")
+        add(f"{ckpt}.post_attention_layernorm.weight", f"{mine}.mlp_norm.weight")
+        add(f"{ckpt}.self_attn.q_proj.weight", f"{mine}.attn.qkv_proj.weight", slice(0, q_size))
+        add(f"{ckpt}.self_attn.k_proj.weight", f"{mine}.attn.qkv_proj.weight", slice(q_size, q_size + kv_size))
+        add(f"{ckpt}.self_attn.v_proj.weight", f"{mine}.attn.qkv_proj.weight", slice(q_size + kv_size, None))
+        add(f"{ckpt}.self_attn.o_proj.weight", f"{mine}.attn.o_proj.weight")
+        add(f"{ckpt}.self_attn_layer_scale.scale", f"{mine}.attn_layer_scale")
+        add(f"{ckpt}.mlp.gate_proj.weight", f"{mine}.mlp.gate_up_proj.weight", slice(0, inter))
+        add(f"{ckpt}.mlp.up_proj.weight", f"{mine}.mlp.gate_up_proj.weight", slice(inter, None))
+        add(f"{ckpt}.mlp.down_proj.weight", f"{mine}.mlp.down_proj.weight")
+        add(f"{ckpt}.mlp_layer_scale.scale", f"{mine}.mlp_layer_scale")
+
+    for i in range(len(config.upsampling_ratios)):
+        ckpt, mine = f"upsample.{i}", f"upsample_stages.{i}"
+        conv(f"{ckpt}.0", f"{mine}.upsample")
+        conv(f"{ckpt}.1.dwconv", f"{mine}.convnext.depthwise_conv")
+        for src, dst in (("norm", "norm"), ("pwconv1", "pointwise_in"), ("pwconv2", "pointwise_out")):
+            add(f"{ckpt}.1.{src}.weight", f"{mine}.convnext.{dst}.weight")
+            add(f"{ckpt}.1.{src}.bias", f"{mine}.convnext.{dst}.bias")
+        add(f"{ckpt}.1.gamma", f"{mine}.convnext.gamma")
+
+    # the official vocoder is one flat list: input conv, the blocks, the final snake, the output conv
+    conv("decoder.0", "vocoder_input_conv")
+    num_blocks = len(config.upsample_rates)
+    for b in range(num_blocks):
+        ckpt, mine = f"decoder.{b + 1}.block", f"vocoder_blocks.{b}"
+        snake(f"{ckpt}.0", f"{mine}.snake")
+        conv(f"{ckpt}.1", f"{mine}.upsample")
+        for u in range(len(RESIDUAL_DILATIONS)):
+            unit_ckpt, unit = f"{ckpt}.{u + 2}", f"{mine}.residual_units.{u}"
+            snake(f"{unit_ckpt}.act1", f"{unit}.snake_in")
+            snake(f"{unit_ckpt}.act2", f"{unit}.snake_out")
+            conv(f"{unit_ckpt}.conv1", f"{unit}.dilated_conv")
+            conv(f"{unit_ckpt}.conv2", f"{unit}.pointwise_conv")
+    snake(f"decoder.{num_blocks + 1}", "output_snake")
+    conv(f"decoder.{num_blocks + 2}", "output_conv")
+    return out
+
+
+def read_decoder_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name relative to `decoder.`, tensor) for the decoder's tensors in a speech tokenizer
+    safetensors file; the encoder's (`encoder.`) are left alone."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing codec weights {path}")
+    prefix = "decoder."
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        names = [n for n in f.keys() if n.startswith(prefix)]
+        if not names:
+            raise CheckpointError(f"{path} holds no codec decoder weights (no '{prefix}*' tensors)")
+        for name in names:
+            yield name[len(prefix) :], f.get_tensor(name)
