@@ -70,7 +70,7 @@ def main() -> None:
         chunk = int(chunk)
         eager = mode == ["eager"]
         t0 = time.time()
-        llm = LLM(model=str(ckpt), dtype=dtype, max_model_len=1024, gpu_memory_utilization=0.25,
+        llm = LLM(model=str(ckpt), dtype=dtype, max_model_len=1024, gpu_memory_utilization=0.1,
                   skip_tokenizer_init=True, max_num_seqs=min(64, chunk), max_num_batched_tokens=chunk, enable_prefix_caching=False, enforce_eager=eager)
         startup = time.time() - t0
         engine = llm.llm_engine
@@ -80,6 +80,7 @@ def main() -> None:
         gen_s = time.time() - t0
         exact = 0
         agree = []
+        same_frames = same_code0 = total_frames = 0
         first = frames_from_output(outs[0].outputs[0], cfg.talker.codec_eos_id)
         print("first request, first frames:", first[:2], "expected:", expected[0][:2], flush=True)
         for out, exp in zip(outs, expected):
@@ -88,9 +89,13 @@ def main() -> None:
             n = min(len(frames), len(exp))
             same_prefix = next((i for i in range(n) if frames[i] != exp[i]), n)
             agree.append(same_prefix / max(len(exp), 1))
+            total_frames += len(exp)
+            same_frames += sum(a == b for a, b in zip(frames, exp))
+            same_code0 += sum(a[0] == b[0] for a, b in zip(frames, exp))
         key = f"{dtype}-chunk{chunk}" + ("-eager" if eager else "")
         results[key] = dict(model_runner_v2=use_v2, startup_s=round(startup, 1), generate_s=round(gen_s, 2),
-                            requests=len(outs), exact_requests=exact, mean_identical_prefix=round(sum(agree) / len(agree), 3))
+                            requests=len(outs), exact_requests=exact, mean_identical_prefix=round(sum(agree) / len(agree), 3),
+                            frames_equal=round(same_frames / total_frames, 3), code0_equal=round(same_code0 / total_frames, 3))
         print(key, results[key], flush=True)
         del llm
         import gc
