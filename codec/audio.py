@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Union
 
-import librosa
 import numpy as np
 import soundfile as sf
 
@@ -87,6 +86,8 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = TARGET_SAMPLE_RAT
     audio = audio.astype(np.float32, copy=False)
     if int(orig_sr) == int(target_sr):
         return audio
+    import librosa  # imported here: only voice cloning needs it, and the GPU image lacks it
+
     return librosa.resample(y=audio, orig_sr=int(orig_sr), target_sr=int(target_sr)).astype(np.float32, copy=False)
 
 

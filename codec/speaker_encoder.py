@@ -11,7 +11,6 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,6 +37,8 @@ MAGNITUDE_EPS = 1e-9
 @lru_cache(maxsize=4)
 def _mel_filterbank(sample_rate: int, num_mels: int) -> np.ndarray:
     # librosa defaults: Slaney mel scale and Slaney area normalisation
+    import librosa  # imported here: only voice cloning needs it
+
     return librosa.filters.mel(
         sr=sample_rate, n_fft=N_FFT, n_mels=num_mels, fmin=MEL_FMIN, fmax=sample_rate / 2
     ).astype(np.float32)

@@ -64,6 +64,13 @@ class Qwen3TTSTalkerForVLLM(nn.Module):
         poison[0] = -1e4
         self.register_buffer("poison_logits", poison, persistent=False)
 
+        # Piecewise CUDA graphs of the decoder replay with the addresses they were captured
+        # with, so its input must live in one persistent buffer (FULL graphs capture the
+        # embedding computation itself, writing to this same buffer).
+        self.inputs_embeds = torch.zeros(
+            vllm_config.scheduler_config.max_num_batched_tokens, talker.decoder.hidden_size,
+            dtype=vllm_config.model_config.dtype, device=vllm_config.device_config.device,
+        )
         self.row_slots: torch.Tensor | None = None  # slot of each logits row of the current step
         self.sample_hidden: torch.Tensor | None = None  # hidden states handed to compute_logits
         self.v1_driver = None
@@ -93,7 +100,9 @@ class Qwen3TTSTalkerForVLLM(nn.Module):
         if inputs_embeds is None:
             if token_slots is None:
                 token_slots = self.v1_driver.token_slots(positions) if self.v1_driver else self._null_slots(positions)
-            inputs_embeds = self.state.embed(self.embeddings, token_slots, positions)
+            n = positions.shape[0]
+            self.inputs_embeds[:n] = self.state.embed(self.embeddings, token_slots, positions)
+            inputs_embeds = self.inputs_embeds[:n]
         return self.model(None, positions, intermediate_tensors, inputs_embeds)
 
     def _null_slots(self, positions: torch.Tensor) -> torch.Tensor:
