@@ -198,6 +198,8 @@ class CodecWorker:
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda" means the current (first visible) GPU
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
