@@ -1,7 +1,8 @@
 """Greedy codes of the official implementation (CPU, fp32) on a tiny checkpoint, for
 checking the talker on other machines (benchmarks/talker_gpu_check.py).
 
-    python benchmarks/make_reference_codes.py   # writes benchmarks/data/reference_codes_tiny_1.7b_cv.json
+    python benchmarks/make_reference_codes.py                     # tiny 1.7B CustomVoice
+    python benchmarks/make_reference_codes.py --variant 0.6b-custom_voice --scale full
 """
 
 from __future__ import annotations
@@ -28,29 +29,40 @@ MAX_FRAMES = 40
 
 
 def main() -> None:
+    import argparse
+
     from oracle import load_official
 
     from vllm_qwen3tts.checkpoint import make_checkpoint
 
-    variant, seed = "1.7b-custom_voice", 0
-    ckpt = make_checkpoint(variant, "tiny", Path(tempfile.mkdtemp()) / "ckpt", seed=seed)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", default="1.7b-custom_voice")
+    ap.add_argument("--scale", default="tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--requests", type=int, default=len(REQUESTS))
+    args = ap.parse_args()
+    variant, scale, seed = args.variant, args.scale, args.seed
+    ckpt = make_checkpoint(variant, scale, Path(tempfile.mkdtemp()) / "ckpt", seed=seed)
     official = load_official(ckpt)
     captured = {}
     official.model.speech_tokenizer.decode = lambda items: (captured.update(codes=items[0]["audio_codes"]), ([None], 24000))[1]
     refs = []
-    for r in REQUESTS:
+    for r in REQUESTS[: args.requests]:
+        if variant.startswith("0.6b"):
+            r = {**r, "instruct": None}  # the 0.6B CustomVoice ignores instructions
         with torch.no_grad():
             # the reference's max_new_tokens counts the final, unexpanded sample
             official.generate_custom_voice(do_sample=False, subtalker_dosample=False, max_new_tokens=MAX_FRAMES + 1,
                                            non_streaming_mode=True, **r)
         refs.append(dict(request=r, codes=captured["codes"].tolist()))
     out = dict(
-        checkpoint=dict(variant=variant, scale="tiny", seed=seed),
+        checkpoint=dict(variant=variant, scale=scale, seed=seed),
         model_sha256=hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest(),
         max_frames=MAX_FRAMES,
         references=refs,
     )
-    (HERE / "data" / "reference_codes_tiny_1.7b_cv.json").write_text(json.dumps(out))
+    short = variant.replace("custom_voice", "cv").replace("voice_design", "vd")
+    (HERE / "data" / f"reference_codes_{scale}_{short}.json").write_text(json.dumps(out))
     print("frames per request:", [len(r["codes"]) for r in refs])
 
 

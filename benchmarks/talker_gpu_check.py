@@ -19,7 +19,7 @@ HERE = Path(__file__).parent
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reference", default=str(HERE / "data" / "reference_codes_tiny_1.7b_cv.json"))
+    ap.add_argument("--reference", default=str(HERE / "data" / "reference_codes_tiny_1.7b-cv.json"))
     ap.add_argument("--workdir", default="/tmp/qwen3tts-check")
     ap.add_argument("--checkpoint", help="use this checkpoint instead of generating one (weights from another "
                     "torch version's RNG may differ)")
