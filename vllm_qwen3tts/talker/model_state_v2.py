@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-from .runner_v1 import _codes_as_logprobs
+from .protocol import codes_as_logprobs
 
 
 class Qwen3TTSModelState(DefaultModelState):
@@ -91,5 +91,5 @@ class TalkerSampler:
         last_positions = input_batch.positions[input_batch.logits_indices][:num_reqs]
         sampled = torch.ones_like(code0, dtype=torch.bool)
         codes = self.talker.complete_frames(slots, last_positions, code0, sampled)
-        out.logprobs_tensors = _codes_as_logprobs(codes, out.logprobs_tensors)
+        out.logprobs_tensors = codes_as_logprobs(codes, out.logprobs_tensors)
         return out

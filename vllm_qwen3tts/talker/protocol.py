@@ -19,6 +19,10 @@ from ..prompt import PromptError, PromptRecipe
 
 EXTRA_ARGS_KEY = "qwen3_tts"
 NUM_CODE_LOGPROBS = 15  # logprobs=15 gives 16 entries per position: code 0 and codes 1..15
+# Codebook j travels as id code + j * CODE_ID_STRIDE. Without the offsets a frame whose
+# codes repeat a value loses entries: when a client reads a stream more slowly than it is
+# produced, vLLM merges the pending outputs through per-position dicts keyed by token id.
+CODE_ID_STRIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,22 @@ def talker_sampling_params(
     )
 
 
+def codes_as_logprobs(codes, template):
+    """Each frame's 16 codes as the 16 sample-logprob token ids of its position
+    (codebook j offset by j * CODE_ID_STRIDE; see there)."""
+    import torch
+    from vllm.v1.outputs import LogprobsTensors
+
+    dtype = template.logprob_token_ids.dtype if template is not None else torch.int64
+    offsets = torch.arange(codes.shape[1], device=codes.device, dtype=codes.dtype) * CODE_ID_STRIDE
+    n = codes.shape[0]
+    return LogprobsTensors(
+        logprob_token_ids=(codes + offsets).to(dtype),
+        logprobs=torch.zeros(codes.shape, dtype=torch.float32, device=codes.device),
+        selected_token_ranks=torch.zeros(n, dtype=torch.int64, device=codes.device),
+    )
+
+
 def frames_from_output(completion, eos_id: int) -> list[list[int]]:
     """The 16-code frames carried by a (delta) CompletionOutput; the EOS sample is not a frame."""
     lp = completion.logprobs
@@ -124,9 +144,10 @@ def frames_from_output(completion, eos_id: int) -> list[list[int]]:
         return []
     frames = []
     for i in range(len(completion.token_ids)):
-        frame = list(lp.token_ids[lp.start_indices[i] : lp.end_indices[i]])
-        if len(frame) != NUM_CODE_LOGPROBS + 1:
-            raise RuntimeError(f"expected {NUM_CODE_LOGPROBS + 1} codes per frame, got {len(frame)}")
+        ids = lp.token_ids[lp.start_indices[i] : lp.end_indices[i]]
+        if len(ids) != NUM_CODE_LOGPROBS + 1:
+            raise RuntimeError(f"expected {NUM_CODE_LOGPROBS + 1} codes per frame, got {len(ids)}")
+        frame = [int(c) - j * CODE_ID_STRIDE for j, c in enumerate(ids)]
         if frame[0] != eos_id:
             frames.append(frame)
     return frames

@@ -21,6 +21,8 @@ import weakref
 import numpy as np
 import torch
 
+from .protocol import codes_as_logprobs
+
 REQUIRED_RUNNER_ATTRS = ("input_batch", "query_start_loc", "requests", "sampler", "discard_request_mask")
 
 
@@ -136,18 +138,5 @@ class V1TalkerSampler:
         runner = driver._runner()
         discard = torch.from_numpy(runner.discard_request_mask.np[: rows.shape[0]].copy()).to(code0.device)
         codes = model.complete_frames(rows, driver.last_positions, code0, ~discard)
-        out.logprobs_tensors = _codes_as_logprobs(codes, out.logprobs_tensors)
+        out.logprobs_tensors = codes_as_logprobs(codes, out.logprobs_tensors)
         return out
-
-
-def _codes_as_logprobs(codes: torch.Tensor, template):
-    """All 16 codes of each frame as the 16 sample-logprob token ids of its position."""
-    from vllm.v1.outputs import LogprobsTensors
-
-    dtype = template.logprob_token_ids.dtype if template is not None else torch.int64
-    n = codes.shape[0]
-    return LogprobsTensors(
-        logprob_token_ids=codes.to(dtype),
-        logprobs=torch.zeros(codes.shape, dtype=torch.float32, device=codes.device),
-        selected_token_ranks=torch.zeros(n, dtype=torch.int64, device=codes.device),
-    )
