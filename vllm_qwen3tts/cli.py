@@ -64,6 +64,86 @@ def _synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_VARIANT = "1.7b-custom_voice"
+
+
+def default_checkpoint() -> str:
+    """The embedded default model: a tiny random CustomVoice checkpoint, generated once."""
+    import os
+    from pathlib import Path
+
+    from .checkpoint import make_checkpoint
+    from .text_tokenizer import cache_dir
+
+    path = cache_dir() / "default-checkpoint" / f"{DEFAULT_VARIANT}-tiny"
+    if not (path / "speech_tokenizer" / "model.safetensors").is_file():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        make_checkpoint(DEFAULT_VARIANT, "tiny", tmp, seed=0)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process made it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"generated the default checkpoint (random weights, {DEFAULT_VARIANT}, tiny) in {path}")
+    return str(Path(path))
+
+
+def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for vLLM's OpenAI API server with our plugins and settings."""
+    import os
+
+    from .engine import resolve_device
+
+    model = args.model or default_checkpoint()
+    from .config import load_tts_config
+
+    load_tts_config(model)  # clear errors before starting anything
+    device, dtype = resolve_device(args.device, args.dtype)
+    env = dict(os.environ)
+    env["VLLM_PLUGINS"] = ",".join(p for p in ("qwen3_tts", "qwen3_tts_speech",
+                                               *[x for x in env.get("VLLM_PLUGINS", "").split(",") if x]) if p)
+    if device.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+    if device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    settings = {
+        "QWEN3TTS_API_KEYS": ",".join(args.api_key or []),
+        "QWEN3TTS_API_KEYS_FILE": args.api_keys_file or "",
+        "QWEN3TTS_VOICES_DIR": args.voices_dir or "",
+        "QWEN3TTS_ALLOW_URL_REF_AUDIO": "1" if args.allow_url_ref_audio else "0",
+        "QWEN3TTS_MAX_CONCURRENCY_PER_KEY": str(args.max_concurrency_per_key),
+        "QWEN3TTS_REQUESTS_PER_MINUTE_PER_KEY": str(args.requests_per_minute_per_key),
+        "QWEN3TTS_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
+        "QWEN3TTS_MAX_FRAMES": str(args.max_frames) if args.max_frames else "",
+    }
+    env.update({k: v for k, v in settings.items() if v})
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--host", args.host, "--port", str(args.port), "--dtype", dtype,
+            "--max-model-len", str(args.max_model_len), "--scheduling-policy", "priority",
+            # the talker consumes embeddings, not text tokens; with no tokenizer loaded no
+            # text route can ask for ids outside its 3072-entry vocabulary
+            "--skip-tokenizer-init"]
+    if device == "cpu" and "--gpu-memory-utilization" not in vllm_args:
+        argv += ["--gpu-memory-utilization", "0.1"]
+    return argv + vllm_args, env
+
+
+def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
+    import os
+
+    from .config import CheckpointError
+    from .engine import DeviceError
+
+    try:
+        argv, env = serve_command(args, vllm_args)
+    except (CheckpointError, DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("starting:", " ".join(argv[1:]), flush=True)
+    os.execvpe(argv[0], argv, env)  # vLLM's server owns the process (signals, shutdown) from here
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import SCALES, VARIANTS
 
@@ -103,11 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output WAV path")
     p.add_argument("--codes-out", help="also save the codes, [T, 16] int, as .npy")
     p.set_defaults(func=_synthesize)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible speech server (vLLM's API server with our plugins)",
+                       epilog="Arguments this command does not know are passed to vLLM's server "
+                              "(e.g. --max-num-seqs 128 --gpu-memory-utilization 0.8).")
+    p.add_argument("--model", help="checkpoint directory (default: a generated tiny CustomVoice checkpoint)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", help="an API key (repeat for several tenants); none: no auth")
+    p.add_argument("--api-keys-file", help="JSON list of {key, name, max_concurrency, requests_per_minute}")
+    p.add_argument("--voices-dir", help="where saved voices are kept (default ~/.cache/vllm_qwen3tts/voices)")
+    p.add_argument("--allow-url-ref-audio", action="store_true", help="let requests fetch ref_audio from public URLs")
+    p.add_argument("--max-concurrency-per-key", type=int, default=16)
+    p.add_argument("--requests-per-minute-per-key", type=int, default=600)
+    p.add_argument("--max-queued-requests", type=int, default=256, help="beyond this, new requests get 503")
+    p.add_argument("--max-frames", type=int, help="cap on generated frames per sentence (runaway guard)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.set_defaults(func=_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.func is _serve:
+        return _serve(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
 
 

@@ -134,7 +134,8 @@ def tokenizer_config() -> dict:
     }
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where generated artifacts (tokenizer files, the default checkpoint) are kept."""
     root = os.environ.get("VLLM_QWEN3TTS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "vllm_qwen3tts"
     )
@@ -151,7 +152,7 @@ def write_text_tokenizer(out_dir: str | Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     src = tiktoken_path()
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    cached = _cache_dir() / f"qwen2-bpe-{digest}"
+    cached = cache_dir() / f"qwen2-bpe-{digest}"
     if not (cached / "merges.txt").is_file():
         ranks = load_ranks(src)
         if len(ranks) != NUM_BPE_RANKS:

@@ -111,6 +111,9 @@ def talker_sampling_params(
         max_tokens=max_frames,
         min_tokens=min(max(2, min_frames), max_frames),
         stop_token_ids=[eos_id],
+        # The text tokenizer's EOS (<|im_end|>, 151645) is not a talker id: vLLM would add it
+        # to the min_tokens mask of a 3072-entry vocabulary and fail inside the worker.
+        ignore_eos=True,
         seed=seed,
         logprobs=NUM_CODE_LOGPROBS,
         flat_logprobs=True,

@@ -1,0 +1,67 @@
+"""`vllm.endpoint_plugins` entry point: `/v1/audio/speech` and friends on `vllm serve`.
+
+vLLM loads endpoint plugins only when named in VLLM_PLUGINS, which is a single
+allowlist across all plugin groups, so a deployment lists both:
+
+    VLLM_PLUGINS=qwen3_tts,qwen3_tts_speech vllm serve CHECKPOINT_DIR
+
+`vllm-qwen3tts serve` does that (and more) for you. Server options come from
+QWEN3TTS_* environment variables (see `service.ServerSettings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from argparse import Namespace
+from pathlib import Path
+
+from fastapi import FastAPI
+
+logger = logging.getLogger("vllm_qwen3tts.server")
+
+PLUGIN_NAME = "qwen3_tts_speech"
+
+
+class SpeechEndpointPlugin:
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        from .routes import router
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state, args: Namespace) -> None:
+        if engine_client is None:  # vLLM's CPU-only render server: no engine, no speech
+            return
+        from vllm.platforms import current_platform
+
+        from ..codec.client import CodecClient
+        from ..codec.worker import CodecWorkerConfig, start_codec_worker
+        from ..engine import TTSEngine
+        from .service import ServerSettings, SpeechService
+
+        model_dir = Path(args.model)
+        if not model_dir.is_dir():
+            raise ValueError(f"vllm-qwen3tts serves local checkpoint directories; {args.model!r} is not one")
+        settings = ServerSettings.from_env()
+        vllm_config = engine_client.vllm_config
+        on_gpu = current_platform.device_type == "cuda"
+        codec_device = settings.codec_device or ("cuda" if on_gpu else "cpu")
+        worker = await asyncio.get_running_loop().run_in_executor(None, lambda: start_codec_worker(CodecWorkerConfig(
+            model_dir=str(model_dir), device=codec_device, dtype=None,
+            max_streams=max(64, 2 * vllm_config.scheduler_config.max_num_seqs),
+        )))
+        codec = CodecClient()
+        codec.connect(worker.address)
+        engine = TTSEngine(engine_client, codec, model_dir, max_model_len=vllm_config.model_config.max_model_len)
+        names = args.served_model_name or [args.model]
+        served = [names] if isinstance(names, str) else list(names)
+        service = SpeechService(engine, settings, served, codec_worker=worker,
+                                llm_priority=vllm_config.scheduler_config.policy == "priority")
+        state.qwen3tts = service
+        # keep a reference: a bare task could be garbage-collected mid-flight
+        state.qwen3tts_warmup = asyncio.create_task(service.warm_up())
+        logger.info("speech endpoints ready to warm up on %s (codec worker %s on %s)", model_dir, worker.pid,
+                    codec_device)

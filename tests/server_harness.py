@@ -1,0 +1,78 @@
+"""Start `vllm-qwen3tts serve` as a real subprocess and wait until it is ready."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(tmp: Path, args: list[str], keys: list[dict] | None = None, env: dict | None = None,
+                   timeout_s: float = 300):
+    """Yields (base_url, log_path). Arguments go to `vllm-qwen3tts serve`."""
+    port = free_port()
+    log = tmp / "server.log"
+    cmd = [sys.executable, "-m", "vllm_qwen3tts.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--device", "cpu", "--voices-dir", str(tmp / "voices"), *args]
+    if keys is not None:
+        (tmp / "keys.json").write_text(json.dumps(keys))
+        cmd += ["--api-keys-file", str(tmp / "keys.json")]
+    full_env = {**os.environ, **(env or {})}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server not ready after {timeout_s} s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield base, log
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+
+
+def metric(base: str, name: str, labels: dict | None = None) -> float:
+    """Sum of a Prometheus sample (matching the given labels) from /metrics."""
+    total = 0.0
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        sample, _, rest = head.partition("{")
+        if sample != name:
+            continue
+        if labels and not all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            continue
+        total += float(value)
+    return total

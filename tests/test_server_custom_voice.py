@@ -1,0 +1,340 @@
+"""The speech server, started the way the README starts it (`vllm-qwen3tts serve`, embedded
+default checkpoint), called with the real `openai` client, httpx and websockets.
+
+The server runs the CPU vLLM engine with 4 sequences at a time and priority scheduling,
+three API keys (two ordinary tenants and one tightly limited) and a global bound of 12
+requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+import websockets
+
+from server_harness import metric, running_server
+
+pytestmark = pytest.mark.engine
+
+KEYS = [
+    {"key": "alice-key", "name": "alice", "max_concurrency": 16, "requests_per_minute": 100000},
+    {"key": "bob-key", "name": "bob", "max_concurrency": 8, "requests_per_minute": 100000},
+    {"key": "tight-key", "name": "tight", "max_concurrency": 1, "requests_per_minute": 2},
+]
+GREEDY = {"temperature": 0, "language": "English"}
+FRAMES = 10
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server-cv")
+    # no --model: the embedded default checkpoint is generated into this cache
+    env = {"VLLM_QWEN3TTS_CACHE": str(tmp / "cache")}
+    with running_server(tmp, ["--max-queued-requests", "12", "--max-frames", "40", "--max-num-seqs", "4",
+                              "--max-model-len", "512"], keys=KEYS, env=env) as (base, log):
+        yield base
+
+
+def client(server, key="alice-key") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def speak(server, key="alice-key", **kw) -> bytes:
+    kw.setdefault("model", "tts-1")
+    kw.setdefault("voice", "vivian")
+    kw.setdefault("input", "Hello there.")
+    extra = {**GREEDY, "max_new_tokens": FRAMES, **kw.pop("extra_body", {})}
+    return client(server, key).audio.speech.create(extra_body=extra, **kw).content
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    with av.open(io.BytesIO(data)) as f:
+        stream = f.streams.audio[0]
+        frames = [fr.to_ndarray().reshape(-1) for fr in f.decode(stream)]
+        return np.concatenate(frames).astype(np.float32), stream.rate
+
+
+def pcm16(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767
+
+
+@pytest.mark.parametrize("fmt", ["wav", "pcm", "flac", "mp3", "opus", "aac"])
+def test_every_format_decodes_with_the_right_rate_and_length(server, fmt):
+    data = speak(server, response_format=fmt)
+    expected = FRAMES * 1920
+    if fmt == "pcm":
+        audio, rate = pcm16(data), 24000
+    elif fmt == "wav":
+        audio, rate = sf.read(io.BytesIO(data), dtype="float32")
+    else:
+        audio, rate = decode(data)
+    if fmt == "opus":  # FFmpeg decodes Opus at 48 kHz; the stream itself is 24 kHz
+        assert rate == 48000 and abs(len(audio) / 2 - expected) <= 960
+    elif fmt in ("mp3", "aac"):
+        assert rate == 24000 and expected <= len(audio) <= expected + 2 * 1152
+    else:
+        assert rate == 24000 and len(audio) == expected
+    assert np.abs(audio).max() > 1e-3
+
+
+def test_streamed_chunks_concatenate_to_the_non_streamed_audio(server):
+    text = "First sentence here. And a second one follows!"
+    whole = speak(server, response_format="pcm", input=text, voice="ryan")
+    with client(server).audio.speech.with_streaming_response.create(
+        model="tts-1", voice="ryan", input=text, response_format="pcm", stream_format="audio",
+        extra_body={**GREEDY, "max_new_tokens": FRAMES},
+    ) as response:
+        chunks = list(response.iter_bytes())
+    assert len(chunks) >= 3
+    assert b"".join(chunks) == whole
+    assert len(whole) == 2 * FRAMES * 1920 * 2  # two sentences, 16-bit samples
+
+
+def test_sse_deltas_add_up_to_the_audio_and_end_with_usage(server):
+    text = "Server sent events."
+    events = []
+    with httpx.stream("POST", f"{server}/v1/audio/speech", timeout=300,
+                      headers={"Authorization": "Bearer alice-key"},
+                      json={"input": text, "voice": "serena", "response_format": "pcm", "stream_format": "sse",
+                            **GREEDY, "max_new_tokens": FRAMES}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
+    audio = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    assert audio == speak(server, response_format="pcm", input=text, voice="serena")
+    usage = events[-1]["usage"]
+    assert usage["output_tokens"] == FRAMES and usage["total_tokens"] == usage["input_tokens"] + FRAMES
+
+
+def test_websocket_text_in_pieces_audio_out_per_sentence(server):
+    sentences = ["The first sentence arrives in pieces.", "A second one follows."]
+
+    async def session():
+        events, audio = [], {}
+        async with websockets.connect(f"{server.replace('http', 'ws')}/v1/audio/speech/stream?api_key=bob-key",
+                                      max_size=None) as ws:
+            await ws.send(json.dumps({"type": "session.config", "voice": "aiden", "response_format": "pcm",
+                                      **GREEDY, "max_new_tokens": FRAMES}))
+            for word in " ".join(sentences).split(" "):
+                await ws.send(json.dumps({"type": "input.text", "text": word + " "}))
+            await ws.send(json.dumps({"type": "input.done"}))
+            current = None
+            async for message in ws:
+                if isinstance(message, bytes):
+                    audio[current] = audio.get(current, b"") + message
+                    continue
+                event = json.loads(message)
+                events.append(event)
+                if event["type"] == "audio.start":
+                    current = event["sentence_index"]
+                if event["type"] == "session.done":
+                    break
+        return events, audio
+
+    events, audio = asyncio.run(session())
+    starts = [e for e in events if e["type"] == "audio.start"]
+    assert [e["text"] for e in starts] == sentences
+    assert events[0]["type"] == "session.created" and events[-1]["type"] == "session.done"
+    for i, text in enumerate(sentences):
+        assert audio[i] == speak(server, key="bob-key", response_format="pcm", input=text, voice="aiden")
+
+
+def test_openai_voice_names_map_to_builtin_speakers(server):
+    assert speak(server, voice="coral", response_format="pcm") == speak(server, voice="vivian", response_format="pcm")
+    assert speak(server, voice="echo", response_format="pcm") == speak(server, voice="ryan", response_format="pcm")
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"input": "", "voice": "ryan"}, 400, "input"),
+    ({"input": "x" * 20001, "voice": "ryan"}, 400, "input"),
+    ({"input": "hi", "voice": "nobody"}, 400, "voice"),
+    ({"input": "hi", "voice": "ryan", "language": "klingon"}, 400, "language"),
+    ({"input": "hi", "voice": "ryan", "speed": 9}, 400, None),
+    ({"input": "hi", "voice": "ryan", "response_format": "ogg"}, 400, None),
+    ({"input": "hi", "voice": "ryan", "task_type": "Base"}, 400, "task_type"),
+    ({"input": "hi", "voice": "ryan", "ref_audio": "aGVsbG8=", "ref_text": "x"}, 400, "ref_audio"),
+    ({"input": "hi", "voice": "ryan", "model": "someone-else"}, 404, "model"),
+    ({"input": "hi", "voice": "ryan", "unknown_field": 1}, 400, None),
+])
+def test_bad_input_gets_an_openai_style_error(server, body, status, param):
+    r = httpx.post(f"{server}/v1/audio/speech", json=body, headers={"Authorization": "Bearer alice-key"}, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"]
+    if param:
+        assert param in (error.get("param") or "")
+
+
+def test_missing_or_wrong_key_is_401(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(f"{server}/v1/audio/speech", json={"input": "hi", "voice": "ryan"}, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        speak(server, key="wrong")
+
+
+def test_per_key_concurrency_and_rate_limits_answer_429_with_retry_after(server):
+    async def run():
+        async with httpx.AsyncClient(base_url=server, timeout=300, headers={"Authorization": "Bearer tight-key"}) as c:
+            body = {"input": "A long streamed answer.", "voice": "ryan", "response_format": "pcm",
+                    "stream_format": "audio", "max_new_tokens": 40}
+            async with c.stream("POST", "/v1/audio/speech", json=body) as first:
+                assert first.status_code == 200
+                pieces = first.aiter_bytes()
+                await pieces.__anext__()  # admitted and streaming
+                second = await c.post("/v1/audio/speech", json=body)
+                assert second.status_code == 429
+                assert second.json()["error"]["code"] == "concurrency_limit_exceeded"
+                assert int(second.headers["Retry-After"]) >= 1
+                async for _ in pieces:
+                    pass
+            statuses = []
+            for _ in range(3):  # 2 requests per minute: the first one used a token
+                r = await c.post("/v1/audio/speech", json={**body, "stream_format": None, "max_new_tokens": 2})
+                statuses.append(r.status_code)
+                if r.status_code == 429:
+                    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+                    assert int(r.headers["Retry-After"]) >= 1
+            assert statuses.count(200) == 1 and statuses[-1] == 429
+
+    asyncio.run(run())
+
+
+def test_global_bound_answers_503_and_serves_the_rest(server):
+    async def run():
+        async with httpx.AsyncClient(base_url=server, timeout=300) as c:
+            async def one(i):
+                key = "alice-key" if i % 2 else "bob-key"
+                r = await c.post("/v1/audio/speech", headers={"Authorization": f"Bearer {key}"},
+                                 json={"input": f"Request number {i}.", "voice": "ryan", "response_format": "pcm",
+                                       "max_new_tokens": 30})
+                return r.status_code, r
+            return await asyncio.gather(*(one(i) for i in range(16)))
+
+    results = asyncio.run(run())
+    codes = [code for code, _ in results]
+    assert codes.count(503) >= 1 and codes.count(200) >= 12
+    for code, r in results:
+        if code == 503:
+            assert r.json()["error"]["code"] == "overloaded" and "Retry-After" in r.headers
+        else:
+            assert code == 200 and len(r.content) == 30 * 1920 * 2
+
+
+def test_client_disconnect_mid_stream_frees_the_request(server):
+    before = metric(server, "qwen3tts_requests_total", {"tenant": "alice", "status": "499"})
+    with httpx.stream("POST", f"{server}/v1/audio/speech", timeout=300, headers={"Authorization": "Bearer alice-key"},
+                      json={"input": "This will be cut off.", "voice": "ryan", "response_format": "pcm",
+                            "stream_format": "audio", "max_new_tokens": 40}) as r:
+        next(r.iter_bytes())
+    for _ in range(60):
+        if (metric(server, "qwen3tts_requests_in_flight") == 0 and metric(server, "vllm:num_requests_running") == 0
+                and metric(server, "qwen3tts_requests_total", {"tenant": "alice", "status": "499"}) > before):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the disconnected request still holds server or engine state")
+    assert len(speak(server, response_format="pcm")) == FRAMES * 1920 * 2  # still serving
+
+
+def test_a_burst_from_one_tenant_does_not_starve_another(server):
+    """4 sequences run at once; alice sends 10 at once. bob's single request is scheduled ahead of
+    alice's queued ones (priority = requests the tenant already has in flight)."""
+
+    async def run():
+        first_audio: dict[str, float] = {}
+        async with httpx.AsyncClient(base_url=server, timeout=300) as c:
+            async def one(name, key, i):
+                body = {"input": f"{name} request {i}.", "voice": "ryan", "response_format": "pcm",
+                        "stream_format": "audio", "max_new_tokens": 30}
+                async with c.stream("POST", "/v1/audio/speech", json=body,
+                                    headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status_code == 200
+                    async for _ in r.aiter_bytes():
+                        first_audio.setdefault(f"{name}{i}", time.perf_counter())
+
+            burst = [asyncio.create_task(one("alice", "alice-key", i)) for i in range(10)]
+            await asyncio.sleep(1.0)
+            await one("bob", "bob-key", 0)
+            await asyncio.gather(*burst)
+        return first_audio
+
+    first_audio = asyncio.run(run())
+    later = [t for k, t in first_audio.items() if k.startswith("alice") and t > first_audio["bob0"]]
+    assert len(later) >= 2, "bob waited behind the whole burst"
+
+
+def test_concurrent_load_loses_nothing(server):
+    async def run():
+        sem = asyncio.Semaphore(10)
+        async with httpx.AsyncClient(base_url=server, timeout=300) as c:
+            async def one(i):
+                async with sem:
+                    key = "alice-key" if i % 2 else "bob-key"
+                    r = await c.post("/v1/audio/speech", headers={"Authorization": f"Bearer {key}"},
+                                     json={"input": f"Load test number {i}.", "voice": "vivian",
+                                           "response_format": "wav", "max_new_tokens": 8 + i % 5, "seed": i})
+                    return i, r
+            return await asyncio.gather(*(one(i) for i in range(32)))
+
+    for i, r in asyncio.run(run()):
+        assert r.status_code == 200, r.text
+        audio, rate = sf.read(io.BytesIO(r.content))
+        assert rate == 24000 and len(audio) == (8 + i % 5) * 1920
+        assert r.headers["X-Output-Tokens"] == str(8 + i % 5)
+
+
+def test_health_ready_models_and_metrics(server):
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert httpx.get(f"{server}/ready").json()["status"] == "ready"
+    assert httpx.get(f"{server}/v1/models").json()["data"]
+    speak(server, key="bob-key")
+    text = httpx.get(f"{server}/metrics").text
+    for name in ("qwen3tts_time_to_first_audio_seconds_bucket", "qwen3tts_real_time_factor_bucket",
+                 "qwen3tts_audio_seconds_total", "qwen3tts_queue_depth", "qwen3tts_requests_in_flight"):
+        assert name in text
+    assert metric(server, "qwen3tts_requests_total", {"tenant": "bob", "status": "200"}) >= 1
+    assert metric(server, "qwen3tts_audio_seconds_total", {"tenant": "bob"}) > 0
+
+
+def test_openapi_schema_fuzzing_finds_no_server_errors(server, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json",
+         "--include-path-regex", "^/(v1/audio|ready|health)", "--checks", "not_a_server_error",
+         "--max-examples", "15", "-H", "Authorization: Bearer alice-key", "--request-timeout", "120",
+         "--generation-deterministic", "--phases", "examples,coverage,fuzzing"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_examples_produce_audio(server, tmp_path):
+    out = tmp_path / "hello.wav"
+    subprocess.run([sys.executable, str(EXAMPLES / "speech.py"), "--base-url", f"{server}/v1", "--api-key", "alice-key",
+                    "--out", str(out)], check=True, timeout=300)
+    audio, rate = sf.read(out)
+    assert rate == 24000 and len(audio) > 0
+    subprocess.run([sys.executable, str(EXAMPLES / "speech_stream.py"), "--base-url", f"{server}/v1", "--api-key",
+                    "alice-key", "--out", str(tmp_path / "s.pcm")], check=True, timeout=300)
+    assert (tmp_path / "s.pcm").stat().st_size > 0
+    subprocess.run([sys.executable, str(EXAMPLES / "websocket_client.py"), "--url",
+                    f"{server.replace('http', 'ws')}/v1/audio/speech/stream", "--api-key", "alice-key",
+                    "--out", str(tmp_path / "ws.pcm")], check=True, timeout=300)
+    assert (tmp_path / "ws.pcm").stat().st_size > 0
