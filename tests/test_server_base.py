@@ -1,0 +1,148 @@
+"""Voice cloning through the server (a Base checkpoint): saved voices per API key,
+inline references, and every way a reference can be bad."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+
+from server_harness import running_server
+
+pytestmark = pytest.mark.engine
+
+KEYS = [{"key": "alice-key", "name": "alice"}, {"key": "bob-key", "name": "bob"}]
+GREEDY = {"temperature": 0, "max_new_tokens": 8}
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def reference_wav(seconds: float = 1.5, seed: int = 0) -> bytes:
+    t = np.arange(int(seconds * 24000)) / 24000
+    wav = 0.3 * np.sin(2 * np.pi * (180 + 40 * seed) * t) + 0.05 * np.random.default_rng(seed).standard_normal(t.size)
+    buf = io.BytesIO()
+    sf.write(buf, wav.astype(np.float32), 24000, format="WAV")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_checkpoint):
+    tmp = tmp_path_factory.mktemp("server-base")
+    with running_server(tmp, ["--model", str(tiny_checkpoint("0.6b-base")), "--max-frames", "40",
+                              "--max-num-seqs", "4", "--max-model-len", "1024", "--allow-url-ref-audio"],
+                        keys=KEYS, env={"QWEN3TTS_MAX_REF_AUDIO_BYTES": str(400_000)}) as (base, log):
+        yield base
+
+
+def headers(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def speak(server, key: str, **body) -> httpx.Response:
+    return httpx.post(f"{server}/v1/audio/speech", headers=headers(key), timeout=300,
+                      json={"input": "Cloned speech.", "response_format": "pcm", **GREEDY, **body})
+
+
+def test_saved_voices_belong_to_the_key_that_made_them(server):
+    created = httpx.post(f"{server}/v1/audio/voices", headers=headers("alice-key"), timeout=300,
+                         data={"name": "narrator", "ref_text": "This is the reference.", "consent": "yes"},
+                         files={"audio_sample": ("ref.wav", reference_wav(), "audio/wav")})
+    assert created.status_code == 201, created.text
+    assert created.json()["mode"] == "icl" and "xvector" not in created.json()
+    listed = httpx.get(f"{server}/v1/audio/voices", headers=headers("alice-key")).json()
+    assert "narrator" in listed["voices"] and [v["name"] for v in listed["uploaded_voices"]] == ["narrator"]
+    assert "narrator" not in httpx.get(f"{server}/v1/audio/voices", headers=headers("bob-key")).json()["voices"]
+
+    audio = speak(server, "alice-key", voice="narrator")
+    assert audio.status_code == 200 and len(audio.content) == 8 * 1920 * 2
+    refused = speak(server, "bob-key", voice="narrator")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "voice"
+    duplicate = httpx.post(f"{server}/v1/audio/voices", headers=headers("alice-key"), timeout=300,
+                           data={"name": "NARRATOR", "ref_text": "x"},
+                           files={"audio_sample": ("ref.wav", reference_wav(), "audio/wav")})
+    assert duplicate.status_code == 409
+    assert httpx.delete(f"{server}/v1/audio/voices/narrator", headers=headers("bob-key")).status_code == 404
+    assert httpx.delete(f"{server}/v1/audio/voices/narrator", headers=headers("alice-key")).status_code == 200
+    assert speak(server, "alice-key", voice="narrator").status_code == 400
+
+
+def test_a_voice_saved_from_a_speaker_embedding(server):
+    hidden = 64  # the tiny 0.6B talker
+    embedding = json.dumps(list(np.random.default_rng(1).standard_normal(hidden).round(4)))
+    r = httpx.post(f"{server}/v1/audio/voices", headers=headers("bob-key"),
+                   data={"name": "vector-voice", "speaker_embedding": embedding})
+    assert r.status_code == 201 and r.json()["mode"] == "x_vector"
+    assert speak(server, "bob-key", voice="vector-voice").status_code == 200
+    wrong = httpx.post(f"{server}/v1/audio/voices", headers=headers("bob-key"),
+                       data={"name": "bad", "speaker_embedding": "[1, 2, 3]"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "speaker_embedding"
+
+
+def test_inline_reference_equals_the_saved_voice(server):
+    ref = reference_wav(seed=3)
+    saved = httpx.post(f"{server}/v1/audio/voices", headers=headers("bob-key"), timeout=300,
+                       data={"name": "same", "ref_text": "Words of the reference."},
+                       files={"audio_sample": ("ref.wav", ref, "audio/wav")})
+    assert saved.status_code == 201
+    inline = speak(server, "bob-key", voice="ignored", ref_audio=base64.b64encode(ref).decode(),
+                   ref_text="Words of the reference.")
+    assert inline.status_code == 200
+    assert inline.content == speak(server, "bob-key", voice="same").content
+    data_uri = "data:audio/wav;base64," + base64.b64encode(ref).decode()
+    xvec = speak(server, "bob-key", ref_audio=data_uri, x_vector_only_mode=True)
+    assert xvec.status_code == 200 and xvec.content != inline.content
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ({"ref_audio": "%%% not base64 %%%", "ref_text": "x"}, 400, "invalid_ref_audio"),
+    ({"ref_audio": base64.b64encode(b"RIFF garbage, not audio" * 10).decode(), "ref_text": "x"}, 400, "invalid_ref_audio"),
+    ({"ref_audio": base64.b64encode(reference_wav()).decode()}, 400, None),  # ICL needs ref_text
+    ({"ref_audio": "http://127.0.0.1:9/ref.wav", "ref_text": "x"}, 400, "forbidden_ref_audio_url"),
+    ({"ref_audio": "http://10.1.2.3/ref.wav", "ref_text": "x"}, 400, "forbidden_ref_audio_url"),
+    ({"ref_audio": "file:///etc/passwd", "ref_text": "x"}, 400, "invalid_ref_audio"),
+    ({"ref_audio": base64.b64encode(b"\0" * 600_000).decode(), "ref_text": "x"}, 413, "ref_audio_too_large"),
+    ({"voice": "nobody"}, 400, "voice_not_found"),
+    ({"voice": "x", "instructions": "whisper", "ref_audio": base64.b64encode(reference_wav()).decode(),
+      "ref_text": "x"}, 400, None),
+])
+def test_bad_references_get_clear_errors(server, body, status, code):
+    r = speak(server, "alice-key", **body)
+    assert r.status_code == status, r.text
+    if code:
+        assert r.json()["error"]["code"] == code
+
+
+def test_oversize_upload_is_413(server):
+    r = httpx.post(f"{server}/v1/audio/voices", headers=headers("alice-key"), timeout=300,
+                   data={"name": "huge", "ref_text": "x"},
+                   files={"audio_sample": ("big.wav", reference_wav(seconds=10.0), "audio/wav")})
+    assert r.status_code == 413
+
+
+def test_voice_clone_example(server, tmp_path):
+    ref = tmp_path / "ref.wav"
+    ref.write_bytes(reference_wav(seed=5))
+    out = tmp_path / "clone.wav"
+    subprocess.run([sys.executable, str(EXAMPLES / "voice_clone.py"), "--base-url", f"{server}/v1", "--api-key",
+                    "alice-key", "--ref-audio", str(ref), "--ref-text", "The reference words.", "--out", str(out)],
+                   check=True, timeout=300)
+    for path in (out, tmp_path / "clone_inline.wav"):
+        audio, rate = sf.read(path)
+        assert rate == 24000 and len(audio) > 0
+
+
+def test_openai_client_clones_through_extra_body(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="alice-key", max_retries=0, timeout=300)
+    audio = client.audio.speech.create(model="tts-1", voice="anything", input="Cloned by the SDK.", response_format="wav",
+                                       extra_body={"ref_audio": base64.b64encode(reference_wav(seed=7)).decode(),
+                                                   "ref_text": "A reference.", **GREEDY})
+    wav, rate = sf.read(io.BytesIO(audio.content))
+    assert rate == 24000 and len(wav) == 8 * 1920
