@@ -286,7 +286,7 @@ async def health(request: Request) -> JSONResponse:
 
 @router.websocket("/v1/audio/speech/stream")
 async def speech_stream(ws: WebSocket) -> None:
-    """Incremental text in, audio out per sentence. Message schema: docs/websocket.md."""
+    """Incremental text in, audio out per sentence (message schema: README, WebSocket)."""
     await ws.accept()
     try:
         svc = service_of(ws)
