@@ -26,6 +26,7 @@ from ..code_predictor import CodePredictor
 from ..config import parse_tts_config
 from ..talker_io import CodecHead, TalkerEmbeddings
 from .compat import check_vllm_version, uses_model_runner_v2
+from .frame_graphs import FrameCompleter
 from .state import TalkerState
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ class Qwen3TTSTalkerForVLLM(nn.Module):
         self.inputs_embeds = torch.zeros(
             vllm_config.scheduler_config.max_num_batched_tokens, talker.decoder.hidden_size,
             dtype=vllm_config.model_config.dtype, device=vllm_config.device_config.device,
+        )
+        self.frame_completer = FrameCompleter(
+            self.state, self.embeddings, self.code_predictor, talker.decoder.hidden_size,
+            max_batch=vllm_config.scheduler_config.max_num_seqs, dtype=vllm_config.model_config.dtype,
+            use_graphs=not vllm_config.model_config.enforce_eager,
         )
         self.row_slots: torch.Tensor | None = None  # slot of each logits row of the current step
         self.sample_hidden: torch.Tensor | None = None  # hidden states handed to compute_logits
@@ -123,7 +129,7 @@ class Qwen3TTSTalkerForVLLM(nn.Module):
         hidden = self.sample_hidden
         if hidden is None or hidden.shape[0] != code0.shape[0]:
             raise RuntimeError("sampler called without matching compute_logits hidden states")
-        return self.state.after_sample(self.embeddings, self.code_predictor, slots, last_positions, code0, hidden, sampled)
+        return self.frame_completer(slots, last_positions, code0, hidden, sampled)
 
     # ------------------------------------------------------------------ weights
 

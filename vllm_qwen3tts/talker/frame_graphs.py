@@ -1,0 +1,97 @@
+"""Completing sampled frames (the code predictor's 15 sub-steps) under CUDA graphs.
+
+Run eagerly, the predictor is a few thousand small kernel launches per talker step
+(15 sub-steps x 5 layers, plus sampling) and the step becomes host-bound: ~145 ms
+per step at any batch size on an H100 (benchmarks/results/ISSUE3_GPU_RUN.md).
+`TalkerState.after_sample` is pure tensor code with no host synchronisation, so it
+is captured once per batch-size bucket and replayed: rows beyond the real batch
+are padding that reads and writes only the null slot.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..code_predictor import CodePredictor
+from ..talker_io import TalkerEmbeddings
+from .state import TalkerState
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_batch)
+    return sizes
+
+
+class FrameCompleter:
+    def __init__(self, state: TalkerState, embeddings: TalkerEmbeddings, predictor: CodePredictor, hidden_size: int,
+                 max_batch: int, dtype: torch.dtype, use_graphs: bool):
+        self.state = state
+        self.embeddings = embeddings
+        self.predictor = predictor
+        self.use_graphs = use_graphs and state.device.type == "cuda"
+        self.buckets = batch_buckets(max_batch)
+        dev = state.device
+        n = self.buckets[-1]
+        self.slots = torch.full((n,), state.null_slot, dtype=torch.int64, device=dev)
+        self.last_positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.code0 = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=dev)
+        self.sampled = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def _eager(self, slots, last_positions, code0, hidden, sampled) -> torch.Tensor:
+        return self.state.after_sample(self.embeddings, self.predictor, slots, last_positions, code0, hidden, sampled)
+
+    def __call__(self, slots: torch.Tensor, last_positions: torch.Tensor, code0: torch.Tensor, hidden: torch.Tensor,
+                 sampled: torch.Tensor) -> torch.Tensor:
+        b = code0.shape[0]
+        if not self.use_graphs or b > self.buckets[-1]:
+            return self._eager(slots, last_positions, code0, hidden, sampled)
+        bucket = next(s for s in self.buckets if s >= b)
+        # inputs into the static buffers; padding rows are not sampled and use the null slot
+        self.slots[:b].copy_(slots)
+        self.slots[b:bucket].fill_(self.state.null_slot)
+        self.last_positions[:b].copy_(last_positions)
+        self.code0[:b].copy_(code0)
+        self.hidden[:b].copy_(hidden)
+        self.sampled[:b].copy_(sampled)
+        self.sampled[b:bucket].fill_(False)
+        if not self.graphs:
+            self._capture_all()
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out[:b]
+
+    def _capture_all(self) -> None:
+        """Capture every bucket at the first call (vLLM's start-up profiling run), largest first
+        so the smaller graphs reuse its memory pool. The inputs of the step in progress are
+        kept aside: capture runs with every row unsampled on the null slot, so it changes no
+        request's state."""
+        kept = [t.clone() for t in (self.slots, self.last_positions, self.code0, self.hidden, self.sampled)]
+        self.slots.fill_(self.state.null_slot)
+        self.sampled.fill_(False)
+        self.pool = torch.cuda.graph_pool_handle()
+        for bucket in reversed(self.buckets):
+            args = (self.slots[:bucket], self.last_positions[:bucket], self.code0[:bucket], self.hidden[:bucket],
+                    self.sampled[:bucket])
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._eager(*args)  # warm-up: lazy kernel initialisation stays out of the graph
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = self._eager(*args)
+            self.graphs[bucket] = (graph, out)
+        for buf, value in zip((self.slots, self.last_positions, self.code0, self.hidden, self.sampled), kept):
+            buf.copy_(value)
+        logger.info("captured frame-completion CUDA graphs for batch sizes %s", self.buckets)
