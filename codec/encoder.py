@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from vllm_qwen3tts.weight_loading import copy_tensors
 from vllm_qwen3tts.config import CODEC_MODEL_TYPE, CheckpointError, read_json
 
 WEIGHT_PREFIX = "encoder."
@@ -422,23 +423,8 @@ class CodecEncoder(nn.Module):
         name_map = checkpoint_name_map(self.config)
         if set(name_map.values()) != set(own):
             raise AssertionError("checkpoint_name_map is out of sync with the module tree")
-        missing = sorted(n for n in name_map if n not in checkpoint)
-        unexpected = sorted(
-            n for n in checkpoint if n not in name_map and not _is_unused_encoder_tensor(n, self.config)
-        )
-        if missing or unexpected:
-            raise CheckpointError(
-                f"codec encoder weights do not match encoder_config: missing [{_abbreviate(missing)}], "
-                f"unexpected [{_abbreviate(unexpected)}]"
-            )
-        with torch.no_grad():
-            for checkpoint_name, name in name_map.items():
-                tensor = checkpoint[checkpoint_name]
-                if tensor.shape != own[name].shape:
-                    raise CheckpointError(
-                        f"{checkpoint_name}: checkpoint shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}"
-                    )
-                own[name].copy_(tensor)
+        copy_tensors(own, checkpoint, name_map, what="codec encoder",
+                     accept_unmapped=lambda n: _is_unused_encoder_tensor(n, self.config))
 
 
 def checkpoint_name_map(config: CodecEncoderConfig) -> dict[str, str]:
@@ -507,10 +493,6 @@ def _is_unused_encoder_tensor(name: str, config: CodecEncoderConfig) -> bool:
         stored = config.num_quantizers - config.num_semantic_quantizers
         return config.num_valid_quantizers - config.num_semantic_quantizers <= level < stored
     return False
-
-
-def _abbreviate(names: list[str], limit: int = 8) -> str:
-    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit})" if len(names) > limit else "") or "none"
 
 
 def read_codec_encoder_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from vllm_qwen3tts.weight_loading import copy_tensors
 from vllm_qwen3tts.config import CheckpointError, SpeakerEncoderConfig, load_tts_config
 
 WEIGHT_PREFIX = "speaker_encoder."
@@ -248,25 +249,7 @@ class SpeakerEncoder(nn.Module):
         checkpoint tensor consumed, with matching shapes."""
         own = self.state_dict()
         expected = {WEIGHT_PREFIX + name: name for name in own}
-        missing = sorted(set(expected) - set(checkpoint))
-        unexpected = sorted(set(checkpoint) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"speaker encoder weights do not match the config: missing [{_abbreviate(missing)}], "
-                f"unexpected [{_abbreviate(unexpected)}]"
-            )
-        with torch.no_grad():
-            for checkpoint_name, name in expected.items():
-                tensor = checkpoint[checkpoint_name]
-                if tensor.shape != own[name].shape:
-                    raise CheckpointError(
-                        f"{checkpoint_name}: checkpoint shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}"
-                    )
-                own[name].copy_(tensor)
-
-
-def _abbreviate(names: list[str], limit: int = 8) -> str:
-    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit})" if len(names) > limit else "") or "none"
+        copy_tensors(own, checkpoint, expected, what="speaker encoder", accept_unmapped=False)
 
 
 def read_speaker_encoder_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:

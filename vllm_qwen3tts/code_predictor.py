@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import DecoderGeometry, TalkerConfig
 from .sampling import SamplingTensors, sample
+from .weight_loading import load_mapped
 
 
 class RMSNorm(nn.Module):
@@ -174,20 +175,6 @@ class CodePredictor(nn.Module):
         The predictor's input tables (`model.codec_embedding.*`) belong to `TalkerEmbeddings`.
         """
         prefix = "talker.code_predictor."
-        params = dict(self.named_parameters())
-        expected = {prefix + ("model." + n if n.startswith(("layers.", "norm.")) else n): n for n in params}
-        loaded = set()
-        for name, tensor in weights:
-            target = expected.get(name)
-            if target is None:
-                continue
-            param = params[target]
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(tensor.to(param.dtype))
-            loaded.add(name)
-        missing = set(expected) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} code-predictor tensors, e.g. {sorted(missing)[:3]}")
-        return loaded
+        mapping = {prefix + ("model." + n if n.startswith(("layers.", "norm.")) else n): n
+                   for n, _ in self.named_parameters()}
+        return load_mapped(self, weights, mapping)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import TalkerConfig
+from .weight_loading import load_mapped
 from .prompt import NO_CODEC, NO_REF, NO_TEXT, SPEAKER_VECTOR, PromptRecipe
 
 
@@ -98,7 +99,7 @@ class TalkerEmbeddings(nn.Module):
         }
         for j in range(self.cfg.num_code_groups - 1):
             mapping[f"talker.code_predictor.model.codec_embedding.{j}.weight"] = f"residual_codec_embedding.{j}.weight"
-        return _copy_mapped(self, weights, mapping)
+        return load_mapped(self, weights, mapping)
 
 
 class CodecHead(nn.Module):
@@ -121,24 +122,4 @@ class CodecHead(nn.Module):
         return logits.masked_fill(self.suppressed, float("-inf"))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return _copy_mapped(self, weights, {"talker.codec_head.weight": "weight"})
-
-
-def _copy_mapped(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: dict[str, str]) -> set[str]:
-    """Copy checkpoint tensors named in `mapping` into `module`; returns the names consumed."""
-    params = dict(module.named_parameters())
-    loaded = set()
-    for name, tensor in weights:
-        target = mapping.get(name)
-        if target is None:
-            continue
-        param = params[target]
-        if tuple(param.shape) != tuple(tensor.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor.to(param.dtype))
-        loaded.add(name)
-    missing = set(mapping) - loaded
-    if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-    return loaded
+        return load_mapped(self, weights, {"talker.codec_head.weight": "weight"})
