@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE = 24000
 SAMPLES_PER_FRAME = 1920
 MAX_PROMPT_POSITIONS = 4096  # the talker's per-request buffers (talker.model.MAX_PROMPT_POSITIONS)
+# Frame budget of a request that sets none: generous for real speech, a bound on runaways.
+FRAMES_PER_TEXT_TOKEN_BUDGET = 16
+DEFAULT_MIN_FRAME_BUDGET = 100
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class SynthesisParams:
     subtalker_temperature: float | None = None
     subtalker_top_k: int | None = None
     subtalker_top_p: float | None = None
-    max_frames: int | None = None  # frames to generate at most (12.5 per second of audio)
+    max_frames: int | None = None  # frames at most (12.5 per second); None: 16 per prompt token, >= 100
     min_frames: int = 2  # EOS is masked before this many frames (= max_frames forces the length)
     seed: int | None = None
 
@@ -139,6 +142,11 @@ class TTSEngine:
             raise PromptError(f"input too long: the prompt needs {len(recipe)} positions, at most {MAX_PROMPT_POSITIONS}")
         room = self.max_model_len - len(recipe)
         code0, sub, max_frames = self.resolve_params(req.params)
+        if req.params.max_frames is None:
+            # A model that never says EOS would talk until the context is full (minutes of
+            # audio per sentence). Speech runs at ~2-5 frames per text token; allow ~4x that.
+            text_tokens = len(self.tokenizer(req.text, add_special_tokens=False)["input_ids"])
+            max_frames = min(max_frames, max(DEFAULT_MIN_FRAME_BUDGET, FRAMES_PER_TEXT_TOKEN_BUDGET * text_tokens))
         max_frames = min(max_frames, room)
         if max_frames < 2:
             raise PromptError(f"input too long: the prompt needs {len(recipe)} of {self.max_model_len} positions")
