@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-logger = logging.getLogger("vllm_qwen3tts.server")
+logger = logging.getLogger("vllm.qwen3tts.server")  # under vLLM's logger: its handler and level apply
 
 PLUGIN_NAME = "qwen3_tts_speech"
 

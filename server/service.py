@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -35,7 +36,7 @@ from .tenants import (AdmissionController, Overloaded, RateLimited, Tenant, Tena
 from .text_split import split_sentences
 from .voices import VoiceExists, VoiceNotFound, VoiceQuotaExceeded, VoiceStore
 
-logger = logging.getLogger("vllm_qwen3tts.server")
+logger = logging.getLogger("vllm.qwen3tts.server")  # under vLLM's logger: its handler and level apply
 
 TASK_TYPES = {"custom_voice": "CustomVoice", "voice_design": "VoiceDesign", "base": "Base"}
 # OpenAI's speech model names, accepted as aliases of the served model (drop-in clients send them)
@@ -326,6 +327,8 @@ class SpeechService:
         """float32 PCM of all segments in order, speed applied, as it is generated."""
         stretcher = TimeStretcher(job.speed, SAMPLE_RATE) if job.speed != 1.0 else None
         first = True
+        first_audio_s = None
+        outcome = "cancelled"
         audio_samples = 0
         self.metrics.waiting_first_audio.inc()
         try:
@@ -338,8 +341,9 @@ class SpeechService:
                     if pcm.size:
                         if first:
                             first = False
+                            first_audio_s = time.perf_counter() - job.started
                             self.metrics.waiting_first_audio.dec()
-                            self.metrics.time_to_first_audio.observe(time.perf_counter() - job.started)
+                            self.metrics.time_to_first_audio.observe(first_audio_s)
                         audio_samples += pcm.size
                         yield pcm
             if stretcher:
@@ -351,9 +355,21 @@ class SpeechService:
             self.metrics.audio_seconds.labels(job.tenant.name).inc(seconds)
             if seconds > 0:
                 self.metrics.real_time_factor.observe((time.perf_counter() - job.started) / seconds)
+            outcome = job.finish_reason
+        except Exception:
+            outcome = "error"
+            raise
         finally:
             if first:
                 self.metrics.waiting_first_audio.dec()
+            # one structured (JSON) line per request, for log pipelines
+            logger.info(json.dumps({
+                "event": "speech", "request_id": request_id, "tenant": job.tenant.name, "outcome": outcome,
+                "segments": len(job.segments), "input_tokens": job.input_tokens, "frames": job.frames,
+                "audio_s": round(audio_samples / SAMPLE_RATE, 3), "speed": job.speed,
+                "ttfa_ms": None if first_audio_s is None else round(1000 * first_audio_s, 1),
+                "wall_s": round(time.perf_counter() - job.started, 3),
+            }))
 
 
 def _capped(requested: int | None, cap: int | None) -> int | None:

@@ -156,6 +156,20 @@ def test_websocket_text_in_pieces_audio_out_per_sentence(server):
         assert audio[i] == speak(server, key="bob-key", response_format="pcm", input=text, voice="aiden")
 
 
+@pytest.mark.parametrize("speed", [0.5, 2.0])
+def test_speed_changes_duration_not_pitch(server, speed):
+    normal = pcm16(speak(server, response_format="pcm", extra_body={"max_new_tokens": 20}))
+    fast = pcm16(speak(server, response_format="pcm", speed=speed, extra_body={"max_new_tokens": 20}))
+    assert abs(len(fast) - len(normal) / speed) <= 0.01 * len(normal) / speed
+
+
+def test_every_request_is_logged_as_one_json_line(server, tmp_path_factory):
+    speak(server, key="bob-key", input="Logged request.")
+    log = next(tmp_path_factory.getbasetemp().glob("server-cv*/server.log")).read_text()
+    events = [json.loads(line[line.index("{"):]) for line in log.splitlines() if '"event": "speech"' in line]
+    assert any(e["tenant"] == "bob" and e["outcome"] in ("length", "stop") and e["frames"] == FRAMES for e in events)
+
+
 def test_openai_voice_names_map_to_builtin_speakers(server):
     assert speak(server, voice="coral", response_format="pcm") == speak(server, voice="vivian", response_format="pcm")
     assert speak(server, voice="echo", response_format="pcm") == speak(server, voice="ryan", response_format="pcm")
