@@ -57,6 +57,9 @@ class SpeechBody(BaseModel):
     non_streaming_mode: bool | None = None
     seed: int | None = Field(None, ge=0, le=2**62)
     max_new_tokens: int | None = Field(None, ge=1, le=32768, description="At most this many frames (12.5 per second)")
+    min_new_tokens: int | None = Field(
+        None, ge=1, le=32768, description="At least this many frames: end-of-speech is suppressed until then "
+        "(with max_new_tokens equal, a fixed length, e.g. for benchmarks)")
     temperature: float | None = Field(None, ge=0.0, le=10.0)
     top_k: int | None = Field(None, ge=0, le=3072)
     top_p: float | None = Field(None, gt=0.0, le=1.0)

@@ -215,12 +215,15 @@ class SpeechService:
         if len(text) > self.settings.max_input_chars:
             raise bad_request(f"input has {len(text)} characters; at most {self.settings.max_input_chars}",
                               param="input", code="input_too_long")
+        if body.min_new_tokens and body.max_new_tokens and body.min_new_tokens > body.max_new_tokens:
+            raise bad_request("min_new_tokens is larger than max_new_tokens", param="min_new_tokens")
         speaker, voice = await self._resolve_voice(body, tenant)
         params = SynthesisParams(
             temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
             repetition_penalty=body.repetition_penalty, subtalker_temperature=body.subtalker_temperature,
             subtalker_top_k=body.subtalker_top_k, subtalker_top_p=body.subtalker_top_p,
             max_frames=_capped(body.max_new_tokens, self.settings.max_frames_per_segment), seed=body.seed,
+            min_frames=body.min_new_tokens or 2,
         )
         instructions = body.instructions if kind != "base" else None
         if kind == "base" and body.instructions:

@@ -170,6 +170,13 @@ def test_every_request_is_logged_as_one_json_line(server, tmp_path_factory):
     assert any(e["tenant"] == "bob" and e["outcome"] in ("length", "stop") and e["frames"] == FRAMES for e in events)
 
 
+def test_min_new_tokens_equal_to_max_forces_the_length(server):
+    # random weights may say EOS at any frame; a forced length is how benchmarks compare servers
+    for frames in (3, 17):
+        pcm = pcm16(speak(server, response_format="pcm", extra_body={"max_new_tokens": frames, "min_new_tokens": frames}))
+        assert len(pcm) == frames * 1920
+
+
 def test_openai_voice_names_map_to_builtin_speakers(server):
     assert speak(server, voice="coral", response_format="pcm") == speak(server, voice="vivian", response_format="pcm")
     assert speak(server, voice="echo", response_format="pcm") == speak(server, voice="ryan", response_format="pcm")
@@ -186,6 +193,7 @@ def test_openai_voice_names_map_to_builtin_speakers(server):
     ({"input": "hi", "voice": "ryan", "ref_audio": "aGVsbG8=", "ref_text": "x"}, 400, "ref_audio"),
     ({"input": "hi", "voice": "ryan", "model": "someone-else"}, 404, "model"),
     ({"input": "hi", "voice": "ryan", "unknown_field": 1}, 400, None),
+    ({"input": "hi", "voice": "ryan", "min_new_tokens": 9, "max_new_tokens": 5}, 400, "min_new_tokens"),
 ])
 def test_bad_input_gets_an_openai_style_error(server, body, status, param):
     r = httpx.post(f"{server}/v1/audio/speech", json=body, headers={"Authorization": "Bearer alice-key"}, timeout=60)
@@ -352,3 +360,20 @@ def test_examples_produce_audio(server, tmp_path):
                     f"{server.replace('http', 'ws')}/v1/audio/speech/stream", "--api-key", "alice-key",
                     "--out", str(tmp_path / "ws.pcm")], check=True, timeout=300)
     assert (tmp_path / "ws.pcm").stat().st_size > 0
+
+
+def test_load_generator_measures_this_server(server, tmp_path):
+    out = tmp_path / "load.json"
+    bench = Path(__file__).parent.parent / "benchmarks" / "http_load.py"
+    subprocess.run([sys.executable, str(bench), "--url", server, "--api-key", "bob-key", "--voice", "ryan",
+                    "--concurrency", "3", "--rounds", "1", "--rates", "4", "--duration", "1", "--frames", "6",
+                    "--warmup-frames", "2", "--out", str(out), "--plot", str(tmp_path / "load.png")],
+                   check=True, timeout=600)
+    report = json.loads(out.read_text())
+    closed, opened = report["levels"]
+    assert (closed["kind"], closed["requests"], closed["ok"]) == ("concurrency", 3, 3)
+    assert closed["audio_s"] == pytest.approx(3 * 6 / 12.5)  # forced lengths arrive whole
+    assert opened["kind"] == "rate" and opened["ok"] == opened["requests"] >= 1
+    assert opened["audio_s"] == pytest.approx(opened["requests"] * 6 / 12.5)
+    assert 0 < closed["ttfa_p50_ms"] <= closed["ttfa_p99_ms"] and closed["audio_s_per_s"] > 0
+    assert (tmp_path / "load.md").read_text().count("|") > 20 and (tmp_path / "load.png").stat().st_size > 0

@@ -1,0 +1,368 @@
+"""Load generator for any `/v1/audio/speech` server (ours, vllm-omni's): streaming PCM over HTTP.
+
+Two kinds of load level:
+- `--concurrency 1,64,128`: closed loop, that many clients each sending its next request as
+  soon as the last one ends (`--rounds` requests per client);
+- `--rates 1,20`: open loop, Poisson arrivals at that many requests per second for
+  `--duration` seconds, whatever the server's state.
+
+Per request it records when every audio chunk arrived and plays them back through a simulated
+player that starts at the first chunk: an *underrun* is the player running out of audio before
+the next chunk is there. Per level it reports time to first audio (p50/p95/p99), end-to-end
+latency, audio-seconds per second (all audio received / the level's wall time), real-time
+factor (latency / audio duration) and underruns. Writes JSON, a markdown table, and a plot.
+
+Random weights never decide to stop, so `--frames N` forces every request to N frames
+(12.5 per audio second), sent the same way to every system (`--system` picks the field names).
+
+    python benchmarks/http_load.py --url http://localhost:8000 --concurrency 1,64,128 --frames 250 \\
+        --label "ours 0.6B" --out results/load.json
+    python benchmarks/http_load.py --plot-only results/ours.json results/omni.json --plot cmp.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SAMPLE_RATE = 24_000
+BYTES_PER_SECOND = 2 * SAMPLE_RATE  # 16-bit mono PCM
+PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
+
+
+def load_prompts(path: Path) -> list[str]:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+# ------------------------------------------------------------------------------ request bodies
+
+def request_body(system: str, text: str, voice: str | None, language: str | None, frames: int | None,
+                 seed: int, model: str | None, extra: dict) -> dict:
+    """The streaming-PCM request in the dialect of `system`, forced to `frames` if given."""
+    body: dict = {"input": text, "response_format": "pcm"}
+    if model:
+        body["model"] = model
+    if voice:
+        body["voice"] = voice
+    if language:
+        body["language"] = language
+    if system == "ours":
+        body.update(stream_format="audio", seed=seed)
+        if frames:
+            body.update(max_new_tokens=frames, min_new_tokens=frames)
+    elif system == "omni":
+        # vllm-omni 0.26: `stream: true` streams raw PCM; its sampling extras pass through
+        body.update(stream=True)
+        if frames:
+            body.update(max_new_tokens=frames, min_new_tokens=frames)
+    else:
+        raise ValueError(f"unknown system {system!r}")
+    body.update(extra)
+    return body
+
+
+# ------------------------------------------------------------------------------ one request
+
+@dataclass
+class RequestResult:
+    sent_s: float  # since the level started
+    status: int | None = None
+    error: str | None = None
+    ttfa_s: float | None = None
+    e2e_s: float | None = None
+    audio_s: float = 0.0
+    underruns: int = 0
+    stall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status == 200 and self.audio_s > 0
+
+
+def play(arrivals: list[tuple[float, int]], prebuffer_s: float = 0.0) -> tuple[int, float]:
+    """Underruns and stalled seconds of a player that starts `prebuffer_s` after the first chunk
+    and plays continuously; when it runs dry it waits for the next chunk."""
+    underruns, stalled = 0, 0.0
+    runs_dry_at = None  # wall time at which the buffered audio ends
+    for t, nbytes in arrivals:
+        duration = nbytes / BYTES_PER_SECOND
+        if runs_dry_at is None:
+            runs_dry_at = t + prebuffer_s + duration
+        elif t > runs_dry_at:
+            underruns += 1
+            stalled += t - runs_dry_at
+            runs_dry_at = t + duration
+        else:
+            runs_dry_at += duration
+    return underruns, stalled
+
+
+async def one_request(client, url: str, headers: dict, body: dict, level_t0: float, prebuffer_s: float) -> RequestResult:
+    t0 = time.perf_counter()
+    res = RequestResult(sent_s=t0 - level_t0)
+    arrivals: list[tuple[float, int]] = []
+    header_left = None  # bytes of a WAV header still to skip, if the stream starts with one
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as r:
+            res.status = r.status_code
+            if r.status_code != 200:
+                res.error = (await r.aread()).decode(errors="replace")[:300]
+                return res
+            async for chunk in r.aiter_raw():
+                if header_left is None:
+                    header_left = 44 if chunk[:4] == b"RIFF" else 0
+                if header_left:
+                    skip = min(header_left, len(chunk))
+                    chunk, header_left = chunk[skip:], header_left - skip
+                if chunk:
+                    arrivals.append((time.perf_counter(), len(chunk)))
+        res.e2e_s = time.perf_counter() - t0
+    except Exception as e:  # a broken stream counts as a failed request, the run goes on
+        res.error = f"{type(e).__name__}: {e}"[:300]
+    if arrivals:
+        res.ttfa_s = arrivals[0][0] - t0
+        res.audio_s = sum(n for _, n in arrivals) / BYTES_PER_SECOND
+        res.underruns, res.stall_s = play(arrivals, prebuffer_s)
+    return res
+
+
+# ------------------------------------------------------------------------------ load levels
+
+@dataclass
+class Level:
+    kind: str  # "concurrency" or "rate"
+    value: float
+    requests: int = 0
+    ok: int = 0
+    failed: int = 0
+    wall_s: float = 0.0
+    audio_s: float = 0.0
+    audio_s_per_s: float = 0.0
+    rtf_mean: float | None = None
+    ttfa_p50_ms: float | None = None
+    ttfa_p95_ms: float | None = None
+    ttfa_p99_ms: float | None = None
+    e2e_p50_s: float | None = None
+    e2e_p95_s: float | None = None
+    e2e_p99_s: float | None = None
+    underrun_requests: int = 0
+    underruns: int = 0
+    stall_s_total: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    pos = q / 100 * (len(xs) - 1)  # linear interpolation between closest ranks
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarise(kind: str, value: float, results: list[RequestResult], wall_s: float) -> Level:
+    ok = [r for r in results if r.ok]
+    ttfa = [r.ttfa_s for r in ok]
+    e2e = [r.e2e_s for r in ok]
+    ms = lambda x: None if x is None else round(1000 * x, 1)  # noqa: E731
+    s3 = lambda x: None if x is None else round(x, 3)  # noqa: E731
+    audio = sum(r.audio_s for r in results)
+    return Level(
+        kind=kind, value=value, requests=len(results), ok=len(ok), failed=len(results) - len(ok),
+        wall_s=round(wall_s, 3), audio_s=round(audio, 2), audio_s_per_s=round(audio / wall_s, 2) if wall_s else 0.0,
+        rtf_mean=round(statistics.mean(r.e2e_s / r.audio_s for r in ok), 4) if ok else None,
+        ttfa_p50_ms=ms(percentile(ttfa, 50)), ttfa_p95_ms=ms(percentile(ttfa, 95)), ttfa_p99_ms=ms(percentile(ttfa, 99)),
+        e2e_p50_s=s3(percentile(e2e, 50)), e2e_p95_s=s3(percentile(e2e, 95)), e2e_p99_s=s3(percentile(e2e, 99)),
+        underrun_requests=sum(1 for r in ok if r.underruns), underruns=sum(r.underruns for r in ok),
+        stall_s_total=round(sum(r.stall_s for r in ok), 3),
+        errors=sorted({f"{r.status}: {r.error}" for r in results if not r.ok})[:5],
+    )
+
+
+class LoadRunner:
+    def __init__(self, args: argparse.Namespace):
+        import httpx
+
+        self.args = args
+        self.url = args.url.rstrip("/") + "/v1/audio/speech"
+        self.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        self.prompts = load_prompts(Path(args.prompts))
+        self.rng = random.Random(args.seed)
+        self.counter = 0
+        self.extra = json.loads(args.extra_body) if args.extra_body else {}
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(args.timeout, connect=30.0),
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512))
+
+    def next_body(self, frames: int | None) -> dict:
+        self.counter += 1
+        text = self.rng.choice(self.prompts)
+        return request_body(self.args.system, text, self.args.voice, self.args.language, frames,
+                            self.args.seed * 1_000_003 + self.counter, self.args.model, self.extra)
+
+    async def closed_loop(self, concurrency: int, per_client: int, frames: int | None) -> tuple[list[RequestResult], float]:
+        results: list[RequestResult] = []
+        t0 = time.perf_counter()
+
+        async def client():
+            for _ in range(per_client):
+                results.append(await one_request(self.client, self.url, self.headers, self.next_body(frames), t0,
+                                                 self.args.prebuffer_ms / 1000))
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return results, time.perf_counter() - t0
+
+    async def open_loop(self, rate: float, duration_s: float, frames: int | None) -> tuple[list[RequestResult], float]:
+        t0 = time.perf_counter()
+        tasks = []
+        arrival = 0.0
+        while True:
+            arrival += self.rng.expovariate(rate)
+            if arrival > duration_s:
+                break
+            delay = t0 + arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one_request(self.client, self.url, self.headers, self.next_body(frames), t0,
+                                                         self.args.prebuffer_ms / 1000)))
+        results = list(await asyncio.gather(*tasks))
+        return results, time.perf_counter() - t0
+
+    async def run(self) -> list[Level]:
+        a = self.args
+        levels = []
+        plan = [("concurrency", float(c)) for c in _numbers(a.concurrency)] + [("rate", r) for r in _numbers(a.rates)]
+        for kind, value in plan:
+            if a.warmup_frames:
+                # one-time costs of new batch shapes stay out of the measurement, for every system alike
+                n = int(value) if kind == "concurrency" else max(1, min(16, int(value)))
+                await self.closed_loop(n, 1, a.warmup_frames)
+            if kind == "concurrency":
+                results, wall = await self.closed_loop(int(value), a.rounds, a.frames)
+            else:
+                results, wall = await self.open_loop(value, a.duration, a.frames)
+            level = summarise(kind, value, results, wall)
+            levels.append(level)
+            print(json.dumps(asdict(level)), flush=True)
+        await self.client.aclose()
+        return levels
+
+
+def _numbers(spec: str | None) -> list[float]:
+    return [float(x) for x in spec.split(",") if x.strip()] if spec else []
+
+
+# ------------------------------------------------------------------------------ reports
+
+COLUMNS = [("load", None), ("ok", "ok"), ("failed", "failed"), ("audio-s/s", "audio_s_per_s"), ("RTF", "rtf_mean"),
+           ("TTFA p50 ms", "ttfa_p50_ms"), ("p95", "ttfa_p95_ms"), ("p99", "ttfa_p99_ms"),
+           ("E2E p50 s", "e2e_p50_s"), ("p95 ", "e2e_p95_s"), ("underrun reqs", "underrun_requests"),
+           ("stall s", "stall_s_total")]
+
+
+def load_label(level: dict) -> str:
+    v = level["value"]
+    return f"c={int(v)}" if level["kind"] == "concurrency" else f"{v:g} req/s"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"**{report['label']}** — {report['url']}, {report['frames'] or 'natural'} frames per request, "
+             f"{report['date']}", "",
+             "| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for level in report["levels"]:
+        cells = [load_label(level)] + [str(level[k]) for _, k in COLUMNS[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(reports: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("concurrency", "rate") if any(lv["kind"] == k for r in reports for lv in r["levels"])]
+    fig, axes = plt.subplots(2, len(kinds), figsize=(6 * len(kinds), 8), squeeze=False)
+    for col, kind in enumerate(kinds):
+        ax_ttfa, ax_tput = axes[0][col], axes[1][col]
+        for r in reports:
+            levels = [lv for lv in r["levels"] if lv["kind"] == kind and lv["ok"]]
+            if not levels:
+                continue
+            x = [lv["value"] for lv in levels]
+            for key, style in (("ttfa_p50_ms", "-o"), ("ttfa_p95_ms", "--s"), ("ttfa_p99_ms", ":^")):
+                ax_ttfa.plot(x, [lv[key] for lv in levels], style, label=f"{r['label']} {key.split('_')[1]}")
+            ax_tput.plot(x, [lv["audio_s_per_s"] for lv in levels], "-o", label=r["label"])
+        xlabel = "concurrent streams" if kind == "concurrency" else "arrival rate (req/s, Poisson)"
+        ax_ttfa.set(xlabel=xlabel, ylabel="time to first audio (ms)", yscale="log")
+        ax_tput.set(xlabel=xlabel, ylabel="audio-seconds per second")
+        for ax in (ax_ttfa, ax_tput):
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"plot: {out}")
+
+
+# ------------------------------------------------------------------------------ main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://localhost:8000")
+    ap.add_argument("--system", choices=["ours", "omni"], default="ours", help="request dialect")
+    ap.add_argument("--label", default=None, help="name in tables and plots (default: --system)")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--voice", default="vivian")
+    ap.add_argument("--language", default=None)
+    ap.add_argument("--concurrency", default=None, help="closed-loop levels, e.g. 1,64,128")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client at a concurrency level")
+    ap.add_argument("--rates", default=None, help="open-loop Poisson levels in requests/s, e.g. 1,20")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per rate level")
+    ap.add_argument("--frames", type=int, default=None, help="force every request to this many frames")
+    ap.add_argument("--warmup-frames", type=int, default=8, help="length of the warm-up requests (0: none)")
+    ap.add_argument("--prebuffer-ms", type=float, default=0.0, help="player start delay after the first chunk")
+    ap.add_argument("--prompts", default=str(PROMPTS))
+    ap.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--out", default=None, help="JSON report (a .md table is written beside it)")
+    ap.add_argument("--plot", default=None, help="PNG of TTFA and throughput against load")
+    ap.add_argument("--plot-only", nargs="+", default=None, metavar="JSON", help="only plot these reports")
+    args = ap.parse_args(argv)
+
+    if args.plot_only:
+        plot([json.loads(Path(p).read_text()) for p in args.plot_only], Path(args.plot or "load.png"))
+        return 0
+    if not args.concurrency and not args.rates:
+        ap.error("give --concurrency and/or --rates")
+    levels = asyncio.run(LoadRunner(args).run())
+    report = dict(label=args.label or args.system, system=args.system, url=args.url, frames=args.frames,
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"), host=platform.node(), argv=sys.argv[1:],
+                  levels=[asdict(lv) for lv in levels])
+    table = markdown(report)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        out.with_suffix(".md").write_text(table)
+    if args.plot:
+        try:
+            plot([report], Path(args.plot))
+        except ImportError:
+            print("matplotlib is not installed: no plot (make it later with --plot-only)")
+    return 0 if all(lv.failed == 0 for lv in levels) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

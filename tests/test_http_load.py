@@ -1,0 +1,84 @@
+"""The load generator's own arithmetic: the simulated player and the percentiles it reports.
+(Its HTTP side runs against the real server in test_server_custom_voice.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("http_load", Path(__file__).parent.parent / "benchmarks" / "http_load.py")
+http_load = importlib.util.module_from_spec(spec)
+sys.modules["http_load"] = http_load  # dataclasses look their module up
+spec.loader.exec_module(http_load)
+
+SECOND = http_load.BYTES_PER_SECOND  # bytes of one second of 24 kHz 16-bit PCM
+
+
+def test_player_fed_faster_than_real_time_never_runs_dry():
+    arrivals = [(0.0, SECOND), (0.5, SECOND), (1.0, SECOND), (2.9, SECOND)]
+    assert http_load.play(arrivals) == (0, 0.0)
+
+
+def test_player_counts_each_gap_and_its_length():
+    # 1 s of audio at t=0 runs out at t=1; the next second arrives at t=1.5 (0.5 s stall),
+    # plays until 2.5; the last chunk arrives at 3.0 (another 0.5 s stall)
+    underruns, stalled = http_load.play([(0.0, SECOND), (1.5, SECOND), (3.0, SECOND // 2)])
+    assert underruns == 2
+    assert stalled == pytest.approx(1.0)
+
+
+def test_prebuffer_absorbs_a_late_chunk():
+    arrivals = [(0.0, SECOND), (1.2, SECOND)]
+    assert http_load.play(arrivals)[0] == 1
+    assert http_load.play(arrivals, prebuffer_s=0.3) == (0, 0.0)
+
+
+def test_percentiles_interpolate_between_ranks():
+    xs = list(range(1, 101))  # 1..100
+    assert http_load.percentile(xs, 50) == pytest.approx(50.5)
+    assert http_load.percentile(xs, 99) == pytest.approx(99.01)
+    assert http_load.percentile([7.0], 95) == 7.0
+    assert http_load.percentile([], 95) is None
+
+
+def test_both_dialects_force_the_length_and_stream_pcm():
+    ours = http_load.request_body("ours", "Hi.", "vivian", "English", 250, 3, None, {})
+    assert ours["response_format"] == "pcm" and ours["stream_format"] == "audio"
+    assert ours["max_new_tokens"] == ours["min_new_tokens"] == 250
+    omni = http_load.request_body("omni", "Hi.", "vivian", None, 250, 3, "m", {"task_type": "CustomVoice"})
+    assert omni["stream"] is True and omni["task_type"] == "CustomVoice" and omni["model"] == "m"
+
+
+def test_summary_counts_failures_and_throughput():
+    R = http_load.RequestResult
+    results = [R(sent_s=0, status=200, ttfa_s=0.1, e2e_s=2.0, audio_s=4.0, underruns=1, stall_s=0.2),
+               R(sent_s=0, status=200, ttfa_s=0.3, e2e_s=4.0, audio_s=4.0),
+               R(sent_s=0, status=503, error="overloaded")]
+    level = http_load.summarise("concurrency", 3, results, wall_s=4.0)
+    assert (level.requests, level.ok, level.failed) == (3, 2, 1)
+    assert level.audio_s_per_s == 2.0
+    assert level.rtf_mean == pytest.approx(0.75)
+    assert level.ttfa_p50_ms == pytest.approx(200.0)
+    assert level.underrun_requests == 1 and level.stall_s_total == pytest.approx(0.2)
+    assert level.errors == ["503: overloaded"]
+
+
+def test_plot_of_two_reports_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (the test extra installs it)")
+    R = http_load.RequestResult
+    reports = []
+    for label, scale in (("a", 1.0), ("b", 2.0)):
+        levels = [http_load.summarise(kind, v, [R(sent_s=0, status=200, ttfa_s=0.05 * v * scale, e2e_s=1, audio_s=2)], 1.0)
+                  for kind, v in (("concurrency", 1), ("concurrency", 8), ("rate", 1), ("rate", 4))]
+        reports.append(dict(label=label, levels=[vars(lv) for lv in levels]))
+    paths = []
+    for i, r in enumerate(reports):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = tmp_path / "cmp.png"
+    assert http_load.main(["--plot-only", *map(str, paths), "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
