@@ -225,7 +225,10 @@ def test_sampler_wrapper_emits_all_codes_with_codebook_offsets(parts):
                                  num_sampled=torch.ones(1, dtype=torch.int32),
                                  num_rejected=torch.zeros(1, dtype=torch.int32))
 
-        def add_request(self, *args):
+        def add_request(self, req_idx, prompt_len, sp):
+            self.added = (req_idx, prompt_len, sp)
+
+        def apply_staged_writes(self):
             return "delegated"
 
     base = BaseSampler()
@@ -238,7 +241,15 @@ def test_sampler_wrapper_emits_all_codes_with_codebook_offsets(parts):
     codes = ids - torch.arange(16) * CODE_ID_STRIDE
     assert codes[0] == 42 and ((codes >= 0) & (codes < 2048)).all()
     assert torch.equal(state.history[1, 0].long(), codes)
-    assert wrapper.add_request(0, copy.copy(None)) == "delegated"  # everything else goes to vLLM's sampler
+    assert wrapper.apply_staged_writes() == "delegated"  # everything else goes to vLLM's sampler
+    # vLLM's sampler samples code 0 but is not asked for logprobs: the channel carries our codes
+    from vllm_qwen3tts.talker.protocol import Code0Params, talker_sampling_params
+
+    sp = talker_sampling_params(req, Code0Params(), 50, 2150)
+    wrapper.add_request(1, L, sp)
+    idx, plen, given = base.added
+    assert (idx, plen, given.logprobs, given.max_tokens, given.extra_args) == (1, L, None, 50, sp.extra_args)
+    assert sp.logprobs == 16 - 1  # the engine's copy still asks for the channel
     dummy = SimpleNamespace(req_ids=["req_0_dummy"], idx_mapping=torch.tensor([1], dtype=torch.int32),
                             positions=torch.arange(64), logits_indices=torch.tensor([L - 1]))
     before = state.history[1].clone()
