@@ -60,10 +60,12 @@ def request_body(system: str, text: str, voice: str | None, language: str | None
         if frames:
             body.update(max_new_tokens=frames, min_new_tokens=frames)
     elif system == "omni":
-        # vllm-omni 0.26: `stream: true` streams raw PCM; its sampling extras pass through
-        body.update(stream=True)
+        # vllm-omni 0.26: `stream_format: audio` streams raw PCM (`stream` alone would be SSE). It has
+        # no per-request minimum length: its server is started with talker min_tokens = max_tokens
+        # (benchmarks/omni/serve_omni.sh, OMNI_FIXED_FRAMES)
+        body.update(stream=True, stream_format="audio")
         if frames:
-            body.update(max_new_tokens=frames, min_new_tokens=frames)
+            body.update(max_new_tokens=frames)
     else:
         raise ValueError(f"unknown system {system!r}")
     body.update(extra)

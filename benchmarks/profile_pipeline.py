@@ -29,6 +29,11 @@ def bench_codec(args) -> dict:
 
     dtype = getattr(torch, args.dtype)
     dec = CodecDecoder.from_checkpoint(args.model, args.device, dtype)
+    decode_chunk = dec.decode_chunk
+    if not args.eager:
+        from vllm_qwen3tts.codec.worker import compiled_decoder
+
+        decode_chunk = compiled_decoder(dec)  # as the codec worker runs it on a GPU
     rows = []
     for n in [int(x) for x in args.chunks.split(",")]:
         for b in [int(x) for x in args.batches.split(",")]:
@@ -38,15 +43,17 @@ def bench_codec(args) -> dict:
 
             def call():
                 sub = pool.select(idx)
-                audio, sub = dec.decode_chunk(codes, sub)
+                audio, sub = decode_chunk(codes, sub)
                 pool.update(idx, sub)
                 return audio.float().cpu()
 
-            for _ in range(3):
-                call()
+            with torch.inference_mode():
+                for _ in range(3):
+                    call()
             t0 = time.perf_counter()
-            for _ in range(args.iters):
-                call()
+            with torch.inference_mode():
+                for _ in range(args.iters):
+                    call()
             dt = (time.perf_counter() - t0) / args.iters
             row = dict(batch=b, chunk_frames=n, ms_per_call=round(1000 * dt, 2),
                        audio_s_per_s=round(b * n / 12.5 / dt, 1))
@@ -54,7 +61,7 @@ def bench_codec(args) -> dict:
             print(json.dumps(row), flush=True)
             del pool
             torch.cuda.empty_cache()
-    return dict(stage="codec", dtype=args.dtype, rows=rows)
+    return dict(stage="codec", dtype=args.dtype, compiled=not args.eager, rows=rows)
 
 
 @contextlib.contextmanager
@@ -177,6 +184,7 @@ def main() -> None:
     c.add_argument("--batches", default="1,16,64,128")
     c.add_argument("--chunks", default="2,25")
     c.add_argument("--iters", type=int, default=10)
+    c.add_argument("--eager", action="store_true", help="no torch.compile")
     t = sub.add_parser("talker")
     t.add_argument("--batches", default="1,64,128")
     t.add_argument("--frames-short", type=int, default=20)

@@ -50,7 +50,8 @@ def test_both_dialects_force_the_length_and_stream_pcm():
     assert ours["response_format"] == "pcm" and ours["stream_format"] == "audio"
     assert ours["max_new_tokens"] == ours["min_new_tokens"] == 250
     omni = http_load.request_body("omni", "Hi.", "vivian", None, 250, 3, "m", {"task_type": "CustomVoice"})
-    assert omni["stream"] is True and omni["task_type"] == "CustomVoice" and omni["model"] == "m"
+    assert omni["stream"] is True and omni["stream_format"] == "audio" and omni["max_new_tokens"] == 250
+    assert omni["task_type"] == "CustomVoice" and omni["model"] == "m"
 
 
 def test_summary_counts_failures_and_throughput():

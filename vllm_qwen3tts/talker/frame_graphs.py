@@ -6,11 +6,18 @@ per step at any batch size on an H100 (benchmarks/results/ISSUE3_GPU_RUN.md).
 `TalkerState.after_sample` is pure tensor code with no host synchronisation, so it
 is captured once per batch-size bucket and replayed: rows beyond the real batch
 are padding that reads and writes only the null slot.
+
+A graph of the eager code still replays ~7,000 tiny kernels per step (RMSNorms, RoPE,
+the sampler's hash noise and sorts, 15 times over), ~20 ms on an H100 whatever the batch
+(benchmarks/NOTES.md). So before capture the step is compiled with torch.compile
+(Inductor fuses the elementwise chains into a few Triton kernels), and the compiled
+kernels are what the graphs hold. `QWEN3TTS_COMPILE=0` turns compilation off.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -47,6 +54,8 @@ class FrameCompleter:
         self.sampled = torch.zeros(n, dtype=torch.bool, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.compile = self.use_graphs and os.environ.get("QWEN3TTS_COMPILE", "1") != "0"
+        self._step = self._eager
 
     def _eager(self, slots, last_positions, code0, hidden, sampled) -> torch.Tensor:
         return self.state.after_sample(self.embeddings, self.predictor, slots, last_positions, code0, hidden, sampled)
@@ -79,6 +88,8 @@ class FrameCompleter:
         kept = [t.clone() for t in (self.slots, self.last_positions, self.code0, self.hidden, self.sampled)]
         self.slots.fill_(self.state.null_slot)
         self.sampled.fill_(False)
+        if self.compile:
+            self._step = self._compiled_step()
         self.pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.buckets):
             args = (self.slots[:bucket], self.last_positions[:bucket], self.code0[:bucket], self.hidden[:bucket],
@@ -86,12 +97,26 @@ class FrameCompleter:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._eager(*args)  # warm-up: lazy kernel initialisation stays out of the graph
+                self._step(*args)  # warm-up: compilation and lazy initialisation stay out of the graph
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self._eager(*args)
+                out = self._step(*args)
             self.graphs[bucket] = (graph, out)
         for buf, value in zip((self.slots, self.last_positions, self.code0, self.hidden, self.sampled), kept):
             buf.copy_(value)
-        logger.info("captured frame-completion CUDA graphs for batch sizes %s", self.buckets)
+        logger.info("captured frame-completion CUDA graphs for batch sizes %s (%s)", self.buckets,
+                    "compiled" if self._step is not self._eager else "eager kernels")
+
+    def _compiled_step(self):
+        """The step through torch.compile (compiled here, by one run on the null slot); the
+        eager step if compilation fails (graphs of eager kernels are slower, not wrong)."""
+        try:
+            compiled = torch.compile(self._eager, dynamic=True)
+            n = self.buckets[-1]
+            args = (self.slots[:n], self.last_positions[:n], self.code0[:n], self.hidden[:n], self.sampled[:n])
+            compiled(*args)
+            return compiled
+        except Exception as e:  # noqa: BLE001 - any compiler failure: keep serving without it
+            logger.warning("torch.compile of frame completion failed, using eager kernels: %s", e)
+            return self._eager
