@@ -57,9 +57,10 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [B, n, hidden]
         cos: torch.Tensor,  # [n, head_dim]
         sin: torch.Tensor,
-        cache_k: torch.Tensor,  # [B, kv_heads, S, head_dim], written in place at `start`
+        cache_k: torch.Tensor,  # [B, kv_heads, S, head_dim], zeros where nothing was written yet
         cache_v: torch.Tensor,
-        start: int,
+        positions: torch.Tensor,  # [n] int64: where the new tokens sit (and are written)
+        mask: torch.Tensor,  # [n, S] bool: which cache entries each new token sees
     ) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, n, self.heads, self.head_dim)).transpose(1, 2)
@@ -67,13 +68,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        cache_k[:, :, start : start + n] = k
-        cache_v[:, :, start : start + n] = v
-        end = start + n
-        # causal within the new positions, everything before `start` is visible
-        mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        cache_k.index_copy_(2, positions, k)
+        cache_v.index_copy_(2, positions, v)
+        # always the whole (16-entry) cache, masked: shapes never depend on the position
         out = nn.functional.scaled_dot_product_attention(
-            q, cache_k[:, :, :end], cache_v[:, :, :end], attn_mask=mask, enable_gqa=self.heads != self.kv_heads
+            q, cache_k, cache_v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
@@ -97,8 +96,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
         self.mlp = MLP(g)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, start)
+    def forward(self, x, cos, sin, cache_k, cache_v, positions, mask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -123,19 +122,43 @@ class CodePredictor(nn.Module):
         emb = torch.cat((angles, angles), dim=-1)
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("key_positions", torch.arange(self.seq_len), persistent=False)
+        self._position_ids: list[torch.Tensor] | None = None
+        # The per-token step and the sampler, eager here; `compile_steps()` swaps in compiled versions.
+        # Neither depends on the codebook index, so each compiles once for all 15 sub-steps.
+        self.token_step = self._token_step
+        self.sample = _sample
+
+    def compile_steps(self) -> None:
+        """torch.compile the per-token step and the sampler (dynamic batch size)."""
+        self.token_step = torch.compile(self._token_step, dynamic=True)
+        self.sample = torch.compile(_sample, dynamic=True)
 
     def _new_cache(self, batch: int, dtype, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         g = self.geometry
         shape = (batch, g.num_kv_heads, self.seq_len, g.head_dim)
-        return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)) for _ in self.layers]
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in self.layers]
 
-    def _run(self, x: torch.Tensor, cache, start: int) -> torch.Tensor:
-        n = x.shape[1]
-        cos = self.rope_cos[start : start + n].to(x.dtype)
-        sin = self.rope_sin[start : start + n].to(x.dtype)
+    def _run(self, x: torch.Tensor, cache, positions: torch.Tensor) -> torch.Tensor:
+        """Tokens x [B, n, H] at `positions` [n] (causal among themselves and over the cache)."""
+        cos = self.rope_cos[positions].to(x.dtype)
+        sin = self.rope_sin[positions].to(x.dtype)
+        mask = self.key_positions.unsqueeze(0) <= positions.unsqueeze(-1)
         for layer, (ck, cv) in zip(self.layers, cache):
-            x = layer(x, cos, sin, ck, cv, start)
+            x = layer(x, cos, sin, ck, cv, positions, mask)
         return self.norm(x)
+
+    def _token_step(self, x: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+        """One token per row, x [B, H], at `position` ([1] int64) -> final-normed output [B, H]."""
+        return self._run(x.unsqueeze(1), cache, position)[:, -1]
+
+    def _positions(self, device) -> list[torch.Tensor]:
+        # one persistent [1] tensor per position: compiled code sees the same kind of input at
+        # every sub-step (no recompilation per position) and CUDA graphs see fixed addresses
+        if self._position_ids is None or self._position_ids[0].device != device:
+            self._position_ids = [torch.full((1,), p, dtype=torch.long, device=device) for p in range(self.seq_len)]
+        return self._position_ids
 
     def predict(
         self,
@@ -148,16 +171,17 @@ class CodePredictor(nn.Module):
         """Codes 1..15 of the frame, [B, 15]."""
         b = hidden.shape[0]
         cache = self._new_cache(b, hidden.dtype, hidden.device)
-        x = self.small_to_mtp_projection(torch.stack((hidden, code0_embed), dim=1))
-        out = self._run(x, cache, start=0)[:, -1]
+        pos = self._positions(hidden.device)
+        project = self.small_to_mtp_projection
+        self.token_step(project(hidden), pos[0], cache)
+        out = self.token_step(project(code0_embed), pos[1], cache)
         codes = []
         for j in range(self.num_residual):
-            logits = self.lm_head[j](out)
-            code = sample(logits, params, frame_index * self.seq_len + j + 1)
+            code = self.sample(self.lm_head[j](out), params.temperature, params.top_k, params.top_p, params.seed,
+                               frame_index * self.seq_len + j + 1)
             codes.append(code)
             if j + 1 < self.num_residual:
-                x = self.small_to_mtp_projection(residual_tables[j](code)).unsqueeze(1)
-                out = self._run(x, cache, start=j + 2)[:, -1]
+                out = self.token_step(project(residual_tables[j](code)), pos[j + 2], cache)
         return torch.stack(codes, dim=1)
 
     def teacher_forced_logits(
@@ -166,7 +190,8 @@ class CodePredictor(nn.Module):
         """Logits of codes 1..15 given the true frame in one causal pass; [B, 15, vocab]."""
         inputs = [hidden, code0_embed] + [residual_tables[j](codes[:, j + 1]) for j in range(self.num_residual - 1)]
         x = self.small_to_mtp_projection(torch.stack(inputs, dim=1))
-        out = self._run(x, self._new_cache(hidden.shape[0], hidden.dtype, hidden.device), start=0)
+        positions = self.key_positions[: x.shape[1]]
+        out = self._run(x, self._new_cache(hidden.shape[0], hidden.dtype, hidden.device), positions)
         return torch.stack([self.lm_head[j](out[:, j + 1]) for j in range(self.num_residual)], dim=1).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -178,3 +203,8 @@ class CodePredictor(nn.Module):
         mapping = {prefix + ("model." + n if n.startswith(("layers.", "norm.")) else n): n
                    for n, _ in self.named_parameters()}
         return load_mapped(self, weights, mapping)
+
+
+def _sample(logits, temperature, top_k, top_p, seed, counter) -> torch.Tensor:
+    # flat tensor arguments: what torch.compile traces most simply
+    return sample(logits, SamplingTensors(temperature, top_k, top_p, seed), counter)

@@ -8,9 +8,10 @@ is captured once per batch-size bucket and replayed: rows beyond the real batch
 are padding that reads and writes only the null slot.
 
 A graph of the eager code still replays ~7,000 tiny kernels per step (RMSNorms, RoPE,
-the sampler's hash noise and sorts, 15 times over), ~20 ms on an H100 whatever the batch
-(benchmarks/NOTES.md). So before capture the step is compiled with torch.compile
-(Inductor fuses the elementwise chains into a few Triton kernels), and the compiled
+the sampler's hash noise and sorts, 16 times over), ~20 ms on an H100 whatever the batch
+(benchmarks/NOTES.md). So before capture the predictor's per-token step and its sampler
+are compiled with torch.compile (Inductor fuses the elementwise chains into a few Triton
+kernels; both are independent of the sub-step, so each compiles once), and the compiled
 kernels are what the graphs hold. `QWEN3TTS_COMPILE=0` turns compilation off.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
@@ -55,16 +57,16 @@ class FrameCompleter:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.compile = self.use_graphs and os.environ.get("QWEN3TTS_COMPILE", "1") != "0"
-        self._step = self._eager
+        self.compiled = False
 
-    def _eager(self, slots, last_positions, code0, hidden, sampled) -> torch.Tensor:
+    def _complete(self, slots, last_positions, code0, hidden, sampled) -> torch.Tensor:
         return self.state.after_sample(self.embeddings, self.predictor, slots, last_positions, code0, hidden, sampled)
 
     def __call__(self, slots: torch.Tensor, last_positions: torch.Tensor, code0: torch.Tensor, hidden: torch.Tensor,
                  sampled: torch.Tensor) -> torch.Tensor:
         b = code0.shape[0]
         if not self.use_graphs or b > self.buckets[-1]:
-            return self._eager(slots, last_positions, code0, hidden, sampled)
+            return self._complete(slots, last_positions, code0, hidden, sampled)
         bucket = next(s for s in self.buckets if s >= b)
         # inputs into the static buffers; padding rows are not sampled and use the null slot
         self.slots[:b].copy_(slots)
@@ -89,7 +91,7 @@ class FrameCompleter:
         self.slots.fill_(self.state.null_slot)
         self.sampled.fill_(False)
         if self.compile:
-            self._step = self._compiled_step()
+            self._compile_predictor()
         self.pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.buckets):
             args = (self.slots[:bucket], self.last_positions[:bucket], self.code0[:bucket], self.hidden[:bucket],
@@ -97,26 +99,29 @@ class FrameCompleter:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._step(*args)  # warm-up: compilation and lazy initialisation stay out of the graph
+                self._complete(*args)  # warm-up: compilation and lazy initialisation stay out of the graph
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self._step(*args)
+                out = self._complete(*args)
             self.graphs[bucket] = (graph, out)
         for buf, value in zip((self.slots, self.last_positions, self.code0, self.hidden, self.sampled), kept):
             buf.copy_(value)
         logger.info("captured frame-completion CUDA graphs for batch sizes %s (%s)", self.buckets,
-                    "compiled" if self._step is not self._eager else "eager kernels")
+                    "compiled" if self.compiled else "eager kernels")
 
-    def _compiled_step(self):
-        """The step through torch.compile (compiled here, by one run on the null slot); the
-        eager step if compilation fails (graphs of eager kernels are slower, not wrong)."""
+    def _compile_predictor(self) -> None:
+        """Compile the predictor's step and sampler (by one run on the null slot); keep the eager
+        ones if compilation fails (graphs of eager kernels are slower, not wrong)."""
+        token_step, sample = self.predictor.token_step, self.predictor.sample
+        t0 = time.perf_counter()
         try:
-            compiled = torch.compile(self._eager, dynamic=True)
+            self.predictor.compile_steps()
             n = self.buckets[-1]
-            args = (self.slots[:n], self.last_positions[:n], self.code0[:n], self.hidden[:n], self.sampled[:n])
-            compiled(*args)
-            return compiled
+            self._complete(self.slots[:n], self.last_positions[:n], self.code0[:n], self.hidden[:n], self.sampled[:n])
         except Exception as e:  # noqa: BLE001 - any compiler failure: keep serving without it
-            logger.warning("torch.compile of frame completion failed, using eager kernels: %s", e)
-            return self._eager
+            logger.warning("torch.compile of the code predictor failed, using eager kernels: %s", e)
+            self.predictor.token_step, self.predictor.sample = token_step, sample
+            return
+        self.compiled = True
+        logger.info("code predictor compiled in %.1f s", time.perf_counter() - t0)
