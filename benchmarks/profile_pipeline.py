@@ -29,11 +29,11 @@ def bench_codec(args) -> dict:
 
     dtype = getattr(torch, args.dtype)
     dec = CodecDecoder.from_checkpoint(args.model, args.device, dtype)
-    decode_chunk = dec.decode_chunk
     if not args.eager:
-        from vllm_qwen3tts.codec.worker import compiled_decoder
+        from vllm_qwen3tts.codec.worker import compile_decoder
 
-        decode_chunk = compiled_decoder(dec)  # as the codec worker runs it on a GPU
+        compile_decoder(dec)  # as the codec worker runs it on a GPU
+    decode_chunk = dec.decode_chunk
     rows = []
     for n in [int(x) for x in args.chunks.split(",")]:
         for b in [int(x) for x in args.batches.split(",")]:

@@ -39,7 +39,7 @@ import zmq
 
 from vllm_qwen3tts.config import load_tts_config
 
-from .decoder import CodecDecoder, DecoderStreamState
+from .decoder import CodecDecoder, DecoderStreamState, snake
 from .protocol import (
     ENCODER,
     REQUEST_DECODER,
@@ -89,8 +89,8 @@ class CodecWorkerConfig:
     # that died without closing its streams (e.g. a crashed API-server process sharing this
     # worker); no live request pauses that long between chunks. None: never.
     stream_idle_timeout_s: float | None = 600.0
-    # torch.compile the decoder on CUDA: Inductor fuses the vocoder's SnakeBeta chains (five
-    # full passes over the largest activations each, eagerly) into one kernel. Compiled at start.
+    # torch.compile the decoder's SnakeBeta activations on CUDA (five full passes over the largest
+    # activations each, eagerly; one fused kernel compiled). Compiled at start.
     compile: bool = True
 
     def __post_init__(self) -> None:
@@ -111,23 +111,24 @@ class CodecWorkerStartError(RuntimeError):
     """The worker process exited or stalled before it could serve."""
 
 
-def compiled_decoder(decoder: CodecDecoder) -> Callable:
-    """`decoder.decode_chunk` through torch.compile, compiled now for any batch size and chunk
-    length (batch 1 is its own specialisation); the eager method if compilation fails."""
-    compiled = torch.compile(decoder.decode_chunk, dynamic=True)
+def compile_decoder(decoder: CodecDecoder) -> None:
+    """Fuse the decoder's activations (torch.compile), compiled now by two small decodes (batch 1
+    is its own specialisation); the decoder stays eager if compilation fails."""
     t0 = time.perf_counter()
     try:
+        decoder.compile_activations()
         with torch.inference_mode():
-            # batch 1 and single-frame chunks (a final chunk) are specialisations of their own
-            for batch, frames in ((2, 2), (3, 5), (1, 2), (1, 5), (2, 1), (1, 1)):
-                codes = torch.zeros(batch, frames, decoder.config.num_quantizers, dtype=torch.long,
+            for batch in (2, 1):
+                codes = torch.zeros(batch, 2, decoder.config.num_quantizers, dtype=torch.long,
                                     device=decoder.pre_conv.weight.device)
-                compiled(codes, decoder.new_stream_state(batch))
+                decoder.decode_chunk(codes, decoder.new_stream_state(batch))
     except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
-        logger.warning("torch.compile of the codec decoder failed, decoding eagerly: %s", e)
-        return decoder.decode_chunk
-    logger.info("codec decoder compiled in %.1f s", time.perf_counter() - t0)
-    return compiled
+        logger.warning("torch.compile of the codec decoder's activations failed, decoding eagerly: %s", e)
+        for m in decoder.modules():
+            if hasattr(m, "activation"):
+                m.activation = snake
+        return
+    logger.info("codec decoder activations compiled in %.1f s", time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,9 +246,8 @@ class CodecWorker:
         )
         self.num_quantizers = self.decoder.config.num_quantizers
         self.codebook_size = self.decoder.config.codebook_size
-        self.decode_chunk = self.decoder.decode_chunk
         if config.compile and self.device.type == "cuda" and os.environ.get("QWEN3TTS_COMPILE", "1") != "0":
-            self.decode_chunk = compiled_decoder(self.decoder)
+            compile_decoder(self.decoder)
         self.pool: DecoderStreamState = self.decoder.new_stream_state(config.max_streams)
         self.slots = StreamSlots(config.max_streams)
         self.batches_run = 0
@@ -404,7 +404,7 @@ class CodecWorker:
         """Decode one chunk of each job as a batch; writes the advanced states back to the pool."""
         idx = torch.tensor([job.slot for job in jobs], device=self.device)
         state = self.pool.select(idx)
-        audio, state = self.decode_chunk(torch.stack([job.codes for job in jobs]), state)
+        audio, state = self.decoder.decode_chunk(torch.stack([job.codes for job in jobs]), state)
         samples = audio.float().cpu().numpy()
         self.pool.update(idx, state)
         self.batches_run += 1
