@@ -18,7 +18,7 @@ if [ $ready != 1 ]; then echo "server not ready"; tail -40 "$out/server.log"; ki
 echo "server ready after $((i * 2)) s"
 # shellcheck disable=SC2086
 python3 benchmarks/http_load.py --url http://127.0.0.1:$port --label "$label" $levels --out "$out/load.json" \
-  --plot "$out/load.png" 2>&1 | tail -15
+  --plot "$out/load.png" 2>&1 | tee "$out/load.log" | tail -15
 curl -s localhost:$port/metrics | grep -E "^qwen3tts_(codec|time_to_first_audio_seconds_(sum|count))" | head -20
 kill $pid; wait $pid 2>/dev/null
 grep -E "Traceback|Error" "$out/server.log" | head -5
