@@ -225,8 +225,8 @@ def test_sampler_wrapper_emits_all_codes_with_codebook_offsets(parts):
                                  num_sampled=torch.ones(1, dtype=torch.int32),
                                  num_rejected=torch.zeros(1, dtype=torch.int32))
 
-        def add_request(self, req_idx, prompt_len, sp):
-            self.added = (req_idx, prompt_len, sp)
+        def add_request(self, req_idx, *args):
+            self.added = (req_idx, *args)
 
         def apply_staged_writes(self):
             return "delegated"
@@ -246,9 +246,12 @@ def test_sampler_wrapper_emits_all_codes_with_codebook_offsets(parts):
     from vllm_qwen3tts.talker.protocol import Code0Params, talker_sampling_params
 
     sp = talker_sampling_params(req, Code0Params(), 50, 2150)
-    wrapper.add_request(1, L, sp)
+    wrapper.add_request(1, L, sp)  # vLLM 0.26 passes the prompt length, 0.32 does not
     idx, plen, given = base.added
     assert (idx, plen, given.logprobs, given.max_tokens, given.extra_args) == (1, L, None, 50, sp.extra_args)
+    wrapper.add_request(2, sp)
+    idx, given = base.added
+    assert (idx, given.logprobs, given.max_tokens) == (2, None, 50)
     assert sp.logprobs == 16 - 1  # the engine's copy still asks for the channel
     dummy = SimpleNamespace(req_ids=["req_0_dummy"], idx_mapping=torch.tensor([1], dtype=torch.int32),
                             positions=torch.arange(64), logits_indices=torch.tensor([L - 1]))

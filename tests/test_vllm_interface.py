@@ -60,6 +60,22 @@ def test_model_runner_v2_batch_and_sampler_fields():
     assert {"req_id", "prompt_token_ids", "prefill_token_ids", "sampling_params"} <= fields(NewRequestData)
 
 
+def test_model_runner_v2_registers_requests_with_the_sampler_the_way_the_wrapper_expects():
+    # TalkerSampler.add_request hands vLLM's sampler a copy of the params without logprobs
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu.sample.sampler import Sampler
+
+    # 0.26: (req_idx, prompt_len, sampling_params); 0.32: (req_idx, sampling_params)
+    assert params(Sampler.add_request) in (["self", "req_idx", "prompt_len", "sampling_params"],
+                                           ["self", "req_idx", "sampling_params"])
+    assert "self.sampler.add_request(" in inspect.getsource(GPUModelRunner)
+    sp = SamplingParams(logprobs=15, max_tokens=7)
+    copy = sp.clone()
+    copy.logprobs = None
+    assert sp.logprobs == 15 and copy.max_tokens == 7
+
+
 def test_logprobs_channel_types():
     from vllm.logprobs import FlatLogprobs
     from vllm.sampling_params import SamplingParams

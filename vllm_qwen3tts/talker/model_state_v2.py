@@ -79,13 +79,16 @@ class TalkerSampler:
     def __getattr__(self, name):
         return getattr(self.base, name)
 
-    def add_request(self, req_idx: int, prompt_len: int, sampling_params) -> None:
+    def add_request(self, req_idx: int, *args) -> None:
         # The codes leave through the logprobs channel, but they are ours: the base sampler is
         # told not to compute logprobs, which saves a logits copy, a log-softmax and a top-k
         # over the vocabulary per step (the engine still ships our tensors, it does not ask).
+        # The sampling params come last: (req_idx, prompt_len, sp) in vLLM 0.26, (req_idx, sp)
+        # in 0.32.
+        *rest, sampling_params = args
         sp = sampling_params.clone()
         sp.logprobs = None
-        self.base.add_request(req_idx, prompt_len, sp)
+        self.base.add_request(req_idx, *rest, sp)
 
     def __call__(self, logits: torch.Tensor, input_batch):
         out = self.base(logits, input_batch)
