@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_qwen3tts.config import CODEC_MODEL_TYPE, CheckpointError, read_json
+from vllm_qwen3tts.layers import RMSNorm
 
 # Constants fixed by the official implementation rather than by the config.
 CODEBOOK_USAGE_EPS = 1e-5  # clamp of cluster_usage before dividing embedding_sum by it
@@ -218,20 +219,6 @@ def snake(x: torch.Tensor, log_alpha: torch.Tensor, log_beta: torch.Tensor) -> t
     frequency = torch.exp(log_alpha)[None, :, None]
     magnitude = 1.0 / (torch.exp(log_beta)[None, :, None] + SNAKE_EPS)
     return x + magnitude * torch.sin(x * frequency).pow(2)
-
-
-class RMSNorm(nn.Module):
-    """Normalises in fp32, casts back to the activation dtype, then applies the weight (HF order)."""
-
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 class ResidualCodebooks(nn.Module):
@@ -601,14 +588,15 @@ class CodecDecoder(nn.Module):
 
     # -- streaming --------------------------------------------------------------------------------
 
-    def compile_activations(self) -> None:
-        """Fuse every SnakeBeta into one kernel with torch.compile. Eagerly each is five full
-        passes over the decoder's largest activations (up to 96 channels x 24 kHz per stream);
-        it is the one part worth compiling, and it compiles in seconds (an elementwise graph)."""
-        fused = torch.compile(snake, dynamic=True)
+    def compile_activations(self, enabled: bool = True) -> None:
+        """Fuse every SnakeBeta into one kernel with torch.compile (`enabled=False`: back to eager).
+        Eagerly each is five full passes over the decoder's largest activations (up to 96
+        channels x 24 kHz per stream); it is the one part worth compiling, and it compiles in
+        seconds (an elementwise graph)."""
+        activation = torch.compile(snake, dynamic=True) if enabled else snake
         for m in self.modules():
             if isinstance(m, SnakeBeta):
-                m.activation = fused
+                m.activation = activation
 
     def _stateful_convs(self) -> list[CausalConv1d | CausalConvTranspose1d]:
         return [

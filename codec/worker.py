@@ -39,7 +39,7 @@ import zmq
 
 from vllm_qwen3tts.config import load_tts_config
 
-from .decoder import CodecDecoder, DecoderStreamState, snake
+from .decoder import CodecDecoder, DecoderStreamState
 from .protocol import (
     ENCODER,
     REQUEST_DECODER,
@@ -124,9 +124,7 @@ def compile_decoder(decoder: CodecDecoder) -> None:
                 decoder.decode_chunk(codes, decoder.new_stream_state(batch))
     except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
         logger.warning("torch.compile of the codec decoder's activations failed, decoding eagerly: %s", e)
-        for m in decoder.modules():
-            if hasattr(m, "activation"):
-                m.activation = snake
+        decoder.compile_activations(enabled=False)
         return
     logger.info("codec decoder activations compiled in %.1f s", time.perf_counter() - t0)
 

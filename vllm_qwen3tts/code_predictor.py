@@ -20,20 +20,9 @@ import torch
 from torch import nn
 
 from .config import DecoderGeometry, TalkerConfig
+from .layers import RMSNorm
 from .sampling import SamplingTensors, sample
 from .weight_loading import load_mapped
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
