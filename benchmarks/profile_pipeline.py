@@ -1,8 +1,9 @@
 """Where the time goes, stage by stage, on a GPU (profile before changing anything).
 
-- `codec`: the codec decoder alone, as the codec worker drives it (select rows of the state
-  pool, decode a chunk, write the rows back, copy the audio to the host): milliseconds per call
-  and audio-seconds per second by batch size and chunk length.
+- `codec`: the codec decoder alone, as the codec worker drives it (its PooledDecoder: gather
+  rows of the state pool, decode a chunk, scatter the rows back, copy the audio to the host),
+  eagerly and replaying CUDA graphs: milliseconds per call and audio-seconds per second by
+  batch size and chunk length, and how far the graphed audio is from the eager audio.
 - `talker`: the vLLM talker with the code predictor, no codec, no HTTP (in-process engine):
   milliseconds per decode step by batch size (the difference of two forced lengths, so
   prefill cancels), then a torch profile of a few steps at one batch size, split into our
@@ -23,9 +24,13 @@ from pathlib import Path
 
 
 def bench_codec(args) -> dict:
+    """The worker's PooledDecoder: eager, and (unless --no-graphs) replaying CUDA graphs, on the
+    same codes from the same states; the graphed audio is checked against the eager audio."""
+    import numpy as np
     import torch
 
     from vllm_qwen3tts.codec.decoder import CodecDecoder
+    from vllm_qwen3tts.codec.pooled_decoder import DecodeGrid, PooledDecoder
 
     dtype = getattr(torch, args.dtype)
     dec = CodecDecoder.from_checkpoint(args.model, args.device, dtype)
@@ -33,34 +38,46 @@ def bench_codec(args) -> dict:
         from vllm_qwen3tts.codec.worker import compile_decoder
 
         compile_decoder(dec)  # as the codec worker runs it on a GPU
-    decode_chunk = dec.decode_chunk
+    batches = [int(x) for x in args.batches.split(",")]
+    chunks = [int(x) for x in args.chunks.split(",")]
+    streams = max(batches)
+    modes = {"eager": PooledDecoder(dec, streams)}
+    if not args.no_graphs:
+        graphed = PooledDecoder(dec, streams, DecodeGrid(tuple(sorted(batches)), tuple(sorted(chunks))))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            graphed.capture_graphs()
+        print(json.dumps({"graphs_captured": len(graphed.captured_shapes),
+                          "capture_s": round(time.perf_counter() - t0, 1),
+                          "gpu_reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)}), flush=True)
+        modes["graphs"] = graphed
+    rng = np.random.default_rng(0)
     rows = []
-    for n in [int(x) for x in args.chunks.split(",")]:
-        for b in [int(x) for x in args.batches.split(",")]:
-            pool = dec.new_stream_state(b)
-            codes = torch.randint(0, dec.config.codebook_size, (b, n, dec.config.num_quantizers), device=args.device)
-            idx = torch.arange(b)
-
-            def call():
-                sub = pool.select(idx)
-                audio, sub = decode_chunk(codes, sub)
-                pool.update(idx, sub)
-                return audio.float().cpu()
-
-            with torch.inference_mode():
-                for _ in range(3):
-                    call()
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                for _ in range(args.iters):
-                    call()
-            dt = (time.perf_counter() - t0) / args.iters
-            row = dict(batch=b, chunk_frames=n, ms_per_call=round(1000 * dt, 2),
-                       audio_s_per_s=round(b * n / 12.5 / dt, 1))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del pool
-            torch.cuda.empty_cache()
+    for n in chunks:
+        for b in batches:
+            codes = [rng.integers(0, dec.config.codebook_size, (n, dec.config.num_quantizers)) for _ in range(b)]
+            out = {}
+            for mode, pooled in modes.items():
+                rows_ = list(range(b))
+                with torch.inference_mode():
+                    for r in rows_:
+                        pooled.reset(r)
+                    first = pooled.decode(rows_, codes, n)  # same states in every mode: compare these
+                    for _ in range(2):
+                        pooled.decode(rows_, codes, n)
+                    t0 = time.perf_counter()  # decode() returns host arrays: each call is synchronous
+                    for _ in range(args.iters):
+                        pooled.decode(rows_, codes, n)
+                    dt = (time.perf_counter() - t0) / args.iters
+                out[mode] = np.stack(first)
+                row = dict(mode=mode, batch=b, chunk_frames=n, ms_per_call=round(1000 * dt, 2),
+                           audio_s_per_s=round(b * n / 12.5 / dt, 1))
+                if mode != "eager":
+                    row["max_abs_diff_vs_eager"] = float(np.abs(out[mode] - out["eager"]).max())
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return dict(stage="codec", dtype=args.dtype, compiled=not args.eager, rows=rows)
 
 
@@ -185,6 +202,7 @@ def main() -> None:
     c.add_argument("--chunks", default="2,25")
     c.add_argument("--iters", type=int, default=10)
     c.add_argument("--eager", action="store_true", help="no torch.compile")
+    c.add_argument("--no-graphs", action="store_true", help="eager decoder calls only")
     t = sub.add_parser("talker")
     t.add_argument("--batches", default="1,64,128")
     t.add_argument("--frames-short", type=int, default=20)

@@ -102,6 +102,8 @@ class CodecWorkerStats(msgspec.Struct, frozen=True):
     batches_run: int  # decoder calls for generated chunks (context priming not counted)
     chunks_decoded: int  # stream chunks those calls covered
     largest_batch: int
+    frames_decoded: int = 0  # frames those chunks held (padding not counted)
+    decode_seconds: float = 0.0  # wall time inside decoder calls, audio copied to the host included
 
     @property
     def mean_batch_size(self) -> float:

@@ -39,7 +39,8 @@ import zmq
 
 from vllm_qwen3tts.config import load_tts_config
 
-from .decoder import CodecDecoder, DecoderStreamState
+from .decoder import CodecDecoder
+from .pooled_decoder import DecodeGrid, PooledDecoder
 from .protocol import (
     ENCODER,
     REQUEST_DECODER,
@@ -92,6 +93,11 @@ class CodecWorkerConfig:
     # torch.compile the decoder's SnakeBeta activations on CUDA (five full passes over the largest
     # activations each, eagerly; one fused kernel compiled). Compiled at start.
     compile: bool = True
+    # On CUDA, capture the decoder as CUDA graphs for batches of up to `max_batch` chunks of these
+    # lengths (the server's chunk schedule: 2, 4, 8, 16, then 25 frames); batches are padded to
+    # the grid, and final chunks to the next length. Other shapes decode eagerly.
+    cuda_graphs: bool = True
+    graph_chunk_lengths: tuple[int, ...] = (2, 4, 8, 16, 25)
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -194,7 +200,7 @@ class DecodeJob:
     seq: int
     key: StreamKey
     slot: int
-    codes: torch.Tensor  # [n, num_quantizers] int64, on the decoder's device
+    codes: np.ndarray  # [n, num_quantizers] int64
     final: bool
 
     @property
@@ -244,13 +250,25 @@ class CodecWorker:
         )
         self.num_quantizers = self.decoder.config.num_quantizers
         self.codebook_size = self.decoder.config.codebook_size
-        if config.compile and self.device.type == "cuda" and os.environ.get("QWEN3TTS_COMPILE", "1") != "0":
+        on_gpu = self.device.type == "cuda"
+        if config.compile and on_gpu and os.environ.get("QWEN3TTS_COMPILE", "1") != "0":
             compile_decoder(self.decoder)
-        self.pool: DecoderStreamState = self.decoder.new_stream_state(config.max_streams)
+        graphs = config.cuda_graphs and on_gpu and os.environ.get("QWEN3TTS_CODEC_GRAPHS", "1") != "0"
+        grid = DecodeGrid.up_to(config.max_batch, config.graph_chunk_lengths) if graphs else None
+        self.decoder_pool = PooledDecoder(self.decoder, config.max_streams, grid)
+        if graphs:
+            try:
+                with torch.inference_mode():
+                    self.decoder_pool.capture_graphs()
+            except Exception as e:  # noqa: BLE001 - a capture failure costs speed, not service
+                logger.warning("CUDA graph capture of the codec decoder failed, decoding eagerly: %s", e)
+                self.decoder_pool = PooledDecoder(self.decoder, config.max_streams, None)
         self.slots = StreamSlots(config.max_streams)
         self.batches_run = 0
         self.chunks_decoded = 0
+        self.frames_decoded = 0
         self.largest_batch = 0
+        self.decode_seconds = 0.0
 
     # -- one round of the loop -------------------------------------------------------------------
 
@@ -320,11 +338,13 @@ class CodecWorker:
             batches_run=self.batches_run,
             chunks_decoded=self.chunks_decoded,
             largest_batch=self.largest_batch,
+            frames_decoded=self.frames_decoded,
+            decode_seconds=self.decode_seconds,
         )
 
     # -- streams ----------------------------------------------------------------------------------
 
-    def _read_codes(self, header: ArrayHeader, frame: memoryview, what: str, min_frames: int) -> torch.Tensor:
+    def _read_codes(self, header: ArrayHeader, frame: memoryview, what: str, min_frames: int) -> np.ndarray:
         codes = read_array(header, frame)
         if codes.dtype.kind != "i":
             raise RequestError(f"{what} must be integers, got {codes.dtype}")
@@ -334,7 +354,7 @@ class CodecWorker:
             raise RequestError(
                 f"{what} must lie in [0, {self.codebook_size}), got values in [{codes.min()}, {codes.max()}]"
             )
-        return torch.tensor(codes, dtype=torch.int64, device=self.device)
+        return codes.astype(np.int64, copy=False)
 
     def _open(self, key: StreamKey, request: OpenStream, frames: list[memoryview]) -> None:
         expect_frames(frames, 0 if request.context is None else 1, "open")
@@ -343,16 +363,12 @@ class CodecWorker:
             context = self._read_codes(request.context, frames[0], "context codes", min_frames=0)
         slot = self.slots.acquire(key)
         try:
-            idx = torch.tensor([slot], device=self.device)
-            self.pool.reset(idx)
+            self.decoder_pool.reset(slot)
             if context is not None and context.shape[0] > 0:
                 # Decoding the reference codes leaves the state where a decode of
                 # concat(reference, generated) would be after the reference (spec §3.8 ICL).
                 # Streaming is exact, so the pieces can be of any size; their audio is dropped.
-                state = self.pool.select(idx)
-                for piece in context.split(self.config.max_chunk_frames):
-                    _, state = self.decoder.decode_chunk(piece[None], state)
-                self.pool.update(idx, state)
+                self.decoder_pool.prime(slot, context, self.config.max_chunk_frames)
         except BaseException:
             self.slots.release(key)
             raise
@@ -369,17 +385,20 @@ class CodecWorker:
         return DecodeJob(message.client, request.seq, key, slot, codes, request.final)
 
     def _decode_pending(self, pending: dict[StreamKey, DecodeJob], send: SendReply) -> None:
+        # One decoder call per run length (final chunks padded up to a common one), shortest
+        # first: short chunks are the first chunks of new streams, which someone is waiting on.
         by_length: dict[int, list[DecodeJob]] = {}
         for job in pending.values():
-            by_length.setdefault(job.frames, []).append(job)
+            by_length.setdefault(self.decoder_pool.run_length(job.frames, job.final), []).append(job)
         pending.clear()
-        for jobs in by_length.values():
+        for length in sorted(by_length):
+            jobs = by_length[length]
             for start in range(0, len(jobs), self.config.max_batch):
-                self._decode_batch(jobs[start : start + self.config.max_batch], send)
+                self._decode_batch(jobs[start : start + self.config.max_batch], length, send)
 
-    def _decode_batch(self, jobs: list[DecodeJob], send: SendReply) -> None:
+    def _decode_batch(self, jobs: list[DecodeJob], length: int, send: SendReply) -> None:
         try:
-            audio = self._run_decoder(jobs)
+            audio = self._run_decoder(jobs, length)
         except Exception:
             if len(jobs) == 1:
                 job = jobs[0]
@@ -391,22 +410,21 @@ class CodecWorker:
             # confines the failure to the stream that causes it.
             logger.warning("batched decode of %d streams failed; retrying them one by one", len(jobs))
             for job in jobs:
-                self._decode_batch([job], send)
+                self._decode_batch([job], length, send)
             return
         for job, samples in zip(jobs, audio):
             header, buffer = array_frame(samples)
             send(job.client, DecodedAudio(job.seq, header), [buffer])
             self._finish(job)
 
-    def _run_decoder(self, jobs: list[DecodeJob]) -> np.ndarray:
-        """Decode one chunk of each job as a batch; writes the advanced states back to the pool."""
-        idx = torch.tensor([job.slot for job in jobs], device=self.device)
-        state = self.pool.select(idx)
-        audio, state = self.decoder.decode_chunk(torch.stack([job.codes for job in jobs]), state)
-        samples = audio.float().cpu().numpy()
-        self.pool.update(idx, state)
+    def _run_decoder(self, jobs: list[DecodeJob], length: int) -> list[np.ndarray]:
+        """Decode one chunk of each job as a batch; the advanced states go back to the pool."""
+        t0 = time.perf_counter()
+        samples = self.decoder_pool.decode([job.slot for job in jobs], [job.codes for job in jobs], length)
+        self.decode_seconds += time.perf_counter() - t0
         self.batches_run += 1
         self.chunks_decoded += len(jobs)
+        self.frames_decoded += sum(job.frames for job in jobs)
         self.largest_batch = max(self.largest_batch, len(jobs))
         return samples
 
@@ -530,6 +548,9 @@ def _spawned_worker_main(
     config: CodecWorkerConfig, address: str, parent_pid: int, ready: Connection, socket_dir: str | None
 ) -> None:
     _configure_logging()
+    from vllm_qwen3tts.stack_sampler import start_from_env
+
+    start_from_env("codec-worker")  # diagnostics, off unless QWEN3TTS_STACK_SAMPLES_DIR is set
     try:
         serve(config, address, parent_pid=parent_pid, on_ready=lambda: ready.send(("ready", None)))
     except BaseException as e:

@@ -39,7 +39,7 @@ class SpeechEndpointPlugin:
 
         from ..codec.client import CodecClient
         from ..codec.worker import CodecWorkerConfig, start_codec_worker
-        from ..engine import TTSEngine
+        from ..engine import ChunkSchedule, TTSEngine
         from .service import ServerSettings, SpeechService
 
         model_dir = Path(args.model)
@@ -52,6 +52,7 @@ class SpeechEndpointPlugin:
         worker = await asyncio.get_running_loop().run_in_executor(None, lambda: start_codec_worker(CodecWorkerConfig(
             model_dir=str(model_dir), device=codec_device, dtype=None,
             max_streams=max(64, 2 * vllm_config.scheduler_config.max_num_seqs),
+            graph_chunk_lengths=ChunkSchedule().distinct_sizes(),
         )))
         codec = CodecClient()
         codec.connect(worker.address)
@@ -63,5 +64,6 @@ class SpeechEndpointPlugin:
         state.qwen3tts = service
         # keep a reference: a bare task could be garbage-collected mid-flight
         state.qwen3tts_warmup = asyncio.create_task(service.warm_up())
+        state.qwen3tts_codec_watch = asyncio.create_task(service.watch_codec())
         logger.info("speech endpoints ready to warm up on %s (codec worker %s on %s)", model_dir, worker.pid,
                     codec_device)

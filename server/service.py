@@ -28,7 +28,7 @@ import numpy as np
 
 from ..engine import SAMPLE_RATE, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
 from ..prompt import PromptError
-from .metrics import speech_metrics
+from .metrics import codec_stats_collector, speech_metrics
 from .schemas import OPENAI_VOICES, APIError, SpeechBody, bad_request
 from .speed import TimeStretcher
 from .tenants import (AdmissionController, Overloaded, RateLimited, Tenant, TenantLimits, TenantRegistry,
@@ -145,6 +145,32 @@ class SpeechService:
             return SynthesisRequest("Warm up.", instructions="A clear voice.", params=params)
         xvec = [0.0] * self.config.talker.decoder.hidden_size
         return SynthesisRequest("Warm up.", voice=VoiceProfile(xvector=xvec), params=params)
+
+    async def watch_codec(self, poll_s: float = 5.0, log_every_s: float = 10.0) -> None:
+        """Poll the codec worker's counters for /metrics, and log its load while it works: how
+        busy it is and how well it batches say whether audio decoding is what limits the server."""
+        collector = codec_stats_collector()
+        logged, logged_at = None, time.monotonic()
+        while True:
+            await asyncio.sleep(poll_s)
+            try:
+                stats = await self.engine.codec.stats(timeout_s=poll_s)
+            except Exception as e:  # noqa: BLE001 - the health check reports a dead worker
+                logger.debug("codec stats unavailable: %s", e)
+                continue
+            collector.latest = stats
+            now = time.monotonic()
+            if now - logged_at < log_every_s:
+                continue
+            if logged is not None and stats.chunks_decoded > logged.chunks_decoded:
+                dt = now - logged_at
+                calls = stats.batches_run - logged.batches_run
+                chunks = stats.chunks_decoded - logged.chunks_decoded
+                logger.info("codec worker: %.1f audio-s/s, %.1f calls/s of %.1f chunks on average, busy %.0f%%, "
+                            "%d streams open", (stats.frames_decoded - logged.frames_decoded) / 12.5 / dt,
+                            calls / dt, chunks / max(calls, 1),
+                            100 * (stats.decode_seconds - logged.decode_seconds) / dt, stats.active_streams)
+            logged, logged_at = stats, now
 
     def healthy(self) -> bool:
         return self.codec_worker is None or self.codec_worker.is_alive()

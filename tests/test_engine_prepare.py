@@ -72,3 +72,15 @@ def test_bad_sampling_parameters_are_prompt_errors(engine, params, message):
 def test_a_prompt_that_leaves_no_room_is_refused(engine):
     with pytest.raises(PromptError, match="input too long"):
         prepare(engine, " ".join(["word"] * 600))
+
+
+def test_chunk_schedule_starts_small_grows_and_names_every_size_it_sends():
+    import itertools
+
+    from vllm_qwen3tts.engine import ChunkSchedule
+
+    default = ChunkSchedule()
+    assert list(itertools.islice(default.sizes(), 7)) == [2, 4, 8, 16, 25, 25, 25]
+    assert default.distinct_sizes() == (2, 4, 8, 16, 25)  # the codec worker's graph lengths
+    slow = ChunkSchedule(first=3, growth=1.5, largest=20)
+    assert set(itertools.islice(slow.sizes(), 50)) == set(slow.distinct_sizes())

@@ -334,6 +334,13 @@ def test_health_ready_models_and_metrics(server):
         assert name in text
     assert metric(server, "qwen3tts_requests_total", {"tenant": "bob", "status": "200"}) >= 1
     assert metric(server, "qwen3tts_audio_seconds_total", {"tenant": "bob"}) > 0
+    # the codec worker's counters arrive by polling (every 5 s)
+    deadline = time.monotonic() + 30
+    while metric(server, "qwen3tts_codec_frames_total", {}) == 0 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert metric(server, "qwen3tts_codec_frames_total", {}) > 0
+    assert 0 < metric(server, "qwen3tts_codec_decode_seconds_total", {}) < 600
+    assert metric(server, "qwen3tts_codec_chunks_total", {}) >= metric(server, "qwen3tts_codec_batches_total", {}) > 0
 
 
 def test_openapi_schema_fuzzing_finds_no_server_errors(server, tmp_path):

@@ -95,6 +95,14 @@ class ChunkSchedule:
             yield int(size)
             size = min(size * self.growth, self.largest)
 
+    def distinct_sizes(self) -> tuple[int, ...]:
+        """Every chunk length this schedule sends (the codec worker captures CUDA graphs for them)."""
+        seen: list[int] = []
+        for size in self.sizes():
+            if size in seen:
+                return tuple(sorted(seen))
+            seen.append(size)
+
 
 @dataclass
 class AudioChunk:
@@ -353,7 +361,8 @@ async def start_engine(opts: EngineOptions) -> RunningEngine:
     codec_device = opts.codec_device or device
     worker = start_codec_worker(CodecWorkerConfig(model_dir=str(opts.model), device=codec_device,
                                                   dtype="float32" if codec_device == "cpu" else dtype,
-                                                  max_streams=max(64, 2 * opts.max_num_seqs)))
+                                                  max_streams=max(64, 2 * opts.max_num_seqs),
+                                                  graph_chunk_lengths=opts.chunk_schedule.distinct_sizes()))
     try:
         kwargs = dict(
             model=str(opts.model), dtype=dtype, max_model_len=opts.max_model_len, max_num_seqs=opts.max_num_seqs,

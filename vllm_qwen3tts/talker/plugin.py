@@ -17,8 +17,10 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
+    from ..stack_sampler import start_from_env
     from .hf_config import Qwen3TTSConfig
 
+    start_from_env()  # diagnostics, off unless QWEN3TTS_STACK_SAMPLES_DIR is set
     AutoConfig.register("qwen3_tts", Qwen3TTSConfig, exist_ok=True)
     ModelRegistry.register_model(PLUGIN_ARCH, MODEL_CLASS)
     # vllm-omni registers the released name too; never take it from another plugin.

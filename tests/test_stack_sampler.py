@@ -1,0 +1,44 @@
+"""The diagnostic stack sampler: off by default, and when QWEN3TTS_STACK_SAMPLES_DIR is set, a
+process's folded stacks show where it spent its time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = """
+import time
+from vllm_qwen3tts.stack_sampler import start_from_env
+
+def spin_in_a_named_function(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(range(1000))
+
+start_from_env("probe")
+spin_in_a_named_function(6.5)
+"""
+
+
+def run_probe(env_extra: dict) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN3TTS_STACK")}
+    subprocess.run([sys.executable, "-c", SCRIPT], env={**env, **env_extra}, check=True, timeout=60)
+
+
+def test_sampler_writes_folded_stacks_of_the_busy_function(tmp_path: Path):
+    run_probe({"QWEN3TTS_STACK_SAMPLES_DIR": str(tmp_path)})
+    (folded,) = tmp_path.glob("probe-*.folded")
+    counts = {}
+    for line in folded.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        counts[stack] = int(n)
+    busy = sum(n for stack, n in counts.items() if "spin_in_a_named_function" in stack)
+    assert busy > 0.8 * sum(counts.values())
+    assert all(stack.startswith("MainThread;") for stack in counts)
+
+
+def test_sampler_is_off_unless_asked(tmp_path: Path):
+    run_probe({"TMPDIR": str(tmp_path)})
+    assert not list(tmp_path.rglob("*.folded"))
