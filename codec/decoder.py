@@ -42,10 +42,37 @@ OFFICIAL_CHUNK_FRAMES = 300
 OFFICIAL_LEFT_CONTEXT_FRAMES = 25
 PAD_CODE = -1
 
-# Streaming conv state travels as two sequences in forward order: the tails saved by the
-# previous chunk (consumed one per stateful conv) and the tails for the next chunk.
-TailsIn = Iterator[torch.Tensor]
-TailsOut = list[torch.Tensor]
+
+
+class ConvCarry:
+    """Streaming conv state of one `decode_chunk` call, in forward order: the tails the previous
+    chunk saved (consumed one per stateful conv) and the tails saved for the next chunk.
+
+    In a ragged batch (`lengths` given) row b holds only `lengths[b]` real frames of the chunk's
+    `frames`, the rest padding; its next tail is then cut where its real samples end, at every
+    conv's own time resolution, so padding never enters a stream's state.
+    """
+
+    def __init__(self, tails: list[torch.Tensor], frames: int, lengths: torch.Tensor | None):
+        self.tails_in: Iterator[torch.Tensor] = iter(tails)
+        self.tails_out: list[torch.Tensor] = []
+        self.frames = frames
+        self.lengths = lengths
+
+    def extend(self, x: torch.Tensor, context: int) -> torch.Tensor:
+        """x [B, C, T] (this chunk's input of a conv) -> the previous tail followed by x; the
+        last `context` real samples are kept for the next chunk."""
+        x = torch.cat([next(self.tails_in), x], dim=-1)
+        new = x.shape[-1] - context
+        if self.lengths is None:
+            self.tails_out.append(x[..., new:])
+        else:
+            # row b's tail: its last `context` samples before the padding, i.e. x[b, :, end - context : end]
+            # with end = context + lengths[b] * samples per frame at this resolution
+            start = self.lengths * (new // self.frames)
+            index = start[:, None] + torch.arange(context, device=x.device)
+            self.tails_out.append(torch.gather(x, 2, index[:, None, :].expand(-1, x.shape[1], -1)))
+        return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,10 +193,9 @@ class CausalConv1d(nn.Module):
         self.in_channels = in_channels
         self.context = (kernel_size - 1) * dilation
 
-    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
+    def forward_chunk(self, x: torch.Tensor, carry: ConvCarry) -> torch.Tensor:
         if self.context > 0:
-            x = torch.cat([next(tails_in), x], dim=-1)
-            tails_out.append(x[..., x.shape[-1] - self.context :])
+            x = carry.extend(x, self.context)
         return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
 
 
@@ -192,11 +218,10 @@ class CausalConvTranspose1d(nn.Module):
         self.in_channels = in_channels
         self.context = (kernel_size - stride) // stride  # input frames
 
-    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
+    def forward_chunk(self, x: torch.Tensor, carry: ConvCarry) -> torch.Tensor:
         new_frames = x.shape[-1]
         if self.context > 0:
-            x = torch.cat([next(tails_in), x], dim=-1)
-            tails_out.append(x[..., x.shape[-1] - self.context :])
+            x = carry.extend(x, self.context)
         y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)
         start = self.context * self.stride
         return y[..., start : start + new_frames * self.stride]
@@ -370,10 +395,11 @@ class DecoderTransformer(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, x: torch.Tensor, state: "DecoderStreamState") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: "DecoderStreamState", lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, n, latent] -> [B, n, latent] for streams that have decoded `state.positions`
         frames so far. Replaces state.keys / state.values in place by the last window-1 positions
-        (state.positions is left to the caller)."""
+        (of the first `lengths[b]` new frames of row b when given; state.positions is left to the
+        caller). Padding frames come after a row's real ones, so causality keeps them out of it."""
         n = x.shape[1]
         start_positions = state.positions
         window = self.config.sliding_window
@@ -387,11 +413,18 @@ class DecoderTransformer(nn.Module):
 
         hidden = self.input_proj(x)
         cos, sin = self.rope(query_pos, hidden.dtype)
+        if lengths is not None:  # the window ends after row b's real frames: cache positions lengths[b] + [0, past)
+            index = (lengths[:, None] + torch.arange(past, device=x.device))[:, None, :, None]
+            index = index.expand(-1, state.keys.shape[2], -1, state.keys.shape[4])
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             hidden, keys, values = layer(hidden, cos, sin, allowed, state.keys[i], state.values[i])
-            new_keys.append(keys[:, :, n:])
-            new_values.append(values[:, :, n:])
+            if lengths is None:
+                new_keys.append(keys[:, :, n:])
+                new_values.append(values[:, :, n:])
+            else:
+                new_keys.append(torch.gather(keys, 2, index))
+                new_values.append(torch.gather(values, 2, index))
         state.keys.copy_(torch.stack(new_keys))
         state.values.copy_(torch.stack(new_values))
         return self.output_proj(self.norm(hidden))
@@ -408,8 +441,8 @@ class ConvNeXtBlock(nn.Module):
         self.pointwise_out = nn.Linear(CONVNEXT_EXPANSION * channels, channels)
         self.gamma = nn.Parameter(torch.empty(channels))
 
-    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
-        h = self.depthwise_conv.forward_chunk(x, tails_in, tails_out).transpose(1, 2)
+    def forward_chunk(self, x: torch.Tensor, carry: ConvCarry) -> torch.Tensor:
+        h = self.depthwise_conv.forward_chunk(x, carry).transpose(1, 2)
         h = self.pointwise_out(F.gelu(self.pointwise_in(self.norm(h))))
         return x + (self.gamma * h).transpose(1, 2)
 
@@ -420,9 +453,9 @@ class UpsampleStage(nn.Module):
         self.upsample = CausalConvTranspose1d(channels, channels, ratio, ratio)
         self.convnext = ConvNeXtBlock(channels)
 
-    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
-        x = self.upsample.forward_chunk(x, tails_in, tails_out)
-        return self.convnext.forward_chunk(x, tails_in, tails_out)
+    def forward_chunk(self, x: torch.Tensor, carry: ConvCarry) -> torch.Tensor:
+        x = self.upsample.forward_chunk(x, carry)
+        return self.convnext.forward_chunk(x, carry)
 
 
 class ResidualUnit(nn.Module):
@@ -435,9 +468,9 @@ class ResidualUnit(nn.Module):
         self.snake_out = SnakeBeta(channels)
         self.pointwise_conv = CausalConv1d(channels, channels, 1)
 
-    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
-        h = self.dilated_conv.forward_chunk(self.snake_in(x), tails_in, tails_out)
-        h = self.pointwise_conv.forward_chunk(self.snake_out(h), tails_in, tails_out)
+    def forward_chunk(self, x: torch.Tensor, carry: ConvCarry) -> torch.Tensor:
+        h = self.dilated_conv.forward_chunk(self.snake_in(x), carry)
+        h = self.pointwise_conv.forward_chunk(self.snake_out(h), carry)
         return h + x
 
 
@@ -450,10 +483,10 @@ class VocoderBlock(nn.Module):
         self.upsample = CausalConvTranspose1d(in_channels, out_channels, 2 * rate, rate)
         self.residual_units = nn.ModuleList(ResidualUnit(out_channels, d) for d in RESIDUAL_DILATIONS)
 
-    def forward_chunk(self, x: torch.Tensor, tails_in: TailsIn, tails_out: TailsOut) -> torch.Tensor:
-        x = self.upsample.forward_chunk(self.snake(x), tails_in, tails_out)
+    def forward_chunk(self, x: torch.Tensor, carry: ConvCarry) -> torch.Tensor:
+        x = self.upsample.forward_chunk(self.snake(x), carry)
         for unit in self.residual_units:
-            x = unit.forward_chunk(x, tails_in, tails_out)
+            x = unit.forward_chunk(x, carry)
         return x
 
 
@@ -615,33 +648,38 @@ class CodecDecoder(nn.Module):
             conv_tails=[ref.new_zeros(batch_size, m.in_channels, m.context) for m in self._stateful_convs()],
         )
 
-    def decode_chunk(self, codes: torch.Tensor, state: DecoderStreamState) -> tuple[torch.Tensor, DecoderStreamState]:
+    def decode_chunk(
+        self, codes: torch.Tensor, state: DecoderStreamState, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, DecoderStreamState]:
         """Decode the next `n` frames of B streams: codes [B, n, Q] (>= 0) -> samples [B, n * 1920].
 
         `state` (B rows, each stream at its own position) is advanced in place and returned.
         The samples equal those of a single pass over each stream's whole history.
+
+        A ragged batch passes `lengths` [B] (int64, on the device): row b then holds only its
+        first `lengths[b]` frames, followed by padding; its state advances by those frames
+        alone, and only its first `lengths[b] * 1920` samples are meaningful.
         """
         if codes.dim() != 3 or codes.shape[-1] != self.config.num_quantizers:
             raise ValueError(f"codes must be [B, n, {self.config.num_quantizers}], got {tuple(codes.shape)}")
         if codes.shape[0] != state.batch_size:
             raise ValueError(f"codes hold {codes.shape[0]} streams but the state holds {state.batch_size}")
-        tails_in = iter(state.conv_tails)
-        tails_out: list[torch.Tensor] = []
+        carry = ConvCarry(state.conv_tails, codes.shape[1], lengths)
 
-        x = self.pre_conv.forward_chunk(self.codebooks(codes), tails_in, tails_out)
-        x = self.transformer(x.transpose(1, 2), state).transpose(1, 2)
+        x = self.pre_conv.forward_chunk(self.codebooks(codes), carry)
+        x = self.transformer(x.transpose(1, 2), state, lengths).transpose(1, 2)
         for stage in self.upsample_stages:
-            x = stage.forward_chunk(x, tails_in, tails_out)
-        x = self.vocoder_input_conv.forward_chunk(x, tails_in, tails_out)
+            x = stage.forward_chunk(x, carry)
+        x = self.vocoder_input_conv.forward_chunk(x, carry)
         for block in self.vocoder_blocks:
-            x = block.forward_chunk(x, tails_in, tails_out)
-        x = self.output_conv.forward_chunk(self.output_snake(x), tails_in, tails_out)
+            x = block.forward_chunk(x, carry)
+        x = self.output_conv.forward_chunk(self.output_snake(x), carry)
 
-        if len(tails_out) != len(state.conv_tails):
+        if len(carry.tails_out) != len(state.conv_tails):
             raise RuntimeError("conv state bookkeeping is out of order")
-        for tail, new in zip(state.conv_tails, tails_out):
+        for tail, new in zip(state.conv_tails, carry.tails_out):
             tail.copy_(new)
-        state.positions.add_(codes.shape[1])
+        state.positions.add_(codes.shape[1] if lengths is None else lengths)
         return x.squeeze(1).clamp(min=-1, max=1), state
 
     # -- whole utterances -------------------------------------------------------------------------

@@ -1,15 +1,17 @@
 """Decoding one chunk of each of many streams in a single call, from a pool of stream states.
 
 The codec worker keeps the decoder state of every open stream as one row of a pool. A batch
-of chunks (one per stream, of one length) is decoded by gathering those rows, decoding, and
-scattering the advanced rows back. Eagerly that is about a thousand kernel launches whatever
-the batch (24 ms per call at batch 1 on an H100: launch-bound), so on a GPU the whole
-gather-decode-scatter is captured as a CUDA graph once per shape of a fixed grid (batch size x
-chunk length) and replayed. A batch is padded up to the next captured size with a scratch row
-that no stream owns.
+of chunks (one per stream) is decoded by gathering those rows, decoding, and scattering the
+advanced rows back. Eagerly that is about a thousand kernel launches whatever the batch (24 ms
+per call at batch 1 on an H100: launch-bound), so on a GPU the whole gather-decode-scatter is
+captured as a CUDA graph once per shape of a fixed grid (batch size x chunk length) and
+replayed. A batch is padded up to the next captured size with a scratch row that no stream
+owns.
 
-A final chunk may also be padded in length, up to the next captured length: the decoder is
-causal, so trailing frames change no sample the stream keeps, only state it no longer needs.
+Chunks of different lengths share a call: each is padded to the call's length and the decoder
+advances each stream by its real frames only (`decode_chunk(..., lengths)`). Under load the
+chunks ready at one moment have many lengths (the growing schedule: 2, 4, 8, 16, 25 frames),
+so grouping by exact length made several small calls where one larger call is cheaper.
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ class DecodeGrid:
         return next((n for n in self.chunk_lengths if n >= frames), None)
 
 
+# What a decoder call costs beyond its frames, in frames: ~3 ms per call (graph replay at batch 1)
+# against ~67 us per frame at batch 64 x 25 frames (H100, bf16; benchmarks/NOTES.md). A group of
+# shorter chunks joins a longer call when padding them costs less than a call of their own.
+CALL_COST_FRAMES = 45
+
+
 class PooledDecoder:
     """The decoder, the state pool of `streams` rows (plus a scratch row) and, on a GPU, the
     captured graphs. Rows are handed out by the caller (the worker's slot table)."""
@@ -79,14 +87,34 @@ class PooledDecoder:
 
     # -- decoding ---------------------------------------------------------------------------------
 
-    def run_length(self, frames: int, final: bool) -> int:
-        """Frames the decoder runs for a chunk of `frames`: a final chunk is padded up to the
-        next length of the grid, so that it can join a batch of that length."""
-        if final and self.grid is not None:
+    def run_length(self, frames: int) -> int:
+        """Frames the decoder runs for a chunk of `frames`: the next length of the grid."""
+        if self.grid is not None:
             bucket = self.grid.length_bucket(frames)
             if bucket is not None:
                 return bucket
         return frames
+
+    def plan_calls(self, frames: list[int], max_batch: int) -> list[tuple[int, list[int]]]:
+        """Which chunks (indices into `frames`) to decode together, and at what length: grid
+        lengths from the longest down, a shorter group joining the call before it while padding
+        its chunks costs less than a call (CALL_COST_FRAMES); at most `max_batch` per call.
+        Calls holding the shortest chunks (new streams' first chunks) come first."""
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(frames):
+            groups.setdefault(self.run_length(n), []).append(i)
+        calls: list[tuple[int, list[int]]] = []
+        for length in sorted(groups, reverse=True):
+            members = groups[length]
+            if calls:
+                call_length, call = calls[-1]
+                padding = len(members) * (call_length - length)
+                if padding < CALL_COST_FRAMES and len(call) + len(members) <= max_batch:
+                    call.extend(members)
+                    continue
+            for start in range(0, len(members), max_batch):
+                calls.append((length, members[start : start + max_batch]))
+        return sorted(calls, key=lambda c: min(frames[i] for i in c[1]))
 
     def decode(self, rows: list[int], chunks: list[np.ndarray], run_length: int) -> list[np.ndarray]:
         """Decode chunk i ([frames_i, Q] int, frames_i <= run_length) of the stream in row i, all
@@ -96,21 +124,25 @@ class PooledDecoder:
         if self.grid is not None and run_length in self.grid.chunk_lengths:
             padded = self.grid.batch_bucket(batch) or batch
         codes = np.zeros((padded, run_length, self.num_quantizers), dtype=np.int64)
+        lengths = np.full(padded, run_length, dtype=np.int64)
         for i, chunk in enumerate(chunks):
             codes[i, : chunk.shape[0]] = chunk
+            lengths[i] = chunk.shape[0]
         idx = np.full(padded, self.scratch_row, dtype=np.int64)
         idx[:batch] = rows
         graph = self._graphs.get((padded, run_length))
         if graph is not None:
-            audio = graph.replay(codes, idx)
+            audio = graph.replay(codes, idx, lengths)
         else:
-            audio = self._decode_rows(torch.from_numpy(idx).to(self.device), torch.from_numpy(codes).to(self.device))
+            ragged = bool((lengths < run_length).any())
+            audio = self._decode_rows(torch.from_numpy(idx).to(self.device), torch.from_numpy(codes).to(self.device),
+                                      torch.from_numpy(lengths).to(self.device) if ragged else None)
         samples = audio[:batch].cpu().numpy()
         return [samples[i, : chunk.shape[0] * self.samples_per_frame] for i, chunk in enumerate(chunks)]
 
-    def _decode_rows(self, idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def _decode_rows(self, idx: torch.Tensor, codes: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         state = self.pool.select(idx)
-        audio, state = self.decoder.decode_chunk(codes, state)
+        audio, state = self.decoder.decode_chunk(codes, state, lengths)
         self.pool.update(idx, state)
         return audio.float()
 
@@ -143,20 +175,22 @@ class CapturedDecode:
         device = owner.device
         self.codes = torch.zeros(batch, length, owner.num_quantizers, dtype=torch.int64, device=device)
         self.idx = torch.full((batch,), owner.scratch_row, dtype=torch.int64, device=device)
+        self.lengths = torch.full((batch,), length, dtype=torch.int64, device=device)
         # Warm up on the scratch row (its state is garbage by design): lazy initialisation and
         # any torch.compile specialisation must not happen during capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                owner._decode_rows(self.idx, self.codes)
+                owner._decode_rows(self.idx, self.codes, self.lengths)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=memory_pool):
-            self.audio = owner._decode_rows(self.idx, self.codes)
+            self.audio = owner._decode_rows(self.idx, self.codes, self.lengths)
 
-    def replay(self, codes: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    def replay(self, codes: np.ndarray, idx: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         self.codes.copy_(torch.from_numpy(codes))
         self.idx.copy_(torch.from_numpy(idx))
+        self.lengths.copy_(torch.from_numpy(lengths))
         self.graph.replay()
         return self.audio

@@ -5,11 +5,12 @@ encoder used for voice cloning) so that the API server process never needs CUDA
 (spec vllm-integration §6). Clients (`CodecClient`, one or more per API-server process)
 talk to it over a zmq ROUTER socket (wire format: `protocol.py`).
 
-Streams live in a fixed pool of `max_streams` decoder-state rows. The loop drains every
-pending message, then decodes all pending chunks of equal length in one batched
-`decode_chunk` call, so requests that stream concurrently share decoder calls without any
-waiting window: whatever arrives while a batch runs forms the next batch. Each stream's
-audio equals a single whole-utterance decode of its codes (`CodecDecoder.decode_chunk`).
+Streams live in a fixed pool of `max_streams` decoder-state rows (`pooled_decoder.py`). The
+loop drains every pending message, then decodes all pending chunks in as few batched calls as
+pays (chunks of different lengths share a call, padded), so requests that stream
+concurrently share decoder calls without any waiting window: whatever arrives while a batch
+runs forms the next batch. Each stream's audio equals a single whole-utterance decode of its
+codes (`CodecDecoder.decode_chunk`).
 
 Start it from Python with `start_codec_worker(config)`, or as a shared instance with
 `python -m vllm_qwen3tts.codec.worker --model DIR --address ipc:///path/codec.sock`.
@@ -94,8 +95,9 @@ class CodecWorkerConfig:
     # activations each, eagerly; one fused kernel compiled). Compiled at start.
     compile: bool = True
     # On CUDA, capture the decoder as CUDA graphs for batches of up to `max_batch` chunks of these
-    # lengths (the server's chunk schedule: 2, 4, 8, 16, then 25 frames); batches are padded to
-    # the grid, and final chunks to the next length. Other shapes decode eagerly.
+    # lengths (the server's chunk schedule: 2, 4, 8, 16, then 25 frames); a batch is padded to
+    # the grid (chunks to the call's length, rows to the next batch size). Longer chunks decode
+    # eagerly.
     cuda_graphs: bool = True
     graph_chunk_lengths: tuple[int, ...] = (2, 4, 8, 16, 25)
 
@@ -385,16 +387,10 @@ class CodecWorker:
         return DecodeJob(message.client, request.seq, key, slot, codes, request.final)
 
     def _decode_pending(self, pending: dict[StreamKey, DecodeJob], send: SendReply) -> None:
-        # One decoder call per run length (final chunks padded up to a common one), shortest
-        # first: short chunks are the first chunks of new streams, which someone is waiting on.
-        by_length: dict[int, list[DecodeJob]] = {}
-        for job in pending.values():
-            by_length.setdefault(self.decoder_pool.run_length(job.frames, job.final), []).append(job)
+        jobs = list(pending.values())
         pending.clear()
-        for length in sorted(by_length):
-            jobs = by_length[length]
-            for start in range(0, len(jobs), self.config.max_batch):
-                self._decode_batch(jobs[start : start + self.config.max_batch], length, send)
+        for length, members in self.decoder_pool.plan_calls([job.frames for job in jobs], self.config.max_batch):
+            self._decode_batch([jobs[i] for i in members], length, send)
 
     def _decode_batch(self, jobs: list[DecodeJob], length: int, send: SendReply) -> None:
         try:

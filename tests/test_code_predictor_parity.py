@@ -85,3 +85,24 @@ def test_batch_rows_are_independent(trace):
         other = comp.code_predictor.predict(hidden, code0_embed, tables, reseeded, torch.arange(n))
     assert torch.equal(together[::7], alone)
     assert not torch.equal(together, other)
+
+
+def test_compiled_steps_sample_what_the_eager_steps_sample(trace):
+    """The GPU runs the predictor's token step and sampler through torch.compile: same codes,
+    greedy and seeded (the CPU build compiles them the same way, with its own backend)."""
+    _, comp, steps = trace
+    hidden, _, code0_embed = _inputs(comp, steps)
+    predictor = comp.code_predictor
+    eager_sample = predictor.sample
+    args = (hidden, code0_embed, comp.embeddings.residual_codec_embedding)
+    settings = [SamplingTensors.uniform(len(steps), "cpu", temperature=0.0, top_k=50, top_p=1.0),
+                SamplingTensors.uniform(len(steps), "cpu", temperature=0.9, top_k=50, top_p=0.8, seed=7)]
+    with torch.no_grad():
+        eager = [predictor.predict(*args, params, torch.arange(len(steps))) for params in settings]
+        predictor.compile_steps()
+        try:
+            compiled = [predictor.predict(*args, params, torch.arange(len(steps))) for params in settings]
+        finally:
+            predictor.token_step, predictor.sample = predictor._token_step, eager_sample
+    for e, c in zip(eager, compiled):
+        assert torch.equal(e, c)

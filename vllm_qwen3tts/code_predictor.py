@@ -59,10 +59,16 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         cache_k.index_copy_(2, positions, k)
         cache_v.index_copy_(2, positions, v)
-        # always the whole (16-entry) cache, masked: shapes never depend on the position
-        out = nn.functional.scaled_dot_product_attention(
-            q, cache_k, cache_v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads
-        )
+        # Always the whole (16-entry) cache, masked: shapes never depend on the position. The
+        # query heads sharing a KV head are stacked as extra query rows ([B, kv, group * n, D]),
+        # so the cache is read once per KV head and never expanded to every query head (that
+        # copy was most of the predictor's attention time at large batches).
+        group = self.heads // self.kv_heads
+        q = q.reshape(b, self.kv_heads, group * n, self.head_dim)
+        scores = torch.matmul(q, cache_k.transpose(-1, -2)) * self.head_dim**-0.5  # [B, kv, group * n, S]
+        scores = scores.masked_fill(~mask.repeat(group, 1), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        out = torch.matmul(probs, cache_v).view(b, self.heads, n, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
