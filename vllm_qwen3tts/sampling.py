@@ -81,16 +81,18 @@ def process_logits(logits: torch.Tensor, params: SamplingTensors) -> torch.Tenso
     temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
     scaled = logits / temp.unsqueeze(-1)
 
-    sorted_desc, _ = scaled.sort(dim=-1, descending=True)
+    # One ascending sort serves both filters: the k-th largest value is asc[vocab - k], and top-k
+    # masks a prefix of the ascending order, so the masked values stay sorted for top-p.
+    asc, asc_idx = scaled.sort(dim=-1, descending=False)
     k = params.top_k.clamp(min=0)
     k = torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k)
-    kth = sorted_desc.gather(-1, (k - 1).unsqueeze(-1))
+    kth = asc.gather(-1, (vocab - k).unsqueeze(-1))
     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    asc = asc.masked_fill(asc < kth, float("-inf"))
 
     use_top_p = (params.top_p < 1.0) & ~greedy
     # HF semantics on the ascending sort: remove the prefix with cumulative prob <= 1 - top_p,
     # always keeping the largest entry. Computed for all rows, applied where top_p < 1.
-    asc, asc_idx = scaled.sort(dim=-1, descending=False)
     cum = asc.softmax(dim=-1).cumsum(dim=-1)
     remove = cum <= (1.0 - params.top_p).unsqueeze(-1)
     remove[..., -1] = False
