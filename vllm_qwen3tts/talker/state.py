@@ -104,12 +104,11 @@ class TalkerState:
         r = req.recipe
         n = len(r)
         refs = r.ref_codes or []
-        dev = self.device
 
         def put(buf: torch.Tensor, values: list, fill: int) -> None:
             buf[slot].fill_(fill)
             if values:
-                buf[slot, : len(values)] = torch.tensor(values, dtype=buf.dtype, device=dev)
+                buf[slot, : len(values)] = self._upload(values, buf.dtype)
 
         put(self.prompt_text, r.text_ids, NO_TEXT)
         put(self.prompt_codec, r.codec_ids, NO_CODEC)
@@ -118,9 +117,9 @@ class TalkerState:
         self.trailing_len[slot] = len(r.trailing_text_ids)
         self.pad_text[slot] = r.pad_text_id
         if r.xvector is not None:
-            self.xvector[slot] = torch.tensor(r.xvector, dtype=self.xvector.dtype, device=dev)
+            self.xvector[slot] = self._upload(r.xvector, self.xvector.dtype)
         if refs:
-            self.ref_codes[slot, : len(refs)] = torch.tensor(refs, dtype=torch.int32, device=dev)
+            self.ref_codes[slot, : len(refs)] = self._upload(refs, torch.int32)
         sub = req.subtalker
         self.sub_temperature[slot] = sub.temperature
         self.sub_top_k[slot] = sub.top_k
@@ -135,6 +134,15 @@ class TalkerState:
                 raise PromptError(f"resumed with {generated} generated frames but their codes were not kept")
             self.history[slot] = parked
             logger.info("request %s resumed: re-prefilling %d generated frames", req_id, generated)
+
+    def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A host list as a device tensor without waiting for the GPU. A copy from pageable
+        memory returns only once the stream has run everything queued before it, so new
+        requests made vLLM's CPU work (scheduling the next step) wait for the running step."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _validate(self, req: TalkerRequest, prompt_len: int) -> None:
         """Everything the buffers and embedding tables assume, checked before any write."""
