@@ -247,7 +247,10 @@ class LoadRunner:
             if a.warmup_frames:
                 # one-time costs of new batch shapes stay out of the measurement, for every system alike
                 n = int(value) if kind == "concurrency" else max(1, min(16, int(value)))
-                await self.closed_loop(n, 1, a.warmup_frames)
+                # vllm-omni's forced length is server-wide (min_tokens): a shorter request would
+                # ask for max_tokens < min_tokens, which it never answers
+                warmup_frames = a.frames if (a.system == "omni" and a.frames) else a.warmup_frames
+                await self.closed_loop(n, 1, warmup_frames)
             if kind == "concurrency":
                 results, wall = await self.closed_loop(int(value), a.rounds, a.frames)
             else:

@@ -50,10 +50,10 @@ measure)
   fi
   # shellcheck disable=SC2086
   python3 benchmarks/http_load.py --url http://127.0.0.1:$ours_port --label "ours (vllm-qwen3tts)" --frames $frames \
-    $levels --out "$out/ours.json" 2>&1 | tail -12
+    --timeout 120 $levels --out "$out/ours.json" 2>&1 | tail -12
   # shellcheck disable=SC2086
   python3 benchmarks/http_load.py --url http://127.0.0.1:$omni_port --system omni --label "vllm-omni 0.26.0" \
-    --frames $frames --extra-body '{"task_type":"CustomVoice","language":"Auto"}' $levels --out "$out/omni.json" \
+    --frames $frames --extra-body '{"task_type":"CustomVoice","language":"Auto"}' --timeout 120 $levels --out "$out/omni.json" \
     2>&1 | tail -12
   python3 benchmarks/http_load.py --plot-only "$out/ours.json" "$out/omni.json" --plot "$out/side_by_side.png"
   ;;
