@@ -39,25 +39,30 @@ def speech_metrics() -> SpeechMetrics:
 
 
 class CodecStatsCollector:
-    """The codec worker's counters as last polled (it is another process, and a Prometheus
-    collector cannot wait for a reply): decoder calls, chunks, frames, busy time, streams."""
+    """The codec workers' counters as last polled (they are other processes, and a Prometheus
+    collector cannot wait for a reply), labelled by worker index: decoder calls, chunks,
+    frames, busy time, open streams."""
 
     def __init__(self) -> None:
-        self.latest = None  # protocol.CodecWorkerStats
+        self.latest: list = []  # protocol.CodecWorkerStats per worker
 
     def collect(self):
-        s = self.latest
-        if s is None:
+        if not self.latest:
             return
-        for name, doc, value in (
-            ("qwen3tts_codec_decode_seconds", "Time the codec worker spent in decoder calls", s.decode_seconds),
-            ("qwen3tts_codec_batches", "Decoder calls of the codec worker", s.batches_run),
-            ("qwen3tts_codec_chunks", "Stream chunks decoded (a call decodes a batch of them)", s.chunks_decoded),
-            ("qwen3tts_codec_frames", "Frames decoded (12.5 per audio second)", s.frames_decoded),
-        ):
-            yield CounterMetricFamily(name, doc, value=value)
-        yield GaugeMetricFamily("qwen3tts_codec_active_streams", "Streams open in the codec worker",
-                                value=s.active_streams)
+        families = [
+            (CounterMetricFamily, "qwen3tts_codec_decode_seconds", "Time a codec worker spent in decoder calls",
+             "decode_seconds"),
+            (CounterMetricFamily, "qwen3tts_codec_batches", "Decoder calls of a codec worker", "batches_run"),
+            (CounterMetricFamily, "qwen3tts_codec_chunks", "Stream chunks decoded (a call decodes a batch of them)",
+             "chunks_decoded"),
+            (CounterMetricFamily, "qwen3tts_codec_frames", "Frames decoded (12.5 per audio second)", "frames_decoded"),
+            (GaugeMetricFamily, "qwen3tts_codec_active_streams", "Streams open in a codec worker", "active_streams"),
+        ]
+        for kind, name, doc, field in families:
+            family = kind(name, doc, labels=["worker"])
+            for i, stats in enumerate(self.latest):
+                family.add_metric([str(i)], getattr(stats, field))
+            yield family
 
 
 @lru_cache(maxsize=1)

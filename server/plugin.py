@@ -38,6 +38,7 @@ class SpeechEndpointPlugin:
         from vllm.platforms import current_platform
 
         from ..codec.client import CodecClient
+        from ..codec.pool import CodecPool
         from ..codec.worker import CodecWorkerConfig, start_codec_worker
         from ..engine import ChunkSchedule, TTSEngine
         from .service import ServerSettings, SpeechService
@@ -48,22 +49,49 @@ class SpeechEndpointPlugin:
         settings = ServerSettings.from_env()
         vllm_config = engine_client.vllm_config
         on_gpu = current_platform.device_type == "cuda"
-        codec_device = settings.codec_device or ("cuda" if on_gpu else "cpu")
-        worker = await asyncio.get_running_loop().run_in_executor(None, lambda: start_codec_worker(CodecWorkerConfig(
-            model_dir=str(model_dir), device=codec_device, dtype=None,
-            max_streams=max(64, 2 * vllm_config.scheduler_config.max_num_seqs),
-            graph_chunk_lengths=ChunkSchedule().distinct_sizes(),
-        )))
-        codec = CodecClient()
-        codec.connect(worker.address)
+        devices = list(settings.codec_devices) or codec_devices_for(vllm_config.parallel_config, on_gpu)
+        loop = asyncio.get_running_loop()
+
+        def start(device: str):
+            return start_codec_worker(CodecWorkerConfig(
+                model_dir=str(model_dir), device=device, dtype=None,
+                max_streams=max(64, 2 * vllm_config.scheduler_config.max_num_seqs),
+                graph_chunk_lengths=ChunkSchedule().distinct_sizes(),
+            ))
+
+        results = await asyncio.gather(*(loop.run_in_executor(None, start, d) for d in devices), return_exceptions=True)
+        workers = [w for w in results if not isinstance(w, BaseException)]
+        if len(workers) < len(results):
+            for w in workers:
+                w.stop()
+            raise next(r for r in results if isinstance(r, BaseException))
+        clients = []
+        for worker in workers:
+            client = CodecClient()
+            client.connect(worker.address)
+            clients.append(client)
+        codec = clients[0] if len(clients) == 1 else CodecPool(clients)
         engine = TTSEngine(engine_client, codec, model_dir, max_model_len=vllm_config.model_config.max_model_len)
         names = args.served_model_name or [args.model]
         served = [names] if isinstance(names, str) else list(names)
-        service = SpeechService(engine, settings, served, codec_worker=worker,
+        service = SpeechService(engine, settings, served, codec_workers=workers,
                                 llm_priority=vllm_config.scheduler_config.policy == "priority")
         state.qwen3tts = service
         # keep a reference: a bare task could be garbage-collected mid-flight
         state.qwen3tts_warmup = asyncio.create_task(service.warm_up())
         state.qwen3tts_codec_watch = asyncio.create_task(service.watch_codec())
-        logger.info("speech endpoints ready to warm up on %s (codec worker %s on %s)", model_dir, worker.pid,
-                    codec_device)
+        logger.info("speech endpoints ready to warm up on %s (codec workers %s on %s)", model_dir,
+                    [w.pid for w in workers], devices)
+
+
+def codec_devices_for(parallel_config, on_gpu: bool) -> list[str]:
+    """Where codec workers go by default: beside the talker; with data parallelism on GPUs, one
+    per local rank, on the first GPU of that rank (ranks take `tensor_parallel_size` GPUs each,
+    in order)."""
+    if not on_gpu:
+        return ["cpu"]
+    ranks = max(1, int(getattr(parallel_config, "data_parallel_size_local", 1) or 1))
+    if ranks == 1:
+        return ["cuda"]
+    tp = int(getattr(parallel_config, "tensor_parallel_size", 1) or 1)
+    return [f"cuda:{rank * tp}" for rank in range(ranks)]

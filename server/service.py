@@ -63,7 +63,9 @@ class ServerSettings:
     allow_url_ref_audio: bool = False
     max_ref_audio_bytes: int = 10 * 1024 * 1024
     ref_audio_fetch_timeout_s: float = 10.0
-    codec_device: str | None = None
+    # One codec worker per entry; empty: one on the talker's device, or with vLLM data
+    # parallelism on a GPU, one on each rank's GPU (`codec_devices_for`).
+    codec_devices: tuple[str, ...] = ()
     warmup: bool = True
     max_frames_per_segment: int | None = None  # cap on generated frames per sentence (None: the model's room)
 
@@ -81,7 +83,7 @@ class ServerSettings:
             max_input_chars=int(e("QWEN3TTS_MAX_INPUT_CHARS", cls.max_input_chars)),
             allow_url_ref_audio=e("QWEN3TTS_ALLOW_URL_REF_AUDIO", "0") == "1",
             max_ref_audio_bytes=int(e("QWEN3TTS_MAX_REF_AUDIO_BYTES", cls.max_ref_audio_bytes)),
-            codec_device=e("QWEN3TTS_CODEC_DEVICE") or None,
+            codec_devices=tuple(_env_list("QWEN3TTS_CODEC_DEVICES") or _env_list("QWEN3TTS_CODEC_DEVICE")),
             warmup=e("QWEN3TTS_WARMUP", "1") == "1",
             max_frames_per_segment=int(e("QWEN3TTS_MAX_FRAMES")) if e("QWEN3TTS_MAX_FRAMES") else None,
         )
@@ -103,12 +105,12 @@ class SpeechJob:
 
 class SpeechService:
     def __init__(self, engine: TTSEngine, settings: ServerSettings, served_model_names: list[str],
-                 codec_worker=None, llm_priority: bool = False):
+                 codec_workers: list | None = None, llm_priority: bool = False):
         self.engine = engine
         self.config = engine.config
         self.settings = settings
         self.served_model_names = served_model_names
-        self.codec_worker = codec_worker
+        self.codec_workers = list(codec_workers or [])
         self.llm_priority = llm_priority  # vLLM runs with --scheduling-policy priority
         # Limits apply per key; with no keys configured everyone is one anonymous tenant,
         # bounded only by the global queue bound.
@@ -153,12 +155,14 @@ class SpeechService:
         logged, logged_at = None, time.monotonic()
         while True:
             await asyncio.sleep(poll_s)
+            codec = self.engine.codec
             try:
-                stats = await self.engine.codec.stats(timeout_s=poll_s)
+                per_worker = [await c.stats(timeout_s=poll_s) for c in getattr(codec, "clients", [codec])]
+                stats = await codec.stats(timeout_s=poll_s)
             except Exception as e:  # noqa: BLE001 - the health check reports a dead worker
                 logger.debug("codec stats unavailable: %s", e)
                 continue
-            collector.latest = stats
+            collector.latest = per_worker
             now = time.monotonic()
             if now - logged_at < log_every_s:
                 continue
@@ -166,21 +170,23 @@ class SpeechService:
                 dt = now - logged_at
                 calls = stats.batches_run - logged.batches_run
                 chunks = stats.chunks_decoded - logged.chunks_decoded
-                logger.info("codec worker: %.1f audio-s/s, %.1f calls/s of %.1f chunks on average, busy %.0f%%, "
-                            "%d streams open", (stats.frames_decoded - logged.frames_decoded) / 12.5 / dt,
-                            calls / dt, chunks / max(calls, 1),
-                            100 * (stats.decode_seconds - logged.decode_seconds) / dt, stats.active_streams)
+                logger.info("codec worker%s: %.1f audio-s/s, %.1f calls/s of %.1f chunks on average, busy %.0f%%, "
+                            "%d streams open", "s" if len(per_worker) > 1 else "",
+                            (stats.frames_decoded - logged.frames_decoded) / 12.5 / dt, calls / dt,
+                            chunks / max(calls, 1),
+                            100 * (stats.decode_seconds - logged.decode_seconds) / dt / len(per_worker),
+                            stats.active_streams)
             logged, logged_at = stats, now
 
     def healthy(self) -> bool:
-        return self.codec_worker is None or self.codec_worker.is_alive()
+        return all(worker.is_alive() for worker in self.codec_workers)
 
     def shutdown(self) -> None:
         try:
             self.engine.codec.close()
         finally:
-            if self.codec_worker is not None:
-                self.codec_worker.stop()
+            for worker in self.codec_workers:
+                worker.stop()
 
     # ------------------------------------------------------------------ tenants
 

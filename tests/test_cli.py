@@ -50,3 +50,19 @@ def test_bad_request_is_a_clear_error_before_any_engine_starts(tmp_path):
                timeout=120)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr
+
+
+def test_serve_passes_codec_devices_to_the_server_and_refuses_unknown_ones(tiny_checkpoint):
+    from vllm_qwen3tts.cli import build_parser, serve_command
+    from vllm_qwen3tts.engine import DeviceError
+
+    def command(*flags):
+        args, rest = build_parser().parse_known_args(["serve", "--model", str(tiny_checkpoint("0.6b-custom_voice")),
+                                                      "--device", "cpu", *flags])
+        return serve_command(args, rest)
+
+    argv, env = command("--codec-device", "cpu", "--codec-device", "cpu", "--data-parallel-size", "2")
+    assert env["QWEN3TTS_CODEC_DEVICES"] == "cpu,cpu"
+    assert argv[-2:] == ["--data-parallel-size", "2"]  # vLLM's own flags pass through
+    with pytest.raises(DeviceError, match="unknown codec device 'gpu1'"):
+        command("--codec-device", "gpu1")

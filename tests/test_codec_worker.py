@@ -452,3 +452,55 @@ def test_command_line_worker_serves_until_sigterm(base_checkpoint, tmp_path):
         log = process.communicate()[1]
     assert "codec worker serving" in log and "stopped" in log
     assert not Path(address.removeprefix("ipc://")).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# several workers (one per GPU under data parallelism)
+
+
+def test_pool_spreads_streams_over_workers_and_each_stream_stays_on_its_own(worker, base_checkpoint, decoder):
+    from vllm_qwen3tts.codec.pool import CodecPool
+
+    second = start_codec_worker(CodecWorkerConfig(str(base_checkpoint), max_streams=MAX_STREAMS, num_threads=1),
+                                startup_timeout_s=60)
+    schedules = {f"s{i}": [2, 4, 8, 3 + i] for i in range(4)}
+    codes = {sid: random_codes(sum(s), seed=20 + i) for i, (sid, s) in enumerate(schedules.items())}
+
+    async def scenario(a, b):
+        pool = CodecPool([a, b])
+        before = [await a.stats(), await b.stats()]
+        for sid in schedules:
+            await pool.open_stream(sid)
+        spread = pool.open_streams
+        audio = await asyncio.gather(*(stream_through(pool, sid, codes[sid], schedules[sid]) for sid in schedules))
+        after = [await a.stats(), await b.stats()]
+        total = await pool.stats()
+        await pool.close_stream("never-opened")  # closing is idempotent
+        with pytest.raises(CodecError, match="not open"):
+            await pool.decode("s0", codes["s0"][:2])  # finished streams are forgotten
+        return spread, dict(zip(schedules, audio)), before, after, total, pool.open_streams
+
+    try:
+        spread, streamed, before, after, total, left = with_client_pair(worker.address, second.address, scenario)
+    finally:
+        second.stop()
+    assert spread == [2, 2] and left == [0, 0]
+    for sid in schedules:
+        assert max_err(streamed[sid], whole_decode(decoder, codes[sid])) <= FP32_TOL, sid
+    chunks = [after[i].chunks_decoded - before[i].chunks_decoded for i in range(2)]
+    assert chunks == [8, 8]  # two streams of four chunks on each worker
+    assert total.chunks_decoded == after[0].chunks_decoded + after[1].chunks_decoded
+
+
+def with_client_pair(address_a: str, address_b: str, scenario: Callable[..., Awaitable]):
+    async def main():
+        a, b = CodecClient(timeout_s=30), CodecClient(timeout_s=30)
+        a.connect(address_a)
+        b.connect(address_b)
+        try:
+            return await scenario(a, b)
+        finally:
+            a.close()
+            b.close()
+
+    return asyncio.run(main())

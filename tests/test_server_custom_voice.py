@@ -44,8 +44,10 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server-cv")
     # no --model: the embedded default checkpoint is generated into this cache
     env = {"VLLM_QWEN3TTS_CACHE": str(tmp / "cache")}
+    # two codec workers, as with two GPUs: streams are spread over them
     with running_server(tmp, ["--max-queued-requests", "12", "--max-frames", "40", "--max-num-seqs", "4",
-                              "--max-model-len", "512"], keys=KEYS, env=env) as (base, log):
+                              "--max-model-len", "512", "--codec-device", "cpu", "--codec-device", "cpu"],
+                        keys=KEYS, env=env) as (base, log):
         yield base
 
 
@@ -341,6 +343,17 @@ def test_health_ready_models_and_metrics(server):
     assert metric(server, "qwen3tts_codec_frames_total", {}) > 0
     assert 0 < metric(server, "qwen3tts_codec_decode_seconds_total", {}) < 600
     assert metric(server, "qwen3tts_codec_chunks_total", {}) >= metric(server, "qwen3tts_codec_batches_total", {}) > 0
+    # both codec workers decode: concurrent streams are spread over them
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(len(audio) > 0 for audio in pool.map(lambda i: speak(server, key="bob-key", input=f"Line {i}."),
+                                                          range(4)))
+    deadline = time.monotonic() + 30
+    while metric(server, "qwen3tts_codec_frames_total", {"worker": "1"}) == 0 and time.monotonic() < deadline:
+        time.sleep(1)
+    for worker in ("0", "1"):
+        assert metric(server, "qwen3tts_codec_frames_total", {"worker": worker}) > 0, worker
 
 
 def test_openapi_schema_fuzzing_finds_no_server_errors(server, tmp_path):

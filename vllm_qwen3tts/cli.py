@@ -93,7 +93,7 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> tuple[list[
     """argv and environment for vLLM's OpenAI API server with our plugins and settings."""
     import os
 
-    from .engine import resolve_device
+    from .engine import DeviceError, resolve_device
 
     model = args.model or default_checkpoint()
     from .config import load_tts_config
@@ -103,7 +103,18 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> tuple[list[
     env = dict(os.environ)
     env["VLLM_PLUGINS"] = ",".join(p for p in ("qwen3_tts", "qwen3_tts_speech",
                                                *[x for x in env.get("VLLM_PLUGINS", "").split(",") if x]) if p)
+    codec_devices = list(args.codec_device or [])
+    for d in codec_devices:
+        if d != "cpu" and not (d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise DeviceError(f"unknown codec device {d!r}; use cpu, cuda or cuda:N")
     if device.startswith("cuda:"):
+        # only that GPU is visible to every process of the server: it is cuda:0 to all of them
+        others = [d for d in codec_devices if d.startswith("cuda:") and d != device]
+        if others:
+            raise DeviceError(f"--device {device} makes only that GPU visible, so --codec-device {others[0]} "
+                              "cannot be reached; use --device cuda (vLLM takes GPU 0) to put codec workers "
+                              "on other GPUs")
+        codec_devices = ["cuda" if d == device else d for d in codec_devices]
         env["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
     if device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -116,6 +127,7 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> tuple[list[
         "QWEN3TTS_REQUESTS_PER_MINUTE_PER_KEY": str(args.requests_per_minute_per_key),
         "QWEN3TTS_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
         "QWEN3TTS_MAX_FRAMES": str(args.max_frames) if args.max_frames else "",
+        "QWEN3TTS_CODEC_DEVICES": ",".join(codec_devices),
     }
     env.update({k: v for k, v in settings.items() if v})
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -186,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible speech server (vLLM's API server with our plugins)",
                        epilog="Arguments this command does not know are passed to vLLM's server "
-                              "(e.g. --max-num-seqs 128 --gpu-memory-utilization 0.8).")
+                              "(e.g. --max-num-seqs 128 --gpu-memory-utilization 0.8 --data-parallel-size 2).")
     p.add_argument("--model", help="checkpoint directory (default: a generated tiny CustomVoice checkpoint)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
@@ -198,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests-per-minute-per-key", type=int, default=600)
     p.add_argument("--max-queued-requests", type=int, default=256, help="beyond this, new requests get 503")
     p.add_argument("--max-frames", type=int, help="cap on generated frames per sentence (runaway guard)")
+    p.add_argument("--codec-device", action="append",
+                   help="run a codec worker on this device (repeat for several; streams are spread over them). "
+                        "Default: the talker's device, or one per data-parallel rank's GPU "
+                        "(with vLLM's --data-parallel-size N); e.g. --codec-device cuda:1 puts audio decoding "
+                        "on a GPU of its own")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=4096)
