@@ -70,6 +70,15 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
         return np.concatenate(frames).astype(np.float32), stream.rate
 
 
+def assert_same_audio(a: bytes, b: bytes) -> None:
+    """Two int16 PCM renderings of the same greedy request: equal up to float rounding. (Once, on a
+    loaded CI machine, repeated greedy requests differed by 1 LSB in a few samples; another voice
+    or other codes differ by far more.)"""
+    x, y = np.frombuffer(a, dtype="<i2").astype(np.int32), np.frombuffer(b, dtype="<i2").astype(np.int32)
+    assert x.shape == y.shape and x.size > 0
+    assert np.abs(x - y).max() <= 2, f"{int((x != y).sum())} samples differ, by up to {np.abs(x - y).max()}"
+
+
 def pcm16(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767
 
@@ -120,7 +129,7 @@ def test_sse_deltas_add_up_to_the_audio_and_end_with_usage(server):
     deltas = [e for e in events if e["type"] == "speech.audio.delta"]
     assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
     audio = b"".join(base64.b64decode(e["audio"]) for e in deltas)
-    assert audio == speak(server, response_format="pcm", input=text, voice="serena")
+    assert_same_audio(audio, speak(server, response_format="pcm", input=text, voice="serena"))
     usage = events[-1]["usage"]
     assert usage["output_tokens"] == FRAMES and usage["total_tokens"] == usage["input_tokens"] + FRAMES
 
@@ -155,7 +164,7 @@ def test_websocket_text_in_pieces_audio_out_per_sentence(server):
     assert [e["text"] for e in starts] == sentences
     assert events[0]["type"] == "session.created" and events[-1]["type"] == "session.done"
     for i, text in enumerate(sentences):
-        assert audio[i] == speak(server, key="bob-key", response_format="pcm", input=text, voice="aiden")
+        assert_same_audio(audio[i], speak(server, key="bob-key", response_format="pcm", input=text, voice="aiden"))
 
 
 @pytest.mark.parametrize("speed", [0.5, 2.0])
@@ -180,8 +189,8 @@ def test_min_new_tokens_equal_to_max_forces_the_length(server):
 
 
 def test_openai_voice_names_map_to_builtin_speakers(server):
-    assert speak(server, voice="coral", response_format="pcm") == speak(server, voice="vivian", response_format="pcm")
-    assert speak(server, voice="echo", response_format="pcm") == speak(server, voice="ryan", response_format="pcm")
+    assert_same_audio(speak(server, voice="coral", response_format="pcm"), speak(server, voice="vivian", response_format="pcm"))
+    assert_same_audio(speak(server, voice="echo", response_format="pcm"), speak(server, voice="ryan", response_format="pcm"))
 
 
 @pytest.mark.parametrize("body,status,param", [
