@@ -66,3 +66,14 @@ def test_serve_passes_codec_devices_to_the_server_and_refuses_unknown_ones(tiny_
     assert argv[-2:] == ["--data-parallel-size", "2"]  # vLLM's own flags pass through
     with pytest.raises(DeviceError, match="unknown codec device 'gpu1'"):
         command("--codec-device", "gpu1")
+
+
+def test_engine_memory_share_leaves_room_for_the_codec_worker_on_its_gpu():
+    from vllm_qwen3tts.cli import CODEC_WORKER_GPU_BYTES, engine_memory_share
+
+    gib = 2**30
+    h100 = 80 * gib
+    share = engine_memory_share(h100, shares_gpu_with_codec=True)
+    assert 0.7 < share < 0.9 and (1 - share) * h100 >= CODEC_WORKER_GPU_BYTES
+    assert engine_memory_share(h100, shares_gpu_with_codec=False) == 0.9  # codec elsewhere: vLLM's default
+    assert engine_memory_share(16 * gib, shares_gpu_with_codec=True) == 0.3  # small GPU: a floor, not a crash

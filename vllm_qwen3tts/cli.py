@@ -136,9 +136,33 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> tuple[list[
             # the talker consumes embeddings, not text tokens; with no tokenizer loaded no
             # text route can ask for ids outside its 3072-entry vocabulary
             "--skip-tokenizer-init"]
-    if device == "cpu" and "--gpu-memory-utilization" not in vllm_args:
-        argv += ["--gpu-memory-utilization", "0.1"]
+    if not any(a.startswith("--gpu-memory-utilization") for a in vllm_args):
+        if device == "cpu":
+            argv += ["--gpu-memory-utilization", "0.1"]
+        else:
+            # the talker's engine and a codec worker share each GPU unless the codec has its own
+            shares_gpu = not codec_devices or any(d in ("cuda", "cuda:0") for d in codec_devices)
+            argv += ["--gpu-memory-utilization", f"{engine_memory_share(_gpu_total_bytes(), shares_gpu):.2f}"]
     return argv + vllm_args, env
+
+
+# What a codec worker holds on its GPU: the decoder, 2 x max_num_seqs stream states and the CUDA
+# graph pool (measured 9.7-11.6 GiB on an H100 at the defaults, benchmarks/NOTES.md §6), plus room.
+CODEC_WORKER_GPU_BYTES = 13 * 2**30
+GPU_HEADROOM_BYTES = 2 * 2**30  # CUDA contexts of the processes, fragmentation
+
+
+def engine_memory_share(total_bytes: int, shares_gpu_with_codec: bool) -> float:
+    """vLLM's --gpu-memory-utilization when none is given: all the GPU but what the codec
+    worker beside it needs, within [0.3, 0.9] (vLLM's own default is 0.9)."""
+    reserved = GPU_HEADROOM_BYTES + (CODEC_WORKER_GPU_BYTES if shares_gpu_with_codec else 0)
+    return round(min(0.9, max(0.3, 1 - reserved / total_bytes)), 2)
+
+
+def _gpu_total_bytes() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
 
 
 def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
