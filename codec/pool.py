@@ -1,4 +1,4 @@
-"""Several codec workers behind the one client interface the engine uses.
+"""One or several codec workers behind the one client interface the engine uses.
 
 With more than one GPU (vLLM data parallelism, or a stage split that puts audio decoding on a
 GPU of its own) the server runs one codec worker per device. `CodecPool` opens each new stream
@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 
 from .client import CodecClient, CodecError, ReferenceEncoding
-from .protocol import CodecWorkerStats
+from .protocol import CodecWorkerStats, sum_stats
 
 
 class CodecPool:
@@ -40,14 +40,10 @@ class CodecPool:
 
     async def decode(self, stream_id: str, codes: np.ndarray, final: bool = False, **kw) -> np.ndarray:
         try:
-            audio = await self._client(stream_id).decode(stream_id, codes, final, **kw)
-        except BaseException:
-            if final:
+            return await self._client(stream_id).decode(stream_id, codes, final, **kw)
+        finally:
+            if final:  # the worker frees a stream after its final chunk, decoded or not
                 self._forget(stream_id)
-            raise
-        if final:
-            self._forget(stream_id)
-        return audio
 
     async def close_stream(self, stream_id: str, **kw) -> None:
         i = self._worker_of.get(stream_id)
@@ -60,12 +56,12 @@ class CodecPool:
                                **kw) -> ReferenceEncoding:
         return await self.clients[next(self._next_encoder)].encode_reference(audio, ref_text, x_vector_only, **kw)
 
+    async def worker_stats(self, **kw) -> list[CodecWorkerStats]:
+        return [await c.stats(**kw) for c in self.clients]
+
     async def stats(self, **kw) -> CodecWorkerStats:
-        """The workers' counters summed (largest_batch: the largest of any)."""
-        parts = [await c.stats(**kw) for c in self.clients]
-        total = {f: sum(getattr(p, f) for p in parts) for f in CodecWorkerStats.__struct_fields__}
-        total["largest_batch"] = max(p.largest_batch for p in parts)
-        return CodecWorkerStats(**total)
+        """The workers' counters summed."""
+        return sum_stats(await self.worker_stats(**kw))
 
     def close(self) -> None:
         for client in self.clients:

@@ -110,6 +110,13 @@ class CodecWorkerStats(msgspec.Struct, frozen=True):
         return self.chunks_decoded / self.batches_run if self.batches_run else 0.0
 
 
+def sum_stats(parts: list[CodecWorkerStats]) -> CodecWorkerStats:
+    """Several workers' counters as one (largest_batch: the largest of any)."""
+    total = {f: sum(getattr(p, f) for p in parts) for f in CodecWorkerStats.__struct_fields__}
+    total["largest_batch"] = max(p.largest_batch for p in parts)
+    return CodecWorkerStats(**total)
+
+
 class StatsReply(msgspec.Struct, frozen=True, tag="stats"):
     seq: int
     stats: CodecWorkerStats

@@ -70,8 +70,7 @@ class SpeechEndpointPlugin:
             client = CodecClient()
             client.connect(worker.address)
             clients.append(client)
-        codec = clients[0] if len(clients) == 1 else CodecPool(clients)
-        engine = TTSEngine(engine_client, codec, model_dir, max_model_len=vllm_config.model_config.max_model_len)
+        engine = TTSEngine(engine_client, CodecPool(clients), model_dir, max_model_len=vllm_config.model_config.max_model_len)
         names = args.served_model_name or [args.model]
         served = [names] if isinstance(names, str) else list(names)
         service = SpeechService(engine, settings, served, codec_workers=workers,

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ..codec.protocol import sum_stats
 from ..engine import SAMPLE_RATE, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
 from ..prompt import PromptError
 from .metrics import codec_stats_collector, speech_metrics
@@ -155,14 +156,13 @@ class SpeechService:
         logged, logged_at = None, time.monotonic()
         while True:
             await asyncio.sleep(poll_s)
-            codec = self.engine.codec
             try:
-                per_worker = [await c.stats(timeout_s=poll_s) for c in getattr(codec, "clients", [codec])]
-                stats = await codec.stats(timeout_s=poll_s)
+                per_worker = await self.engine.codec.worker_stats(timeout_s=poll_s)  # a CodecPool
             except Exception as e:  # noqa: BLE001 - the health check reports a dead worker
                 logger.debug("codec stats unavailable: %s", e)
                 continue
             collector.latest = per_worker
+            stats = sum_stats(per_worker)
             now = time.monotonic()
             if now - logged_at < log_every_s:
                 continue

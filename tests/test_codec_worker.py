@@ -68,14 +68,16 @@ def tone_wav(seconds: float, sr: int = 24000) -> bytes:
     return buf.getvalue()
 
 
-def with_client(address: str, scenario: Callable[..., Awaitable], clients: int = 1):
-    """Run `scenario(*clients)` in a fresh event loop with connected `CodecClient`s."""
+def with_client(address: str | list[str], scenario: Callable[..., Awaitable], clients: int = 1):
+    """Run `scenario(*clients)` in a fresh event loop with connected `CodecClient`s: `clients` of
+    them to `address`, or one to each address of a list."""
+    addresses = [address] * clients if isinstance(address, str) else address
 
     async def main():
         connected = []
-        for _ in range(clients):
+        for each in addresses:
             client = CodecClient(timeout_s=30)
-            client.connect(address)
+            client.connect(each)
             connected.append(client)
         try:
             return await scenario(*connected)
@@ -481,7 +483,7 @@ def test_pool_spreads_streams_over_workers_and_each_stream_stays_on_its_own(work
         return spread, dict(zip(schedules, audio)), before, after, total, pool.open_streams
 
     try:
-        spread, streamed, before, after, total, left = with_client_pair(worker.address, second.address, scenario)
+        spread, streamed, before, after, total, left = with_client([worker.address, second.address], scenario)
     finally:
         second.stop()
     assert spread == [2, 2] and left == [0, 0]
@@ -491,16 +493,3 @@ def test_pool_spreads_streams_over_workers_and_each_stream_stays_on_its_own(work
     assert chunks == [8, 8]  # two streams of four chunks on each worker
     assert total.chunks_decoded == after[0].chunks_decoded + after[1].chunks_decoded
 
-
-def with_client_pair(address_a: str, address_b: str, scenario: Callable[..., Awaitable]):
-    async def main():
-        a, b = CodecClient(timeout_s=30), CodecClient(timeout_s=30)
-        a.connect(address_a)
-        b.connect(address_b)
-        try:
-            return await scenario(a, b)
-        finally:
-            a.close()
-            b.close()
-
-    return asyncio.run(main())
