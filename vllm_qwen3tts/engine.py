@@ -218,7 +218,9 @@ class TTSEngine:
             async for out in self.engine.generate(prompt, sp, request_id, priority=priority):
                 completion = out.outputs[0]
                 pending.extend(frames_from_output(completion, self.config.talker.codec_eos_id))
-                while len(pending) >= want and not out.finished:
+                # Chunks follow the schedule even when the last output brings many frames at once
+                # (a consumer that fell behind): the client's first audio stays small.
+                while len(pending) > want or (len(pending) == want and not out.finished):
                     chunk, pending = np.asarray(pending[:want], dtype=np.int64), pending[want:]
                     yield AudioChunk(await self.codec.decode(request_id, chunk, final=False), chunk)
                     want = next(sizes)
