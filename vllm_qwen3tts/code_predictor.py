@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import DecoderGeometry, TalkerConfig
 from .layers import RMSNorm
+from .predictor_kernels import token_attention, use_kernel
 from .sampling import SamplingTensors, sample
 from .weight_loading import load_mapped
 
@@ -34,9 +35,8 @@ class Attention(nn.Module):
     def __init__(self, g: DecoderGeometry):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = g.num_heads, g.num_kv_heads, g.head_dim
-        self.q_proj = nn.Linear(g.hidden_size, g.num_heads * g.head_dim, bias=False)
-        self.k_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=False)
-        self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=False)
+        # q, k and v in one GEMM (the checkpoint's three matrices stacked by `load_weights`)
+        self.qkv_proj = nn.Linear(g.hidden_size, (g.num_heads + 2 * g.num_kv_heads) * g.head_dim, bias=False)
         self.o_proj = nn.Linear(g.num_heads * g.head_dim, g.hidden_size, bias=False)
         self.q_norm = RMSNorm(g.head_dim, g.rms_norm_eps)
         self.k_norm = RMSNorm(g.head_dim, g.rms_norm_eps)
@@ -52,9 +52,16 @@ class Attention(nn.Module):
         mask: torch.Tensor,  # [n, S] bool: which cache entries each new token sees
     ) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, n, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, n, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv_proj(x)
+        if n == 1 and use_kernel(qkv, self.head_dim, cache_k.shape[2]):
+            out = token_attention(qkv.view(b, -1), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
+                                  positions, cache_k, cache_v, self.heads)
+            return self.o_proj(out.view(b, 1, -1))
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = self.q_norm(q.reshape(b, n, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.reshape(b, n, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.reshape(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         cache_k.index_copy_(2, positions, k)
@@ -75,12 +82,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, g: DecoderGeometry):
         super().__init__()
-        self.gate_proj = nn.Linear(g.hidden_size, g.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(g.hidden_size, g.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(g.hidden_size, 2 * g.intermediate_size, bias=False)  # gate rows, then up
         self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -195,8 +202,26 @@ class CodePredictor(nn.Module):
         The predictor's input tables (`model.codec_embedding.*`) belong to `TalkerEmbeddings`.
         """
         prefix = "talker.code_predictor."
-        mapping = {prefix + ("model." + n if n.startswith(("layers.", "norm.")) else n): n
-                   for n, _ in self.named_parameters()}
+        g = self.geometry
+        q, kv, inter = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim, g.intermediate_size
+        # the checkpoint's separate matrices -> rows of the fused ones
+        fused = {
+            "self_attn.qkv_proj.weight": {"self_attn.q_proj.weight": slice(0, q),
+                                          "self_attn.k_proj.weight": slice(q, q + kv),
+                                          "self_attn.v_proj.weight": slice(q + kv, q + 2 * kv)},
+            "mlp.gate_up_proj.weight": {"mlp.gate_proj.weight": slice(0, inter),
+                                        "mlp.up_proj.weight": slice(inter, 2 * inter)},
+        }
+        mapping: dict[str, str | tuple[str, slice]] = {}
+        for name, _ in self.named_parameters():
+            checkpoint_name = prefix + ("model." + name if name.startswith(("layers.", "norm.")) else name)
+            suffix = next((f for f in fused if name.endswith(f)), None)
+            if suffix is None:
+                mapping[checkpoint_name] = name
+                continue
+            stem = checkpoint_name[: -len(suffix)]
+            for part, rows in fused[suffix].items():
+                mapping[stem + part] = (name, rows)
         return load_mapped(self, weights, mapping)
 
 

@@ -10,15 +10,19 @@ from torch import nn
 from .config import CheckpointError
 
 
+RowTarget = tuple[str, slice]  # (parameter name, rows of it): one checkpoint tensor of a fused parameter
+
+
 def copy_tensors(
     params: Mapping[str, torch.Tensor],
     tensors: Mapping[str, torch.Tensor],
-    name_map: Mapping[str, str],
+    name_map: Mapping[str, str | RowTarget],
     *,
     what: str,
     accept_unmapped: bool | Callable[[str], bool] = True,
 ) -> set[str]:
-    """Copy `tensors[checkpoint_name]` into `params[name_map[checkpoint_name]]` for every entry.
+    """Copy `tensors[checkpoint_name]` into `params[name_map[checkpoint_name]]` for every entry
+    (into those rows of it, where the target is a `RowTarget`).
 
     Missing tensors and shape mismatches raise `CheckpointError`; so do checkpoint tensors
     the map does not name, unless `accept_unmapped` allows them (True: the file holds other
@@ -35,7 +39,8 @@ def copy_tensors(
                               f"unexpected [{abbreviate(unexpected)}]")
     with torch.no_grad():
         for checkpoint_name, name in name_map.items():
-            tensor, param = tensors[checkpoint_name], params[name]
+            tensor = tensors[checkpoint_name]
+            param = params[name[0]][name[1]] if isinstance(name, tuple) else params[name]
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"{what} weight {checkpoint_name}: checkpoint shape {tuple(tensor.shape)}, "
                                       f"expected {tuple(param.shape)}")
@@ -43,7 +48,8 @@ def copy_tensors(
     return set(name_map)
 
 
-def load_mapped(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: Mapping[str, str]) -> set[str]:
+def load_mapped(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                mapping: Mapping[str, str | RowTarget]) -> set[str]:
     """Copy the checkpoint tensors named in `mapping` into `module`'s parameters; the
     stream may hold other modules' tensors too."""
     tensors = {name: t for name, t in weights if name in mapping}
