@@ -51,6 +51,16 @@ def bench_codec(args) -> dict:
                           "capture_s": round(time.perf_counter() - t0, 1),
                           "gpu_reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)}), flush=True)
         modes["graphs"] = graphed
+    if args.cudnn_benchmark:
+        # the same graphs, captured after cuDNN has timed its algorithms for every shape
+        torch.backends.cudnn.benchmark = True
+        tuned = PooledDecoder(dec, streams, DecodeGrid(tuple(sorted(batches)), tuple(sorted(chunks))))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            tuned.capture_graphs()
+        print(json.dumps({"graphs_captured_cudnn_benchmark": len(tuned.captured_shapes),
+                          "capture_s": round(time.perf_counter() - t0, 1)}), flush=True)
+        modes["graphs_cudnn_benchmark"] = tuned
     rng = np.random.default_rng(0)
     rows = []
     for n in chunks:
@@ -203,6 +213,8 @@ def main() -> None:
     c.add_argument("--iters", type=int, default=10)
     c.add_argument("--eager", action="store_true", help="no torch.compile")
     c.add_argument("--no-graphs", action="store_true", help="eager decoder calls only")
+    c.add_argument("--cudnn-benchmark", action="store_true",
+                   help="also graphs captured with torch.backends.cudnn.benchmark on")
     t = sub.add_parser("talker")
     t.add_argument("--batches", default="1,64,128")
     t.add_argument("--frames-short", type=int, default=20)
