@@ -90,14 +90,16 @@ class TalkerState:
         poisoned instead (it emits EOS as soon as vLLM allows), so one malformed
         request cannot take the engine down."""
         self.slot_of[req_id] = slot
-        self.prompt_len[slot] = prompt_len
-        self.prefill_len[slot] = prefill_len
+        # Scalars go in with fill_ (a kernel argument): `buf[slot] = value` copies a CPU scalar
+        # tensor from pageable memory, which waits for the step running on the GPU.
+        self.prompt_len[slot].fill_(prompt_len)
+        self.prefill_len[slot].fill_(prefill_len)
         try:
             self._load(slot, req_id, TalkerRequest.from_extra_args(extra_args), prompt_len, prefill_len)
-            self.poisoned[slot] = False
+            self.poisoned[slot].fill_(False)
         except PromptError as e:
             logger.error("request %s rejected in the worker (it will end at once): %s", req_id, e)
-            self.poisoned[slot] = True
+            self.poisoned[slot].fill_(True)
 
     def _load(self, slot: int, req_id: str, req: TalkerRequest, prompt_len: int, prefill_len: int) -> None:
         self._validate(req, prompt_len)
@@ -114,17 +116,17 @@ class TalkerState:
         put(self.prompt_codec, r.codec_ids, NO_CODEC)
         put(self.prompt_ref, r.ref_frames, NO_REF)
         put(self.trailing_text, r.trailing_text_ids, 0)
-        self.trailing_len[slot] = len(r.trailing_text_ids)
-        self.pad_text[slot] = r.pad_text_id
+        self.trailing_len[slot].fill_(len(r.trailing_text_ids))
+        self.pad_text[slot].fill_(r.pad_text_id)
         if r.xvector is not None:
             self.xvector[slot] = self._upload(r.xvector, self.xvector.dtype)
         if refs:
             self.ref_codes[slot, : len(refs)] = self._upload(refs, torch.int32)
         sub = req.subtalker
-        self.sub_temperature[slot] = sub.temperature
-        self.sub_top_k[slot] = sub.top_k
-        self.sub_top_p[slot] = sub.top_p
-        self.seed[slot] = req.seed if req.seed is not None else random.getrandbits(62)
+        self.sub_temperature[slot].fill_(sub.temperature)
+        self.sub_top_k[slot].fill_(sub.top_k)
+        self.sub_top_p[slot].fill_(sub.top_p)
+        self.seed[slot].fill_(req.seed if req.seed is not None else random.getrandbits(62))
 
         generated = prefill_len - prompt_len
         if generated > 0:
