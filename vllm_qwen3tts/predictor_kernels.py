@@ -116,8 +116,10 @@ def token_attention(
     cache_k: torch.Tensor,  # [B, KV, S, D], written at `position`
     cache_v: torch.Tensor,
     heads: int,
+    num_warps: int = 4,
 ) -> torch.Tensor:
-    """Attention output of one new token per row, [B, H * D]; the new k and v go into the caches."""
+    """Attention output of one new token per row, [B, H * D]; the new k and v go into the caches.
+    (`num_warps`: the launch shape; benchmarks/predictor_attention.py times the choices.)"""
     b = qkv.shape[0]
     _, kv_heads, slots, head_dim = cache_k.shape
     out = torch.empty((b, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
@@ -125,6 +127,6 @@ def token_attention(
         qkv, q_norm, k_norm, cos, sin, position, cache_k, cache_v, out,
         qkv.stride(0), out.stride(0), eps, head_dim**-0.5,
         H=heads, KV=kv_heads, D=head_dim, S=slots, GROUP=heads // kv_heads,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out
