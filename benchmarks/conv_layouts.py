@@ -18,21 +18,11 @@ import json
 import torch
 import torch.nn.functional as F
 
+from cuda_timing import cuda_ms_per_call
+
 # (channels, time steps per codec frame) of the four vocoder blocks of the released decoder
 BLOCKS = [(768, 32), (384, 160), (192, 640), (96, 1920)]
 KERNEL, DILATION = 7, 3
-
-
-def timed(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> None:
@@ -63,14 +53,14 @@ def main() -> None:
 
         same = (ncl().float() - nhwc().squeeze(2).float()).abs().max().item()
         for layout, fn in (("conv1d [B,C,T]", ncl), ("conv2d channels-last", nhwc)):
-            ms = timed(fn, args.iters)
+            ms = cuda_ms_per_call(fn, args.iters)
             row = dict(channels=channels, steps=t, layout=layout, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1),
                        us_per_frame=round(1000 * ms / (args.streams * args.frames), 2), max_abs_diff=same)
             rows.append(row)
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:
         json.dump(dict(streams=args.streams, frames=args.frames, rows=rows), f, indent=1)
-    print(f"\n| channels | layout | ms | TFLOP/s | us per frame |\n|---|---|---|---|---|")
+    print("\n| channels | layout | ms | TFLOP/s | us per frame |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['channels']} | {r['layout']} | {r['ms']} | {r['tflops']} | {r['us_per_frame']} |")
 

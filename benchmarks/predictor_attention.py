@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
@@ -18,21 +17,11 @@ from vllm_qwen3tts.code_predictor import Attention
 from vllm_qwen3tts.config import DecoderGeometry
 from vllm_qwen3tts.predictor_kernels import token_attention
 
+from cuda_timing import cuda_ms_per_call
+
 RELEASED = dict(hidden_size=1024, intermediate_size=3072, num_layers=5, num_heads=16, num_kv_heads=8, head_dim=128,
                 rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=65536)
 SLOTS = 16
-
-
-def timed_us(fn, iters: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / iters
 
 
 def main() -> None:
@@ -56,18 +45,17 @@ def main() -> None:
         cv = torch.zeros_like(ck)
         moved = 2 * ck.numel() * ck.element_size() + qkv.numel() * qkv.element_size()
         bound_us = moved / (args.bandwidth_gbs * 1e3)
+        qkv3 = qkv.view(b, 1, -1)
         for w in [int(x) for x in args.warps.split(",")]:
-            us = timed_us(lambda: token_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin,
-                                                  position, ck, cv, g.num_heads, num_warps=w))
+            def kernel(w=w):
+                return token_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin, position,
+                                       ck, cv, g.num_heads, num_warps=w)
+
+            us = 1000 * cuda_ms_per_call(kernel, 200, warmup=10)
             rows.append(dict(batch=b, impl=f"triton num_warps={w}", us=round(us, 2), bandwidth_bound_us=round(bound_us, 2)))
             print(json.dumps(rows[-1]), flush=True)
-        x = torch.randn(b, 1, g.hidden_size, device=dev, dtype=dt)
-        attn.o_proj, o_proj = torch.nn.Identity(), attn.o_proj
-        os.environ["QWEN3TTS_PREDICTOR_KERNELS"] = "0"  # Attention's PyTorch path (eager, uncompiled)
-        us = timed_us(lambda: attn(x, cos, sin, ck, cv, position, mask))
-        del os.environ["QWEN3TTS_PREDICTOR_KERNELS"]
-        attn.o_proj = o_proj
-        rows.append(dict(batch=b, impl="pytorch eager (qkv GEMM included)", us=round(us, 2),
+        us = 1000 * cuda_ms_per_call(lambda: attn.attend(qkv3, cos, sin, ck, cv, position, mask), 200, warmup=10)
+        rows.append(dict(batch=b, impl="pytorch eager (Attention.attend)", us=round(us, 2),
                          bandwidth_bound_us=round(bound_us, 2)))
         print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as f:

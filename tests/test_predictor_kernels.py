@@ -49,11 +49,10 @@ def compare(device: str, dtype: torch.dtype, batch: int = 5) -> float:
         mask = keys.unsqueeze(0) <= position.unsqueeze(-1)
         ref_k, ref_v = cache_k.clone(), cache_v.clone()
         with torch.no_grad():
-            # the PyTorch attention without its output projection
-            ref = _torch_attention(attn, x, cos, sin, ref_k, ref_v, position, mask)
-            qkv = attn.qkv_proj(x).view(batch, -1)
-            out = token_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin, position,
-                                  cache_k, cache_v, g.num_heads)
+            qkv = attn.qkv_proj(x)
+            ref = attn.attend(qkv, cos, sin, ref_k, ref_v, position, mask).view(batch, -1)
+            out = token_attention(qkv.view(batch, -1), attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos,
+                                  sin, position, cache_k, cache_v, g.num_heads)
         for name, a, b in (("output", out, ref), ("cache_k", cache_k, ref_k), ("cache_v", cache_v, ref_v)):
             diff = (a.float() - b.float()).abs()
             excess = (diff - atol - rtol * b.float().abs()).max().item()
@@ -61,17 +60,6 @@ def compare(device: str, dtype: torch.dtype, batch: int = 5) -> float:
                 raise AssertionError(f"{name} differs by {diff.max().item()} at position {p} ({dtype})")
             worst = max(worst, diff.max().item())
     return worst
-
-
-def _torch_attention(attn, x, cos, sin, cache_k, cache_v, position, mask) -> torch.Tensor:
-    o_proj = attn.o_proj
-    attn.o_proj = torch.nn.Identity()
-    try:
-        os.environ["QWEN3TTS_PREDICTOR_KERNELS"] = "0"
-        return attn(x, cos, sin, cache_k, cache_v, position, mask).view(x.shape[0], -1)
-    finally:
-        attn.o_proj = o_proj
-        del os.environ["QWEN3TTS_PREDICTOR_KERNELS"]
 
 
 def test_kernel_matches_pytorch_attention_in_triton_interpreter():

@@ -56,7 +56,15 @@ class Attention(nn.Module):
         if n == 1 and use_kernel(qkv, self.head_dim, cache_k.shape[2]):
             out = token_attention(qkv.view(b, -1), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
                                   positions, cache_k, cache_v, self.heads)
-            return self.o_proj(out.view(b, 1, -1))
+        else:
+            out = self.attend(qkv, cos, sin, cache_k, cache_v, positions, mask)
+        return self.o_proj(out.view(b, n, -1))
+
+    def attend(self, qkv, cos, sin, cache_k, cache_v, positions, mask) -> torch.Tensor:
+        """The attention in PyTorch, from the new tokens' projections qkv [B, n, (H + 2 KV) * D] to
+        [B, n, H * D] (no output projection); their k and v go into the caches. The reference the
+        Triton kernel (`predictor_kernels.token_attention`) is checked against."""
+        b, n, _ = qkv.shape
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = self.q_norm(q.reshape(b, n, self.heads, self.head_dim)).transpose(1, 2)
@@ -76,7 +84,7 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask.repeat(group, 1), float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
         out = torch.matmul(probs, cache_v).view(b, self.heads, n, self.head_dim)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+        return out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
 
 
 class MLP(nn.Module):
