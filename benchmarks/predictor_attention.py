@@ -1,7 +1,8 @@
 """The code predictor's token-attention kernel alone on a GPU: microseconds per call by batch
 size and launch shape (`num_warps`), against the PyTorch attention it replaces, and against the
 time reading and writing its cache needs at the GPU's memory bandwidth. NOTES §9 found it at
-~28 us per call at batch 128, ~10x that bound.
+~28 us per call at batch 128, ~10x that bound. Calls are timed inside a CUDA graph, as the engine
+runs them: timed as back-to-back launches they measured the launches (30-60 us at every batch).
 
     python benchmarks/predictor_attention.py --batches 1,64,128 --warps 1,2,4,8 --out attn.json
 """
@@ -17,7 +18,7 @@ from vllm_qwen3tts.code_predictor import Attention
 from vllm_qwen3tts.config import DecoderGeometry
 from vllm_qwen3tts.predictor_kernels import token_attention
 
-from cuda_timing import cuda_ms_per_call
+from cuda_timing import cuda_graph_ms_per_call
 
 RELEASED = dict(hidden_size=1024, intermediate_size=3072, num_layers=5, num_heads=16, num_kv_heads=8, head_dim=128,
                 rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=65536)
@@ -51,10 +52,10 @@ def main() -> None:
                 return token_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin, position,
                                        ck, cv, g.num_heads, num_warps=w)
 
-            us = 1000 * cuda_ms_per_call(kernel, 200, warmup=10)
+            us = 1000 * cuda_graph_ms_per_call(kernel)
             rows.append(dict(batch=b, impl=f"triton num_warps={w}", us=round(us, 2), bandwidth_bound_us=round(bound_us, 2)))
             print(json.dumps(rows[-1]), flush=True)
-        us = 1000 * cuda_ms_per_call(lambda: attn.attend(qkv3, cos, sin, ck, cv, position, mask), 200, warmup=10)
+        us = 1000 * cuda_graph_ms_per_call(lambda: attn.attend(qkv3, cos, sin, ck, cv, position, mask))
         rows.append(dict(batch=b, impl="pytorch eager (Attention.attend)", us=round(us, 2),
                          bandwidth_bound_us=round(bound_us, 2)))
         print(json.dumps(rows[-1]), flush=True)

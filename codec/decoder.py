@@ -41,6 +41,7 @@ CONVNEXT_EXPANSION = 4
 OFFICIAL_CHUNK_FRAMES = 300
 OFFICIAL_LEFT_CONTEXT_FRAMES = 25
 PAD_CODE = -1
+TENSOR_CORE_CHANNELS = 8  # bf16 tensor-core convs want channel counts that are multiples of 8
 
 
 
@@ -197,6 +198,20 @@ class CausalConv1d(nn.Module):
         if self.context > 0:
             x = carry.extend(x, self.context)
         return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
+
+
+class MonoCausalConv1d(CausalConv1d):
+    """The vocoder's last conv, to a single channel. cuDNN has no tensor-core kernel for one
+    output channel, and its fallback kernel took ~40% of the whole decoder's GPU time
+    (benchmarks/NOTES.md §11); with the weight padded by zero output channels to
+    `TENSOR_CORE_CHANNELS` it runs on the tensor cores, and channel 0 is the answer."""
+
+    def forward_chunk(self, x: torch.Tensor, carry: ConvCarry) -> torch.Tensor:
+        x = carry.extend(x, self.context)
+        pad = TENSOR_CORE_CHANNELS - self.weight.shape[0]
+        weight = F.pad(self.weight, (0, 0, 0, 0, 0, pad))
+        bias = F.pad(self.bias, (0, pad))
+        return F.conv1d(x, weight, bias, dilation=self.dilation)[:, : self.weight.shape[0]]
 
 
 class CausalConvTranspose1d(nn.Module):
@@ -562,7 +577,8 @@ class CodecDecoder(nn.Module):
             VocoderBlock(channels[i], channels[i + 1], r) for i, r in enumerate(config.upsample_rates)
         )
         self.output_snake = SnakeBeta(channels[-1])
-        self.output_conv = CausalConv1d(channels[-1], 1, CONV_KERNEL)
+        self.output_conv = MonoCausalConv1d(channels[-1], 1, CONV_KERNEL)
+        self._compiled_decode = None  # compile_whole
 
     # -- construction and weights ---------------------------------------------------------------
 
@@ -621,6 +637,16 @@ class CodecDecoder(nn.Module):
 
     # -- streaming --------------------------------------------------------------------------------
 
+    def compile_whole(self, enabled: bool = True) -> None:
+        """torch.compile `decode_chunk` as one graph (`enabled=False`: back to eager), so the
+        elementwise work around the convolutions (SnakeBeta, the causal carries, residual adds,
+        norms, the ragged state cuts) fuses into the kernels that produce it. One compilation,
+        dynamic in the batch size and the chunk length, serves every call with at least
+        `MIN_COMPILED_SIZE` streams and frames; smaller calls run eagerly (compiling a size-1
+        specialisation took minutes). Compiles lazily, on the first such call."""
+        self.compile_activations(enabled=False)
+        self._compiled_decode = torch.compile(self._decode_chunk) if enabled else None
+
     def compile_activations(self, enabled: bool = True) -> None:
         """Fuse every SnakeBeta into one kernel with torch.compile (`enabled=False`: back to eager).
         Eagerly each is five full passes over the decoder's largest activations (up to 96
@@ -664,6 +690,16 @@ class CodecDecoder(nn.Module):
             raise ValueError(f"codes must be [B, n, {self.config.num_quantizers}], got {tuple(codes.shape)}")
         if codes.shape[0] != state.batch_size:
             raise ValueError(f"codes hold {codes.shape[0]} streams but the state holds {state.batch_size}")
+        if self._compiled_decode is not None and min(codes.shape[:2]) >= MIN_COMPILED_SIZE:
+            if lengths is None:  # one compiled graph: the ragged one serves equal lengths too
+                lengths = torch.full((codes.shape[0],), codes.shape[1], dtype=torch.int64, device=codes.device)
+            mark_batch_and_length_dynamic(codes, state, lengths)
+            return self._compiled_decode(codes, state, lengths)
+        return self._decode_chunk(codes, state, lengths)
+
+    def _decode_chunk(
+        self, codes: torch.Tensor, state: DecoderStreamState, lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, DecoderStreamState]:
         carry = ConvCarry(state.conv_tails, codes.shape[1], lengths)
 
         x = self.pre_conv.forward_chunk(self.codebooks(codes), carry)
@@ -719,6 +755,26 @@ class CodecDecoder(nn.Module):
         lengths = ((codes[..., 0] > PAD_CODE).sum(dim=1) * self.config.samples_per_frame).tolist()
         audio = self.chunked_forward(codes.clamp(min=0))
         return [a[:n].float() for a, n in zip(audio, lengths)]
+
+
+# Smallest batch size and chunk length `compile_whole`'s compilation serves (torch.compile
+# specialises sizes 0 and 1, so they would each need a compilation of their own).
+MIN_COMPILED_SIZE = 2
+
+
+def mark_batch_and_length_dynamic(codes: torch.Tensor, state: DecoderStreamState, lengths: torch.Tensor | None) -> None:
+    """Tell torch.compile which sizes vary between calls (the batch, the chunk length) so that
+    it compiles once for all of them instead of once per shape."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    mark(codes, 0)
+    mark(codes, 1)
+    mark(state.positions, 0)
+    mark(state.keys, 1)
+    mark(state.values, 1)
+    for tail in state.conv_tails:
+        mark(tail, 0)
+    if lengths is not None:
+        mark(lengths, 0)
 
 
 def pad_codes(items: list[torch.Tensor]) -> torch.Tensor:

@@ -36,9 +36,9 @@ class DecodeGrid:
     chunk_lengths: tuple[int, ...]  # ascending; the chunk sizes clients send (the server's schedule)
 
     @classmethod
-    def up_to(cls, max_batch: int, chunk_lengths: tuple[int, ...]) -> "DecodeGrid":
-        """Powers of two below `max_batch`, and `max_batch` itself."""
-        sizes = [1]
+    def up_to(cls, max_batch: int, chunk_lengths: tuple[int, ...], min_batch: int = 1) -> "DecodeGrid":
+        """Powers of two from `min_batch` below `max_batch`, and `max_batch` itself."""
+        sizes = [min(min_batch, max_batch)]
         while sizes[-1] * 2 < max_batch:
             sizes.append(sizes[-1] * 2)
         sizes = sorted(set(sizes) | {max_batch})

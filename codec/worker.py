@@ -40,7 +40,7 @@ import zmq
 
 from vllm_qwen3tts.config import load_tts_config
 
-from .decoder import CodecDecoder
+from .decoder import MIN_COMPILED_SIZE, CodecDecoder
 from .pooled_decoder import DecodeGrid, PooledDecoder
 from .protocol import (
     ENCODER,
@@ -91,8 +91,9 @@ class CodecWorkerConfig:
     # that died without closing its streams (e.g. a crashed API-server process sharing this
     # worker); no live request pauses that long between chunks. None: never.
     stream_idle_timeout_s: float | None = 600.0
-    # torch.compile the decoder's SnakeBeta activations on CUDA (five full passes over the largest
-    # activations each, eagerly; one fused kernel compiled). Compiled at start.
+    # torch.compile the decoder on CUDA, as one graph dynamic in batch and chunk length (the
+    # elementwise work around its convolutions fuses: 1.3x per frame, benchmarks/NOTES.md §11).
+    # Compiled at start (~70 s on an H100 the first time; Inductor caches it on disk).
     compile: bool = True
     # On CUDA, capture the decoder as CUDA graphs for batches of up to `max_batch` chunks of these
     # lengths (the server's chunk schedule: 2, 4, 8, 16, then 25 frames); a batch is padded to
@@ -119,22 +120,25 @@ class CodecWorkerStartError(RuntimeError):
     """The worker process exited or stalled before it could serve."""
 
 
-def compile_decoder(decoder: CodecDecoder) -> None:
-    """Fuse the decoder's activations (torch.compile), compiled now by two small decodes (batch 1
-    is its own specialisation); the decoder stays eager if compilation fails."""
+def compile_decoder(decoder: CodecDecoder) -> bool:
+    """torch.compile the decoder as a whole (`CodecDecoder.compile_whole`), compiled now by one
+    small ragged decode; the decoder stays eager if compilation fails. Returns whether it is
+    compiled."""
     t0 = time.perf_counter()
     try:
-        decoder.compile_activations()
+        decoder.compile_whole()
+        size = MIN_COMPILED_SIZE
         with torch.inference_mode():
-            for batch in (2, 1):
-                codes = torch.zeros(batch, 2, decoder.config.num_quantizers, dtype=torch.long,
-                                    device=decoder.pre_conv.weight.device)
-                decoder.decode_chunk(codes, decoder.new_stream_state(batch))
+            device = decoder.pre_conv.weight.device
+            codes = torch.zeros(size, size, decoder.config.num_quantizers, dtype=torch.long, device=device)
+            decoder.decode_chunk(codes, decoder.new_stream_state(size),
+                                 torch.full((size,), size, dtype=torch.long, device=device))
     except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
-        logger.warning("torch.compile of the codec decoder's activations failed, decoding eagerly: %s", e)
-        decoder.compile_activations(enabled=False)
-        return
-    logger.info("codec decoder activations compiled in %.1f s", time.perf_counter() - t0)
+        logger.warning("torch.compile of the codec decoder failed, decoding eagerly: %s", e)
+        decoder.compile_whole(enabled=False)
+        return False
+    logger.info("codec decoder compiled in %.1f s", time.perf_counter() - t0)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,10 +257,12 @@ class CodecWorker:
         self.num_quantizers = self.decoder.config.num_quantizers
         self.codebook_size = self.decoder.config.codebook_size
         on_gpu = self.device.type == "cuda"
-        if config.compile and on_gpu and os.environ.get("QWEN3TTS_COMPILE", "1") != "0":
-            compile_decoder(self.decoder)
+        compiled = (config.compile and on_gpu and os.environ.get("QWEN3TTS_COMPILE", "1") != "0"
+                    and compile_decoder(self.decoder))
         graphs = config.cuda_graphs and on_gpu and os.environ.get("QWEN3TTS_CODEC_GRAPHS", "1") != "0"
-        grid = DecodeGrid.up_to(config.max_batch, config.graph_chunk_lengths) if graphs else None
+        # a compiled decoder serves batches of MIN_COMPILED_SIZE and up: smaller ones are padded
+        min_batch = MIN_COMPILED_SIZE if compiled else 1
+        grid = DecodeGrid.up_to(config.max_batch, config.graph_chunk_lengths, min_batch) if graphs else None
         self.decoder_pool = PooledDecoder(self.decoder, config.max_streams, grid)
         if graphs:
             try:

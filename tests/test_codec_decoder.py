@@ -236,6 +236,31 @@ def test_streams_started_at_different_times_batch_together(decoder):
     assert pool.positions.tolist() == [lengths["b"], 0, lengths["c"], lengths["a"]]
 
 
+def test_compiled_decoder_streams_like_the_eager_one_from_a_single_compilation(checkpoint, decoder):
+    """On a GPU the codec worker runs the decoder through torch.compile as one graph, dynamic in
+    the batch size and the chunk length (`compile_whole`). Every call of 2+ streams and 2+
+    frames, ragged ones included, must reuse that one compilation and give the eager audio and
+    state; a single stream or frame runs eagerly."""
+    compiled = CodecDecoder.from_checkpoint(checkpoint)
+    compiled.compile_whole()
+    calls = [(3, 5, [5, 2, 4]), (2, 2, None), (4, 7, [7, 7, 1, 3]), (1, 3, None), (2, 1, None), (5, 4, [4, 4, 4, 2, 3])]
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for i, (batch, frames, lengths) in enumerate(calls):
+            codes = random_codes(batch * frames, seed=40 + i).view(batch, frames, 16)
+            lens = None if lengths is None else torch.tensor(lengths)
+            want, want_state = decoder.decode_chunk(codes, decoder.new_stream_state(batch), lens)
+            got, got_state = compiled.decode_chunk(codes, compiled.new_stream_state(batch), lens)
+            for row in range(batch):
+                real = (frames if lengths is None else lengths[row]) * SAMPLES_PER_FRAME
+                assert max_err(got[row, :real], want[row, :real]) <= 1e-5, (batch, frames, row)
+            assert got_state.positions.tolist() == want_state.positions.tolist()
+            assert max_err(got_state.keys, want_state.keys) <= 1e-5
+            for a, b in zip(got_state.conv_tails, want_state.conv_tails, strict=True):
+                assert max_err(a, b) <= 1e-5
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
 def test_stream_state_shapes_do_not_change(decoder):
     state = decoder.new_stream_state(2)
     shapes = [t.shape for t in (state.positions, state.keys, state.values, *state.conv_tails)]
