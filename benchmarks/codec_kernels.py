@@ -8,8 +8,8 @@ does to it. Variants (comma-separated, each may end in `+convt-gemm`):
 - `activations`: SnakeBeta compiled, the rest eager (what the worker ran until now);
 - `whole`: `decode_chunk` compiled as one graph (`CodecDecoder.compile_whole`);
 - `eager`: nothing compiled;
-- `...+conv1-native`: the output conv (one channel) as a plain conv1d again, without the zero
-  output channels `MonoCausalConv1d` adds for cuDNN's tensor-core kernels;
+- `...+nhwc`: every conv and transposed conv as conv2d on channels-last (NHWC) tensors, what
+  cuDNN's tensor-core kernels take (`CodecDecoder.use_channels_last`);
 - `...+convt-gemm`: every transposed conv computed as a plain conv over its input frames (kernel
   = kernel / stride taps, stride x more output channels) and an interleave of the outputs, in
   case cuDNN's transposed-conv kernels are the slow part (an experiment, patched in here only).
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vllm_qwen3tts.codec.decoder import CausalConv1d, CausalConvTranspose1d, CodecDecoder
+from vllm_qwen3tts.codec.decoder import CausalConvTranspose1d, CodecDecoder, CodecDecoderConfig
 from vllm_qwen3tts.codec.pooled_decoder import DecodeGrid, PooledDecoder
 
 
@@ -70,8 +70,8 @@ def build(model: str, variant: str, device: str = "cuda", dtype=torch.bfloat16) 
                 if isinstance(m, CausalConvTranspose1d):
                     set_gemm_weights(m)
                     m.forward_chunk = transposed_conv_as_conv.__get__(m)
-        elif extra == "conv1-native":
-            dec.output_conv.forward_chunk = CausalConv1d.forward_chunk.__get__(dec.output_conv)
+        elif extra == "nhwc":
+            dec.use_channels_last()
         else:
             raise SystemExit(f"unknown variant suffix {extra!r}")
     if base == "activations":
@@ -128,7 +128,11 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     grid = DecodeGrid(tuple(sorted({b for b, _ in shapes})), tuple(sorted({n for _, n in shapes})))
     streams = max(grid.batch_sizes)
+    config = CodecDecoderConfig.from_model_dir(args.model)
     rng = np.random.default_rng(0)
+    # the same codes for every variant, so that their audio can be compared
+    codes_of = {(b, n): [rng.integers(0, config.codebook_size, (n, config.num_quantizers)) for _ in range(b)]
+                for b, n in shapes}
     results, reference = [], {}
     for variant in args.variants.split(","):
         graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -150,7 +154,7 @@ def main() -> None:
         print(json.dumps(summary), flush=True)
         rows = []
         for b, n in shapes:
-            codes = [rng.integers(0, dec.config.codebook_size, (n, dec.config.num_quantizers)) for _ in range(b)]
+            codes = codes_of[(b, n)]
             with torch.inference_mode():
                 for r in range(b):
                     pooled.reset(r)

@@ -41,7 +41,6 @@ CONVNEXT_EXPANSION = 4
 OFFICIAL_CHUNK_FRAMES = 300
 OFFICIAL_LEFT_CONTEXT_FRAMES = 25
 PAD_CODE = -1
-TENSOR_CORE_CHANNELS = 8  # bf16 tensor-core convs want channel counts that are multiples of 8
 
 
 
@@ -193,25 +192,28 @@ class CausalConv1d(nn.Module):
         self.groups = groups
         self.in_channels = in_channels
         self.context = (kernel_size - 1) * dilation
+        self.channels_last = False  # CodecDecoder.use_channels_last
 
     def forward_chunk(self, x: torch.Tensor, carry: ConvCarry) -> torch.Tensor:
         if self.context > 0:
             x = carry.extend(x, self.context)
+        if self.channels_last:
+            y = F.conv2d(as_channels_last_2d(x), self.weight.unsqueeze(2), self.bias,
+                         dilation=(1, self.dilation), groups=self.groups)
+            return y.squeeze(2)
         return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
 
 
-class MonoCausalConv1d(CausalConv1d):
-    """The vocoder's last conv, to a single channel. cuDNN has no tensor-core kernel for one
-    output channel, and its fallback kernel took ~40% of the whole decoder's GPU time
-    (benchmarks/NOTES.md §11); with the weight padded by zero output channels to
-    `TENSOR_CORE_CHANNELS` it runs on the tensor cores, and channel 0 is the answer."""
+def as_channels_last_2d(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, T] -> [B, C, 1, T] stored channels-last ([B, T, C] in memory): no copy when x
+    already is (a channels-last conv's output, squeezed)."""
+    return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
 
-    def forward_chunk(self, x: torch.Tensor, carry: ConvCarry) -> torch.Tensor:
-        x = carry.extend(x, self.context)
-        pad = TENSOR_CORE_CHANNELS - self.weight.shape[0]
-        weight = F.pad(self.weight, (0, 0, 0, 0, 0, pad))
-        bias = F.pad(self.bias, (0, pad))
-        return F.conv1d(x, weight, bias, dilation=self.dilation)[:, : self.weight.shape[0]]
+
+def store_channels_last(weight: nn.Parameter) -> None:
+    """Re-lay a conv weight [A, B, k] out as [A, k, B] in memory, same values and shape, so that
+    `weight.unsqueeze(2)` is a channels-last 4-D weight without a copy per call."""
+    weight.data = weight.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class CausalConvTranspose1d(nn.Module):
@@ -232,12 +234,17 @@ class CausalConvTranspose1d(nn.Module):
         self.stride = stride
         self.in_channels = in_channels
         self.context = (kernel_size - stride) // stride  # input frames
+        self.channels_last = False  # CodecDecoder.use_channels_last
 
     def forward_chunk(self, x: torch.Tensor, carry: ConvCarry) -> torch.Tensor:
         new_frames = x.shape[-1]
         if self.context > 0:
             x = carry.extend(x, self.context)
-        y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)
+        if self.channels_last:
+            y = F.conv_transpose2d(as_channels_last_2d(x), self.weight.unsqueeze(2), self.bias,
+                                   stride=(1, self.stride)).squeeze(2)
+        else:
+            y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)
         start = self.context * self.stride
         return y[..., start : start + new_frames * self.stride]
 
@@ -577,7 +584,7 @@ class CodecDecoder(nn.Module):
             VocoderBlock(channels[i], channels[i + 1], r) for i, r in enumerate(config.upsample_rates)
         )
         self.output_snake = SnakeBeta(channels[-1])
-        self.output_conv = MonoCausalConv1d(channels[-1], 1, CONV_KERNEL)
+        self.output_conv = CausalConv1d(channels[-1], 1, CONV_KERNEL)
         self._compiled_decode = None  # compile_whole
 
     # -- construction and weights ---------------------------------------------------------------
@@ -646,6 +653,16 @@ class CodecDecoder(nn.Module):
         specialisation took minutes). Compiles lazily, on the first such call."""
         self.compile_activations(enabled=False)
         self._compiled_decode = torch.compile(self._decode_chunk) if enabled else None
+
+    def use_channels_last(self) -> None:
+        """Run every conv and transposed conv as a 2-D one on channels-last tensors, the layout
+        cuDNN's tensor-core kernels take: in the decoder's own layout cuDNN converts each conv's
+        input and output, and at some shapes picks a kernel without tensor cores (benchmarks/NOTES.md
+        §11). The activations between convs stay channels-last. Call after loading weights."""
+        for m in self.modules():
+            if isinstance(m, (CausalConv1d, CausalConvTranspose1d)) and not m.channels_last:
+                store_channels_last(m.weight)
+                m.channels_last = True
 
     def compile_activations(self, enabled: bool = True) -> None:
         """Fuse every SnakeBeta into one kernel with torch.compile (`enabled=False`: back to eager).

@@ -99,6 +99,9 @@ class CodecWorkerConfig:
     # lengths (the server's chunk schedule: 2, 4, 8, 16, then 25 frames); a batch is padded to
     # the grid (chunks to the call's length, rows to the next batch size). Longer chunks decode
     # eagerly.
+    # On CUDA, run the decoder's convs on channels-last tensors (`CodecDecoder.use_channels_last`).
+    # QWEN3TTS_CODEC_CHANNELS_LAST=0/1 overrides.
+    channels_last: bool = False
     cuda_graphs: bool = True
     graph_chunk_lengths: tuple[int, ...] = (2, 4, 8, 16, 25)
 
@@ -257,6 +260,9 @@ class CodecWorker:
         self.num_quantizers = self.decoder.config.num_quantizers
         self.codebook_size = self.decoder.config.codebook_size
         on_gpu = self.device.type == "cuda"
+        channels_last = os.environ.get("QWEN3TTS_CODEC_CHANNELS_LAST", "1" if config.channels_last else "0") != "0"
+        if channels_last and on_gpu:
+            self.decoder.use_channels_last()
         compiled = (config.compile and on_gpu and os.environ.get("QWEN3TTS_COMPILE", "1") != "0"
                     and compile_decoder(self.decoder))
         graphs = config.cuda_graphs and on_gpu and os.environ.get("QWEN3TTS_CODEC_GRAPHS", "1") != "0"

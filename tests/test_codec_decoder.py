@@ -261,6 +261,16 @@ def test_compiled_decoder_streams_like_the_eager_one_from_a_single_compilation(c
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
 
 
+def test_channels_last_convs_stream_the_same_audio(checkpoint, codes_100, whole_100):
+    """`use_channels_last` (a GPU speed option) runs every conv as a 2-D one on channels-last
+    tensors: streaming chunk by chunk still gives the whole-utterance audio."""
+    decoder = CodecDecoder.from_checkpoint(checkpoint)
+    decoder.use_channels_last()
+    with torch.inference_mode():
+        streamed = stream(decoder, codes_100, [1, 2, 4, 8, 25, 25, 35])
+    assert max_err(streamed, whole_100) <= FP32_TOL
+
+
 def test_stream_state_shapes_do_not_change(decoder):
     state = decoder.new_stream_state(2)
     shapes = [t.shape for t in (state.positions, state.keys, state.values, *state.conv_tails)]

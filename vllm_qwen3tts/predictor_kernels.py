@@ -116,7 +116,7 @@ def token_attention(
     cache_k: torch.Tensor,  # [B, KV, S, D], written at `position`
     cache_v: torch.Tensor,
     heads: int,
-    num_warps: int = 4,
+    num_warps: int = 1,
 ) -> torch.Tensor:
     """Attention output of one new token per row, [B, H * D]; the new k and v go into the caches.
     (`num_warps`: the launch shape; benchmarks/predictor_attention.py times the choices.)"""
