@@ -10,7 +10,7 @@ import pytest
 import torch
 from oracle import load_official
 
-from vllm_qwen3tts.codec.decoder import CodecDecoder, pad_codes, read_decoder_weights
+from vllm_qwen3tts.codec.decoder import CodecDecoder, dilated_conv_by_phases, pad_codes, read_decoder_weights
 from vllm_qwen3tts.config import CheckpointError
 
 VARIANT = "0.6b-base"  # every variant ships the same speech tokenizer
@@ -259,6 +259,17 @@ def test_compiled_decoder_streams_like_the_eager_one_from_a_single_compilation(c
             for a, b in zip(got_state.conv_tails, want_state.conv_tails, strict=True):
                 assert max_err(a, b) <= 1e-5
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
+@pytest.mark.parametrize("length, dilation", [(10, 3), (31, 9), (7, 3), (1, 9), (18, 9)])
+def test_dilated_conv_by_phases_is_the_dilated_conv(length, dilation):
+    """The vocoder's dilated convs run as undilated convs over the input's interleaved phases
+    (cuDNN is slow on dilation): every output length, divisible by the dilation or not."""
+    gen = torch.Generator().manual_seed(length)
+    x = torch.randn(2, 6, length + 6 * dilation, generator=gen)
+    weight, bias = torch.randn(5, 6, 7, generator=gen), torch.randn(5, generator=gen)
+    got = dilated_conv_by_phases(lambda z: torch.nn.functional.conv1d(z, weight, bias), x, dilation, 7)
+    assert max_err(got, torch.nn.functional.conv1d(x, weight, bias, dilation=dilation)) <= 1e-5
 
 
 def test_channels_last_convs_stream_the_same_audio(checkpoint, codes_100, whole_100):
