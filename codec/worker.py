@@ -99,9 +99,10 @@ class CodecWorkerConfig:
     # lengths (the server's chunk schedule: 2, 4, 8, 16, then 25 frames); a batch is padded to
     # the grid (chunks to the call's length, rows to the next batch size). Longer chunks decode
     # eagerly.
-    # On CUDA, run the decoder's convs on channels-last tensors (`CodecDecoder.use_channels_last`).
+    # On CUDA, run the decoder's convs on channels-last tensors (`CodecDecoder.use_channels_last`):
+    # with the whole decoder compiled, 1.6x per call at 8 x 25 frames (benchmarks/NOTES.md §11).
     # QWEN3TTS_CODEC_CHANNELS_LAST=0/1 overrides.
-    channels_last: bool = False
+    channels_last: bool = True
     cuda_graphs: bool = True
     graph_chunk_lengths: tuple[int, ...] = (2, 4, 8, 16, 25)
 
