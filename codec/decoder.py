@@ -679,8 +679,8 @@ class CodecDecoder(nn.Module):
     def use_channels_last(self) -> None:
         """Run every conv and transposed conv as a 2-D one on channels-last tensors, the layout
         cuDNN's tensor-core kernels take: in the decoder's own layout cuDNN converts each conv's
-        input and output, and at some shapes picks a kernel without tensor cores (benchmarks/NOTES.md
-        §11). The activations between convs stay channels-last. Call after loading weights."""
+        input and output, and the convs ran 1.3-2.4x slower (benchmarks/NOTES.md §11). The
+        activations between convs stay channels-last. Call after loading weights."""
         for m in self.modules():
             if isinstance(m, (CausalConv1d, CausalConvTranspose1d)) and not m.channels_last:
                 store_channels_last(m.weight)

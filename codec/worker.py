@@ -95,16 +95,16 @@ class CodecWorkerConfig:
     stream_idle_timeout_s: float | None = 600.0
     # torch.compile the decoder on CUDA, as one graph dynamic in batch and chunk length (the
     # elementwise work around its convolutions fuses: 1.3x per frame, benchmarks/NOTES.md §11).
-    # Compiled at start (~70 s on an H100 the first time; Inductor caches it on disk).
+    # Compiled at start (75-200 s on an H100 the first time; ~20 s once Inductor has it on disk).
     compile: bool = True
-    # On CUDA, capture the decoder as CUDA graphs for batches of up to `max_batch` chunks of these
-    # lengths (the server's chunk schedule: 2, 4, 8, 16, then 25 frames); a batch is padded to
-    # the grid (chunks to the call's length, rows to the next batch size). Longer chunks decode
-    # eagerly.
     # On CUDA, run the decoder's convs on channels-last tensors (`CodecDecoder.use_channels_last`):
     # with the whole decoder compiled, 1.6x per call at 8 x 25 frames (benchmarks/NOTES.md §11).
     # QWEN3TTS_CODEC_CHANNELS_LAST=0/1 overrides.
     channels_last: bool = True
+    # On CUDA, capture the decoder as CUDA graphs for batches of up to `max_batch` chunks of these
+    # lengths (the server's chunk schedule: 2, 4, 8, 16, then 25 frames); a batch is padded to
+    # the grid (chunks to the call's length, rows to the next batch size). Longer chunks decode
+    # eagerly.
     cuda_graphs: bool = True
     graph_chunk_lengths: tuple[int, ...] = (2, 4, 8, 16, 25)
 
