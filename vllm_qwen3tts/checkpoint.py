@@ -548,6 +548,9 @@ def make_checkpoint(variant: str, scale: str, out: str | Path, seed: int = 0) ->
     g = geometry(variant, scale)
     out = Path(out)
     (out / "speech_tokenizer").mkdir(parents=True, exist_ok=True)
+    # First: it is the step that can fail for want of a package (the bundled tokenizer files),
+    # and a directory left without config.json is not mistaken for a checkpoint later.
+    write_text_tokenizer(out)
     cfg = model_config(variant, scale)
 
     shapes = talker_shapes(g)
@@ -568,7 +571,6 @@ def make_checkpoint(variant: str, scale: str, out: str | Path, seed: int = 0) ->
     _write_json(out / "speech_tokenizer" / "config.json", codec_cfg)
     _write_json(out / "speech_tokenizer" / "preprocessor_config.json", SPEECH_PREPROCESSOR_CONFIG)
     _write_json(out / "speech_tokenizer" / "configuration.json", {"framework": "pytorch", "task": "text-to-speech"})
-    write_text_tokenizer(out)
     return out
 
 
