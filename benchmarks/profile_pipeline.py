@@ -34,6 +34,8 @@ def bench_codec(args) -> dict:
 
     dtype = getattr(torch, args.dtype)
     dec = CodecDecoder.from_checkpoint(args.model, args.device, dtype)
+    if dec.pre_conv.weight.is_cuda:
+        dec.use_channels_last()  # as the codec worker runs it on a GPU
     if not args.eager:
         from vllm_qwen3tts.codec.worker import compile_decoder
 

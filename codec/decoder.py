@@ -28,6 +28,7 @@ from torch import nn
 
 from vllm_qwen3tts.config import CODEC_MODEL_TYPE, CheckpointError, read_json
 from vllm_qwen3tts.layers import RMSNorm
+from vllm_qwen3tts.weight_loading import WeightTarget
 
 # Constants fixed by the official implementation rather than by the config.
 CODEBOOK_USAGE_EPS = 1e-5  # clamp of cluster_usage before dividing embedding_sum by it
@@ -633,7 +634,7 @@ class CodecDecoder(nn.Module):
         is the set of checkpoint names consumed.
         """
         targets = checkpoint_name_map(self.config)
-        params = dict(self.named_parameters())
+        params = {name: p.data for name, p in self.named_parameters()}
         untargeted = set(params) - {t.param for t in targets.values()}
         if untargeted:  # a construction / mapping mismatch, not a checkpoint problem
             raise RuntimeError(f"codec decoder parameters without a checkpoint source: {sorted(untargeted)}")
@@ -647,9 +648,7 @@ class CodecDecoder(nn.Module):
             if target is None:
                 unexpected.append(name)
                 continue
-            dest = params[target.param].data
-            if target.index is not None:
-                dest = dest[target.index]
+            dest = target.of(params)
             if tuple(dest.shape) != tuple(tensor.shape):
                 raise CheckpointError(
                     f"codec decoder weight {name}: checkpoint shape {tuple(tensor.shape)}, "
@@ -823,15 +822,6 @@ def pad_codes(items: list[torch.Tensor]) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # checkpoint layout
-
-
-@dataclass(frozen=True)
-class WeightTarget:
-    """Where a checkpoint tensor goes: a parameter, optionally a slice of its first dimension
-    (for the stacked codebooks and the fused qkv / gate-up projections)."""
-
-    param: str
-    index: int | slice | None = None
 
 
 # The RVQ input projections only serve encoding (they live in the decoder's quantizer in the

@@ -23,7 +23,7 @@ from .config import DecoderGeometry, TalkerConfig
 from .layers import RMSNorm
 from .predictor_kernels import token_attention, use_kernel
 from .sampling import SamplingTensors, sample
-from .weight_loading import load_mapped
+from .weight_loading import WeightTarget, load_mapped
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -220,7 +220,7 @@ class CodePredictor(nn.Module):
             "mlp.gate_up_proj.weight": {"mlp.gate_proj.weight": slice(0, inter),
                                         "mlp.up_proj.weight": slice(inter, 2 * inter)},
         }
-        mapping: dict[str, str | tuple[str, slice]] = {}
+        mapping: dict[str, str | WeightTarget] = {}
         for name, _ in self.named_parameters():
             checkpoint_name = prefix + ("model." + name if name.startswith(("layers.", "norm.")) else name)
             suffix = next((f for f in fused if name.endswith(f)), None)
@@ -229,7 +229,7 @@ class CodePredictor(nn.Module):
                 continue
             stem = checkpoint_name[: -len(suffix)]
             for part, rows in fused[suffix].items():
-                mapping[stem + part] = (name, rows)
+                mapping[stem + part] = WeightTarget(name, rows)
         return load_mapped(self, weights, mapping)
 
 

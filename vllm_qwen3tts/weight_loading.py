@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,19 +11,29 @@ from torch import nn
 from .config import CheckpointError
 
 
-RowTarget = tuple[str, slice]  # (parameter name, rows of it): one checkpoint tensor of a fused parameter
+@dataclass(frozen=True)
+class WeightTarget:
+    """Where a checkpoint tensor goes: a parameter, or a slice of its first dimension (stacked
+    codebooks; fused qkv / gate-up projections, whose checkpoint matrices are separate)."""
+
+    param: str
+    index: int | slice | None = None
+
+    def of(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        dest = params[self.param]
+        return dest if self.index is None else dest[self.index]
 
 
 def copy_tensors(
     params: Mapping[str, torch.Tensor],
     tensors: Mapping[str, torch.Tensor],
-    name_map: Mapping[str, str | RowTarget],
+    name_map: Mapping[str, str | WeightTarget],
     *,
     what: str,
     accept_unmapped: bool | Callable[[str], bool] = True,
 ) -> set[str]:
     """Copy `tensors[checkpoint_name]` into `params[name_map[checkpoint_name]]` for every entry
-    (into those rows of it, where the target is a `RowTarget`).
+    (into that slice of it, where the target is a `WeightTarget`).
 
     Missing tensors and shape mismatches raise `CheckpointError`; so do checkpoint tensors
     the map does not name, unless `accept_unmapped` allows them (True: the file holds other
@@ -40,7 +51,7 @@ def copy_tensors(
     with torch.no_grad():
         for checkpoint_name, name in name_map.items():
             tensor = tensors[checkpoint_name]
-            param = params[name[0]][name[1]] if isinstance(name, tuple) else params[name]
+            param = name.of(params) if isinstance(name, WeightTarget) else params[name]
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"{what} weight {checkpoint_name}: checkpoint shape {tuple(tensor.shape)}, "
                                       f"expected {tuple(param.shape)}")
@@ -49,7 +60,7 @@ def copy_tensors(
 
 
 def load_mapped(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                mapping: Mapping[str, str | RowTarget]) -> set[str]:
+                mapping: Mapping[str, str | WeightTarget]) -> set[str]:
     """Copy the checkpoint tensors named in `mapping` into `module`'s parameters; the
     stream may hold other modules' tensors too."""
     tensors = {name: t for name, t in weights if name in mapping}
