@@ -2,7 +2,13 @@
 
 Two kinds of load level:
 - `--concurrency 1,64,128`: closed loop, that many clients each sending its next request as
-  soon as the last one ends (`--rounds` requests per client);
+  soon as the last one ends (`--rounds` requests per client). By default every client starts at
+  once (a burst: with forced equal lengths the clients then stay in lockstep, every round a new
+  burst). `--ramp-s S` starts them evenly over S seconds instead, as streams arrive in service;
+  the level then also reports its *steady state*: the window in which every client is active
+  (from the last client's first request to the first client's last reply), its audio-seconds
+  per second counted from the chunks that arrived inside it, and the first-audio latency of the
+  requests sent inside it;
 - `--rates 1,20`: open loop, Poisson arrivals at that many requests per second for
   `--duration` seconds, whatever the server's state.
 
@@ -33,9 +39,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+import server_metrics  # noqa: E402
+
 SAMPLE_RATE = 24_000
 BYTES_PER_SECOND = 2 * SAMPLE_RATE  # 16-bit mono PCM
 PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
+CODEC_POLL_SETTLE_S = 5.5
 
 
 def load_prompts(path: Path) -> list[str]:
@@ -84,6 +94,7 @@ class RequestResult:
     audio_s: float = 0.0
     underruns: int = 0
     stall_s: float = 0.0
+    arrivals: list[tuple[float, int]] = field(default_factory=list, repr=False)  # (s since the level began, bytes)
 
     @property
     def ok(self) -> bool:
@@ -131,6 +142,7 @@ async def one_request(client, url: str, headers: dict, body: dict, level_t0: flo
     except Exception as e:  # a broken stream counts as a failed request, the run goes on
         res.error = f"{type(e).__name__}: {e}"[:300]
     if arrivals:
+        res.arrivals = [(t - level_t0, n) for t, n in arrivals]
         res.ttfa_s = arrivals[0][0] - t0
         res.audio_s = sum(n for _, n in arrivals) / BYTES_PER_SECOND
         res.underruns, res.stall_s = play(arrivals, prebuffer_s)
@@ -160,6 +172,9 @@ class Level:
     underruns: int = 0
     stall_s_total: float = 0.0
     errors: list[str] = field(default_factory=list)
+    ramp_s: float = 0.0
+    steady: dict | None = None  # SteadyState of a ramped closed loop
+    engine: dict | None = None  # server_metrics.EngineView of the level, when the server has /metrics
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -191,6 +206,35 @@ def summarise(kind: str, value: float, results: list[RequestResult], wall_s: flo
     )
 
 
+@dataclass
+class SteadyState:
+    """A closed loop while every one of its clients is active."""
+
+    window_s: float
+    requests: int  # sent inside the window
+    audio_s_per_s: float
+    ttfa_p50_ms: float | None
+    ttfa_p95_ms: float | None
+    ttfa_p99_ms: float | None
+    underrun_requests: int
+
+
+def steady_state(results: list[RequestResult], window: tuple[float, float]) -> SteadyState | None:
+    """Audio that arrived inside `window` (seconds since the level began) per second of it, and
+    first-audio latency of the requests sent inside it; None if the window is empty."""
+    start, end = window
+    if end <= start:
+        return None
+    inside = [r for r in results if start <= r.sent_s < end]
+    ok = [r for r in inside if r.ok]
+    audio = sum(n for r in results for t, n in r.arrivals if start <= t < end) / BYTES_PER_SECOND
+    ttfa = [r.ttfa_s for r in ok]
+    ms = lambda x: None if x is None else round(1000 * x, 1)  # noqa: E731
+    return SteadyState(window_s=round(end - start, 3), requests=len(inside), audio_s_per_s=round(audio / (end - start), 2),
+                       ttfa_p50_ms=ms(percentile(ttfa, 50)), ttfa_p95_ms=ms(percentile(ttfa, 95)),
+                       ttfa_p99_ms=ms(percentile(ttfa, 99)), underrun_requests=sum(1 for r in ok if r.underruns))
+
+
 class LoadRunner:
     def __init__(self, args: argparse.Namespace):
         import httpx
@@ -211,17 +255,24 @@ class LoadRunner:
         return request_body(self.args.system, text, self.args.voice, self.args.language, frames,
                             self.args.seed * 1_000_003 + self.counter, self.args.model, self.extra)
 
-    async def closed_loop(self, concurrency: int, per_client: int, frames: int | None) -> tuple[list[RequestResult], float]:
+    async def closed_loop(self, concurrency: int, per_client: int, frames: int | None,
+                          ramp_s: float = 0.0) -> tuple[list[RequestResult], float, tuple[float, float]]:
+        """Results, wall time, and the window (seconds since the start) in which every client was active."""
         results: list[RequestResult] = []
+        first_sent: list[float] = []
+        last_done: list[float] = []
         t0 = time.perf_counter()
 
-        async def client():
+        async def client(i: int):
+            await asyncio.sleep(ramp_s * i / concurrency)
+            first_sent.append(time.perf_counter() - t0)
             for _ in range(per_client):
                 results.append(await one_request(self.client, self.url, self.headers, self.next_body(frames), t0,
                                                  self.args.prebuffer_ms / 1000))
+            last_done.append(time.perf_counter() - t0)
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        return results, time.perf_counter() - t0
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        return results, time.perf_counter() - t0, (max(first_sent), min(last_done))
 
     async def open_loop(self, rate: float, duration_s: float, frames: int | None) -> tuple[list[RequestResult], float]:
         t0 = time.perf_counter()
@@ -251,11 +302,23 @@ class LoadRunner:
                 # ask for max_tokens < min_tokens, which it never answers
                 warmup_frames = a.frames if (a.system == "omni" and a.frames) else a.warmup_frames
                 await self.closed_loop(n, 1, warmup_frames)
+            before = await server_metrics.scrape(self.client, a.url) if a.server_metrics else None
             if kind == "concurrency":
-                results, wall = await self.closed_loop(int(value), a.rounds, a.frames)
+                ramp = a.ramp_s if value > 1 else 0.0
+                results, wall, window = await self.closed_loop(int(value), a.rounds, a.frames, ramp)
             else:
                 results, wall = await self.open_loop(value, a.duration, a.frames)
             level = summarise(kind, value, results, wall)
+            if kind == "concurrency" and ramp > 0:
+                level.ramp_s = ramp
+                steady = steady_state(results, window)
+                level.steady = asdict(steady) if steady else None
+            if before is not None:
+                if any(k.startswith("qwen3tts_codec") for k in before):
+                    # the server polls its codec workers every 5 s: let the level's last calls arrive
+                    await asyncio.sleep(CODEC_POLL_SETTLE_S)
+                view = server_metrics.engine_view(before, await server_metrics.scrape(self.client, a.url), wall)
+                level.engine = asdict(view) if view else None
             levels.append(level)
             print(json.dumps(asdict(level)), flush=True)
         await self.client.aclose()
@@ -279,6 +342,12 @@ def load_label(level: dict) -> str:
     return f"c={int(v)}" if level["kind"] == "concurrency" else f"{v:g} req/s"
 
 
+ENGINE_COLUMNS = [("steps/s", "steps_per_s"), ("tokens/step", "tokens_per_step"), ("ITL ms", "itl_ms"),
+                  ("engine TTFT ms", "engine_ttft_ms"), ("queue ms", "queue_ms"), ("prefill ms", "prefill_ms"),
+                  ("server TTFA ms", "server_ttfa_ms"), ("codec busy", "codec_busy"),
+                  ("codec frames/call", "codec_frames_per_call")]
+
+
 def markdown(report: dict) -> str:
     lines = [f"**{report['label']}** — {report['url']}, {report['frames'] or 'natural'} frames per request, "
              f"{report['date']}", "",
@@ -286,6 +355,24 @@ def markdown(report: dict) -> str:
     for level in report["levels"]:
         cells = [load_label(level)] + [str(level[k]) for _, k in COLUMNS[1:]]
         lines.append("| " + " | ".join(cells) + " |")
+    ramped = [lv for lv in report["levels"] if lv.get("steady")]
+    if ramped:
+        lines += ["", "Steady state (clients started over the ramp; the window in which every client is active):", "",
+                  "| load | ramp s | window s | requests | audio-s/s | TTFA p50 ms | p95 | p99 | underrun reqs |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for lv in ramped:
+            st = lv["steady"]
+            lines.append(f"| {load_label(lv)} | {lv['ramp_s']:g} | {st['window_s']} | {st['requests']} | "
+                         f"{st['audio_s_per_s']} | {st['ttfa_p50_ms']} | {st['ttfa_p95_ms']} | {st['ttfa_p99_ms']} | "
+                         f"{st['underrun_requests']} |")
+    inside = [lv for lv in report["levels"] if lv.get("engine")]
+    if inside:
+        lines += ["", "Inside the server (its /metrics, means over the level; `benchmarks/server_metrics.py`):", "",
+                  "| load | " + " | ".join(c for c, _ in ENGINE_COLUMNS) + " |",
+                  "|" + "---|" * (len(ENGINE_COLUMNS) + 1)]
+        for level in inside:
+            lines.append("| " + " | ".join([load_label(level)] + [str(level["engine"].get(k)) for _, k in ENGINE_COLUMNS])
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -331,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--language", default=None)
     ap.add_argument("--concurrency", default=None, help="closed-loop levels, e.g. 1,64,128")
     ap.add_argument("--rounds", type=int, default=2, help="requests per client at a concurrency level")
+    ap.add_argument("--ramp-s", type=float, default=0.0,
+                    help="start a closed loop's clients evenly over this many seconds (0: all at once) and "
+                         "report its steady state; ~one request's duration keeps them out of lockstep")
     ap.add_argument("--rates", default=None, help="open-loop Poisson levels in requests/s, e.g. 1,20")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per rate level")
     ap.add_argument("--frames", type=int, default=None, help="force every request to this many frames")
@@ -339,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default=str(PROMPTS))
     ap.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-server-metrics", dest="server_metrics", action="store_false",
+                    help="do not read the server's /metrics around each level")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", default=None, help="JSON report (a .md table is written beside it)")
     ap.add_argument("--plot", default=None, help="PNG of TTFA and throughput against load")

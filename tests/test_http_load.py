@@ -83,3 +83,53 @@ def test_plot_of_two_reports_is_a_png(tmp_path):
     out = tmp_path / "cmp.png"
     assert http_load.main(["--plot-only", *map(str, paths), "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+server_metrics = sys.modules["server_metrics"]  # imported by http_load from benchmarks/
+
+METRICS_BEFORE = """# HELP vllm:iteration_tokens_total Histogram of tokens per engine_step.
+vllm:iteration_tokens_total_count{engine="0",model_name="m"} 100.0
+vllm:iteration_tokens_total_sum{engine="0",model_name="m"} 1000.0
+vllm:inter_token_latency_seconds_sum{engine="0",model_name="m"} 1.0
+vllm:inter_token_latency_seconds_count{engine="0",model_name="m"} 100.0
+qwen3tts_codec_decode_seconds_total{worker="0"} 2.0
+qwen3tts_codec_decode_seconds_total{worker="1"} 1.0
+qwen3tts_codec_batches_total{worker="0"} 10.0
+qwen3tts_codec_frames_total{worker="0"} 100.0
+"""
+METRICS_AFTER = """vllm:iteration_tokens_total_count{engine="0",model_name="m"} 300.0
+vllm:iteration_tokens_total_sum{engine="0",model_name="m"} 26600.0
+vllm:inter_token_latency_seconds_sum{engine="0",model_name="m"} 3.5
+vllm:inter_token_latency_seconds_count{engine="0",model_name="m"} 200.0
+qwen3tts_codec_decode_seconds_total{worker="0"} 3.0
+qwen3tts_codec_decode_seconds_total{worker="1"} 2.0
+qwen3tts_codec_batches_total{worker="0"} 20.0
+qwen3tts_codec_frames_total{worker="0"} 1100.0
+"""
+
+
+def test_engine_view_is_the_difference_of_two_scrapes_over_the_level():
+    before, after = server_metrics.parse(METRICS_BEFORE), server_metrics.parse(METRICS_AFTER)
+    assert before["qwen3tts_codec_decode_seconds_total"] == 3.0  # summed over workers
+    view = server_metrics.engine_view(before, after, wall_s=4.0)
+    assert view.steps_per_s == 50.0 and view.tokens_per_step == 128.0
+    assert view.itl_ms == 25.0  # 2.5 s over 100 new intervals
+    assert view.codec_busy == 0.5 and view.codec_frames_per_call == 100.0
+    assert view.engine_ttft_ms is None  # a series the server did not export stays empty
+
+
+def test_a_server_without_metrics_gets_no_engine_view():
+    assert server_metrics.engine_view(None, server_metrics.parse(METRICS_AFTER), 4.0) is None
+
+
+def test_steady_state_counts_only_what_happens_while_every_client_is_active():
+    R = http_load.RequestResult
+    # window [1, 3): the first request started during the ramp, the second inside the window,
+    # the third after the first client had finished
+    results = [R(sent_s=0.0, status=200, ttfa_s=0.2, e2e_s=2.0, audio_s=2.0, arrivals=[(0.2, SECOND), (1.5, SECOND)]),
+               R(sent_s=1.0, status=200, ttfa_s=0.4, e2e_s=2.0, audio_s=2.0, arrivals=[(1.4, SECOND), (2.9, SECOND)]),
+               R(sent_s=3.0, status=200, ttfa_s=0.1, e2e_s=1.0, audio_s=1.0, arrivals=[(3.1, SECOND)])]
+    steady = http_load.steady_state(results, (1.0, 3.0))
+    assert steady.requests == 1 and steady.ttfa_p50_ms == pytest.approx(400.0)
+    assert steady.audio_s_per_s == pytest.approx(1.5)  # 3 of the 5 seconds of audio arrived inside, over 2 s
+    assert http_load.steady_state(results, (2.0, 2.0)) is None  # no moment with every client active

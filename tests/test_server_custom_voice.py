@@ -395,14 +395,21 @@ def test_load_generator_measures_this_server(server, tmp_path):
     out = tmp_path / "load.json"
     bench = Path(__file__).parent.parent / "benchmarks" / "http_load.py"
     subprocess.run([sys.executable, str(bench), "--url", server, "--api-key", "bob-key", "--voice", "ryan",
-                    "--concurrency", "3", "--rounds", "1", "--rates", "4", "--duration", "1", "--frames", "6",
+                    "--concurrency", "3", "--rounds", "1", "--ramp-s", "0.1", "--rates", "4", "--duration", "1", "--frames", "6",
                     "--warmup-frames", "2", "--out", str(out), "--plot", str(tmp_path / "load.png")],
                    check=True, timeout=600)
     report = json.loads(out.read_text())
     closed, opened = report["levels"]
     assert (closed["kind"], closed["requests"], closed["ok"]) == ("concurrency", 3, 3)
+    assert closed["ramp_s"] == 0.1  # clients started over 0.1 s, not at once
     assert closed["audio_s"] == pytest.approx(3 * 6 / 12.5)  # forced lengths arrive whole
     assert opened["kind"] == "rate" and opened["ok"] == opened["requests"] >= 1
     assert opened["audio_s"] == pytest.approx(opened["requests"] * 6 / 12.5)
     assert 0 < closed["ttfa_p50_ms"] <= closed["ttfa_p99_ms"] and closed["audio_s_per_s"] > 0
     assert (tmp_path / "load.md").read_text().count("|") > 20 and (tmp_path / "load.png").stat().st_size > 0
+    # the server's own counters, read around each level, say where the time went
+    inside = closed["engine"]
+    assert inside["steps_per_s"] > 0 and inside["tokens_per_step"] >= 1
+    assert 0 < inside["itl_ms"] and 0 < inside["engine_ttft_ms"] <= inside["server_ttfa_ms"]
+    assert inside["codec_frames_per_call"] >= 2 and inside["codec_busy"] > 0
+    assert "Inside the server" in (tmp_path / "load.md").read_text()
