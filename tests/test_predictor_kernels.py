@@ -1,4 +1,5 @@
-"""The code predictor's fused token-attention kernel computes what its PyTorch attention computes.
+"""The code predictor's Triton kernels compute what their PyTorch versions compute: the fused
+token attention (within rounding) and the sampler (the same token ids).
 
 On the CPU the Triton kernel runs under Triton's interpreter (TRITON_INTERPRET=1 must be set
 before the kernel is defined, hence a child process); on a GPU, compiled. Run as a script, this
@@ -62,12 +63,88 @@ def compare(device: str, dtype: torch.dtype, batch: int = 5) -> float:
     return worst
 
 
-def test_kernel_matches_pytorch_attention_in_triton_interpreter():
+SAMPLER_CASES = [  # (temperature, top_k, top_p) per row group; <= 0 temperature is greedy
+    (0.0, 50, 1.0), (0.9, 50, 1.0), (1.3, 0, 1.0), (0.7, 2048, 1.0), (1.0, 1, 1.0), (0.9, 50, 0.8),
+    (1.0, 0, 0.3), (0.6, 7, 0.95), (0.0, 0, 0.5),
+]
+
+
+def sample_keeping_ties_at_the_cut(logits, params, counter) -> torch.Tensor:
+    """`sampling.sample`, except that values tied with the smallest one top-p keeps are kept too
+    (the reference cuts among them by sort order; the kernel keeps them, as top-k does)."""
+    from vllm_qwen3tts.sampling import SamplingTensors, process_logits, uniform_noise
+
+    top_k_only = process_logits(logits, SamplingTensors(params.temperature, params.top_k,
+                                                        torch.ones_like(params.top_p), params.seed))
+    processed = process_logits(logits, params)
+    cut = processed.masked_fill(processed == float("-inf"), float("inf")).amin(dim=-1, keepdim=True)
+    kept = top_k_only.masked_fill(top_k_only < cut, float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise(params.seed, counter, logits.shape[-1])))
+    return (kept + (params.temperature > 0).float().unsqueeze(-1) * gumbel).argmax(dim=-1)
+
+
+def compare_sampler(device: str, rows_per_case: int = 8, draws: int = 2) -> int:
+    """Token ids of `fused_sample` and of the PyTorch sampler over every case of SAMPLER_CASES, for
+    bf16 logits (what the predictor's heads give: many tied values) and fp32 ones; raises on any
+    difference. Returns how many draws were compared."""
+    from vllm_qwen3tts.predictor_kernels import fused_sample
+    from vllm_qwen3tts.sampling import SamplingTensors
+
+    gen = torch.Generator().manual_seed(0)
+    n = rows_per_case * len(SAMPLER_CASES)
+    col = lambda values, dt: torch.tensor(values, dtype=dt).repeat_interleave(rows_per_case).to(device)  # noqa: E731
+    params = SamplingTensors(col([c[0] for c in SAMPLER_CASES], torch.float32), col([c[1] for c in SAMPLER_CASES], torch.long),
+                             col([c[2] for c in SAMPLER_CASES], torch.float32),
+                             torch.randint(0, 2**62, (n,), generator=gen).to(device))
+    compared = 0
+    for dtype in (torch.bfloat16, torch.float32):
+        for draw in range(draws):
+            # peaked and flat rows alike: scale varies per row
+            scale = torch.rand(n, 1, generator=gen) * 6 + 0.5
+            logits = (torch.randn(n, 2048, generator=gen) * scale).to(dtype).to(device)
+            counter = torch.randint(0, 2**40, (n,), generator=gen).to(device)
+            expected = sample_keeping_ties_at_the_cut(logits, params, counter)
+            got = fused_sample(logits, params.temperature, params.top_k, params.top_p, params.seed, counter)
+            bad = (got != expected).nonzero().flatten().tolist()
+            if bad:
+                raise AssertionError(f"{len(bad)} of {n} draws differ ({dtype}, draw {draw}); first rows {bad[:5]}, "
+                                     f"cases {[SAMPLER_CASES[i // rows_per_case] for i in bad[:5]]}")
+            compared += n
+    return compared
+
+
+def run_in_interpreter(what: str) -> str:
     pytest.importorskip("triton", reason="Triton is not installed with this build of torch")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, __file__, "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, __file__, "cpu", what], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "float32 max diff" in done.stdout
+    return done.stdout
+
+
+def test_kernel_matches_pytorch_attention_in_triton_interpreter():
+    assert "float32 max diff" in run_in_interpreter("attention")
+
+
+def test_fused_sampler_draws_the_tokens_of_the_pytorch_sampler_in_triton_interpreter():
+    assert "sampler: 288 draws identical" in run_in_interpreter("sampler")
+
+
+def test_sampler_comparison_notices_a_different_draw():
+    """The comparison itself can fail: a sampler that ignores top-k differs from the reference."""
+    from vllm_qwen3tts import sampling
+
+    def no_top_k(logits, temperature, top_k, top_p, seed, counter):
+        return sampling.sample(logits, sampling.SamplingTensors(temperature, torch.zeros_like(top_k), top_p, seed), counter)
+
+    import vllm_qwen3tts.predictor_kernels as kernels
+
+    real = kernels.fused_sample
+    kernels.fused_sample = no_top_k
+    try:
+        with pytest.raises(AssertionError, match="draws differ"):
+            compare_sampler("cpu", rows_per_case=4, draws=1)
+    finally:
+        kernels.fused_sample = real
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
@@ -76,8 +153,17 @@ def test_kernel_matches_pytorch_attention_on_gpu():
     compare("cuda", torch.bfloat16, batch=64)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
+def test_fused_sampler_matches_pytorch_on_gpu():
+    compare_sampler("cuda", rows_per_case=64, draws=4)
+
+
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-    dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
-    for dt in dtypes:
-        print(f"{device} {str(dt).removeprefix('torch.')} max diff {compare(device, dt):.3g}")
+    what = sys.argv[2] if len(sys.argv) > 2 else "all"
+    if what in ("attention", "all"):
+        dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
+        for dt in dtypes:
+            print(f"{device} {str(dt).removeprefix('torch.')} max diff {compare(device, dt):.3g}")
+    if what in ("sampler", "all"):
+        print(f"{device} sampler: {compare_sampler(device)} draws identical")

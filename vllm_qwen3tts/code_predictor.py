@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import DecoderGeometry, TalkerConfig
 from .layers import RMSNorm
-from .predictor_kernels import token_attention, use_kernel
+from .predictor_kernels import fused_sample, kernels_enabled, token_attention, use_kernel
 from .sampling import SamplingTensors, sample
 from .weight_loading import WeightTarget, load_mapped
 
@@ -185,10 +185,13 @@ class CodePredictor(nn.Module):
         project = self.small_to_mtp_projection
         self.token_step(project(hidden), pos[0], cache)
         out = self.token_step(project(code0_embed), pos[1], cache)
+        # the sampler as one Triton kernel where it runs (on CUDA), else PyTorch's (compiled if
+        # `compile_steps` ran): the same draws either way
+        draw = fused_sample if kernels_enabled(hidden, "sampler") else self.sample
         codes = []
         for j in range(self.num_residual):
-            code = self.sample(self.lm_head[j](out), params.temperature, params.top_k, params.top_p, params.seed,
-                               frame_index * self.seq_len + j + 1)
+            code = draw(self.lm_head[j](out), params.temperature, params.top_k, params.top_p, params.seed,
+                        frame_index * self.seq_len + j + 1)
             codes.append(code)
             if j + 1 < self.num_residual:
                 out = self.token_step(project(residual_tables[j](code)), pos[j + 2], cache)

@@ -1,5 +1,6 @@
-"""One Triton kernel for the code predictor's token step: everything between the QKV and the
-output projections.
+"""Triton kernels for the code predictor's sub-steps: the token step's attention, and the sampler.
+
+**Attention**: everything between the QKV and the output projections.
 
 Per layer and sub-step the predictor attends one new token to a 16-entry cache. Written in
 PyTorch that is a q/k RMSNorm, RoPE, two cache writes, two tiny batched matmuls, a masked
@@ -13,7 +14,20 @@ dtype, then apply the weight; RoPE uses the cos/sin rows already cast to the act
 Intermediates stay in fp32 where PyTorch would round them to bf16 (as Inductor's fused kernels
 also do), so bf16 results differ from eager PyTorch by rounding only.
 
-`QWEN3TTS_PREDICTOR_KERNELS=0` keeps the PyTorch attention on the GPU too.
+**Sampler** (`fused_sample`): temperature, top-k, top-p and the Gumbel-max draw of
+`sampling.sample` for one row per program. In PyTorch that is a sort of the 2,048 logits,
+gathers, a scatter, a softmax, a cumsum and the hash noise: ~10 kernels and ~50 us per sub-step
+at batch 128, 15 times per talker step (benchmarks/NOTES.md §12). Here the row stays in
+registers and the k-th largest value and the top-p cut are found by bisection on the values'
+bit patterns (32 rounds of a count or a sum over the row) instead of sorting.
+Same result as `sampling.sample`: identical noise bits (the same integer hash), IEEE division by
+the temperature, top-k ties kept. Top-p keeps an entry when the probability of the entries
+above it is < top_p, which is the reference's cumulative-sum rule evaluated by a sum in another
+order: the two can disagree only on an entry whose cumulative probability is within rounding of
+1 - top_p, and on tied values at the cut (kept here, cut by sort order there).
+
+`QWEN3TTS_PREDICTOR_KERNELS=0` keeps PyTorch's attention and sampler on the GPU too;
+`=attention` or `=sampler` keeps just that one as Triton.
 """
 
 from __future__ import annotations
@@ -25,8 +39,16 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # the CPU build of vLLM may come without Triton; the PyTorch path serves there
     triton = None
+
+
+def kernels_enabled(x: torch.Tensor, kernel: str) -> bool:
+    """Whether `kernel` ("attention" or "sampler") runs as Triton for tensors like x:
+    QWEN3TTS_PREDICTOR_KERNELS is 1 (default: both), 0 (neither) or a comma list of names."""
+    chosen = os.environ.get("QWEN3TTS_PREDICTOR_KERNELS", "1").replace(" ", "")
+    return triton is not None and x.is_cuda and (chosen == "1" or kernel in chosen.split(","))
 
 
 def use_kernel(x: torch.Tensor, head_dim: int, slots: int) -> bool:
@@ -35,8 +57,7 @@ def use_kernel(x: torch.Tensor, head_dim: int, slots: int) -> bool:
     def power_of_two(n: int) -> bool:
         return n > 0 and n & (n - 1) == 0
 
-    return (triton is not None and x.is_cuda and power_of_two(head_dim) and power_of_two(slots)
-            and os.environ.get("QWEN3TTS_PREDICTOR_KERNELS", "1") != "0")
+    return kernels_enabled(x, "attention") and power_of_two(head_dim) and power_of_two(slots)
 
 
 if triton is not None:
@@ -129,4 +150,95 @@ def token_attention(
         H=heads, KV=kv_heads, D=head_dim, S=slots, GROUP=heads // kv_heads,
         num_warps=num_warps,
     )
+    return out
+
+
+# ---------------------------------------------------------------------------------- sampler
+
+if triton is not None:
+
+    @triton.jit
+    def _hash32(x):
+        """lowbias32 on uint32 (wrapping multiplies), as `sampling._hash32`."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _ordered_key(x):
+        """int32 keys that order like the float32 values (-0.0 counted as +0.0)."""
+        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+    @triton.jit
+    def _sample_kernel(
+        logits_ptr, row_stride,  # [B, V]
+        temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr, counter_ptr,  # [B] each
+        out_ptr,  # [B] int64
+        V, BLOCK: tl.constexpr, LIBDEVICE_LOG: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        valid = cols < V
+        x = tl.load(logits_ptr + row * row_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        t = tl.load(temperature_ptr + row)
+        greedy = t <= 0.0
+        x = tl.math.div_rn(x, tl.where(greedy, 1.0, t))
+        key = tl.where(valid, _ordered_key(x), -2147483647 - 1)
+
+        # top-k: the k-th largest value is the largest key K with count(key >= K) >= k
+        k = tl.load(top_k_ptr + row)
+        k = tl.where((k <= 0) | (k >= V), V, k)
+        lo = tl.full((), -2147483647 - 1, tl.int64)
+        hi = tl.full((), 2147483647, tl.int64)
+        for _ in range(32):
+            mid = lo + (hi - lo + 1) // 2
+            count = tl.sum(tl.where(valid & (key >= mid), 1, 0), axis=0)
+            lo = tl.where(count >= k, mid, lo)
+            hi = tl.where(count >= k, hi, mid - 1)
+        keep = valid & (key >= lo)
+
+        # top-p over the top-k renormalised: keep an entry while the mass above it is < top_p;
+        # the kept set is key >= K for the smallest K with mass(key > K) < top_p
+        top_p = tl.load(top_p_ptr + row)
+        if (top_p < 1.0) & (t > 0.0):
+            e = tl.where(keep, tl.exp(x - tl.max(tl.where(keep, x, float("-inf")), axis=0)), 0.0)
+            prob = e / tl.sum(e, axis=0)
+            lo = tl.full((), -2147483647 - 1, tl.int64)
+            hi = tl.full((), 2147483647, tl.int64)
+            for _ in range(32):
+                mid = lo + (hi - lo) // 2
+                above = tl.sum(tl.where(keep & (key > mid), prob, 0.0), axis=0)
+                hi = tl.where(above < top_p, mid, hi)
+                lo = tl.where(above < top_p, lo, mid + 1)
+            keep = keep & (key >= lo)
+
+        # Gumbel-max with the noise of `sampling.uniform_noise`
+        seed = tl.load(seed_ptr + row)
+        s_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+        s_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        ctr = (tl.load(counter_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+        h = _hash32(ctr ^ _hash32(s_hi ^ _hash32(s_lo)))
+        n = _hash32(_hash32(cols.to(tl.uint32) ^ h) ^ 0x9E3779B9)
+        u = ((n >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        if LIBDEVICE_LOG:  # the logf that PyTorch's CUDA log calls
+            gumbel = -libdevice.log(-libdevice.log(u))
+        else:  # Triton's interpreter has no libdevice
+            gumbel = -tl.log(-tl.log(u))
+        noisy = tl.where(keep, x, float("-inf")) + tl.where(greedy, 0.0, gumbel)
+        tl.store(out_ptr + row, tl.argmax(noisy, axis=0).to(tl.int64))
+
+
+def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 seed: torch.Tensor, counter: torch.Tensor, num_warps: int = 4) -> torch.Tensor:
+    """`sampling.sample` as one kernel: a token id per row of logits [B, V]."""
+    b, vocab = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(b, dtype=torch.int64, device=logits.device)
+    _sample_kernel[(b,)](logits, logits.stride(0), temperature, top_k, top_p, seed, counter, out, vocab,
+                         BLOCK=triton.next_power_of_2(vocab), LIBDEVICE_LOG=os.environ.get("TRITON_INTERPRET") != "1",
+                         num_warps=num_warps)
     return out

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One GPU, three servers started together and measured one after another by the same harness:
+# ours on a 0.6B checkpoint, ours on a 1.7B one, and (optionally) vllm-omni 0.26.0 on the 0.6B one.
+# Everything starts detached (setsid), so a later device call on the same warm machine measures
+# what an earlier one started; a server start costs minutes (compiles), the loads seconds.
+#
+#   benchmarks/gpu_matrix.sh start CKPT06 CKPT17 OUT_DIR     # returns once ours are ready (or time is up)
+#   benchmarks/gpu_matrix.sh measure OUT_DIR "<http_load.py level args>" [ours06 ours17 omni]
+#   benchmarks/gpu_matrix.sh stop OUT_DIR
+#
+# FRAMES (default 125) forces every request of every system to that many frames. OMNI=0 leaves
+# vllm-omni out. Memory: OURS_MEM (vLLM's share per server of ours, default 0.15; each codec worker
+# takes ~12 GiB more), OMNI_GPU_MEM0/OMNI_GPU_MEM1 (default 0.18 each). RAMP_S: clients of a closed
+# loop start over that many seconds in a second pass of the concurrency levels (default 2; 0: none).
+set -uo pipefail
+cmd=$1; shift
+frames=${FRAMES:-125}
+declare -A PORT=([ours06]=8765 [ours17]=8766 [omni]=8091)
+
+wait_for() {  # url seconds
+  for _ in $(seq 1 $(($2 / 2))); do curl -sf --max-time 2 "$1" >/dev/null && return 0; sleep 2; done
+  return 1
+}
+
+start_ours() {  # name ckpt out
+  setsid python3 -m vllm_qwen3tts.cli serve --model "$2" --port "${PORT[$1]}" --host 127.0.0.1 \
+    --max-num-seqs 128 --max-concurrency-per-key 100000 --requests-per-minute-per-key 10000000 \
+    --max-queued-requests 4096 --gpu-memory-utilization "${OURS_MEM:-0.15}" > "$3/$1_server.log" 2>&1 &
+  echo $! > "$3/$1.pid"
+}
+
+case $cmd in
+start)
+  ck06=$1; ck17=$2; out=$3; mkdir -p "$out/omni"
+  t0=$(date +%s)
+  if [ "${OMNI:-1}" = 1 ]; then
+    OMNI_FIXED_FRAMES=$frames OMNI_SMOKE=0 OMNI_READY_TIMEOUT=1500 OMNI_GPU_MEM0=${OMNI_GPU_MEM0:-0.18} \
+      OMNI_GPU_MEM1=${OMNI_GPU_MEM1:-0.18} bash benchmarks/omni/serve_omni.sh "$ck06" "${PORT[omni]}" "$out/omni" \
+      > "$out/omni/serve_omni.log" 2>&1 &
+    sleep 25  # each vLLM sizes its cache from the memory free when it profiles: one at a time
+  fi
+  start_ours ours06 "$ck06" "$out"
+  sleep 40
+  start_ours ours17 "$ck17" "$out"
+  for name in ours06 ours17; do
+    if wait_for "http://127.0.0.1:${PORT[$name]}/ready" $(( ${START_WAIT_S:-480} - ($(date +%s) - t0) )); then
+      echo "$name ready after $(( $(date +%s) - t0 )) s"
+    else
+      echo "$name not ready after $(( $(date +%s) - t0 )) s"; tail -5 "$out/${name}_server.log"
+    fi
+  done
+  ;;
+measure)
+  out=$1; levels=$2; shift 2
+  systems=("$@"); [ ${#systems[@]} = 0 ] && systems=(ours06 ours17 omni)
+  for name in "${systems[@]}"; do
+    if [ "$name" = omni ]; then
+      wait_for "http://127.0.0.1:${PORT[omni]}/health" 240 || { echo "omni not ready"; tail -5 "$out/omni/omni_server.log"; continue; }
+      dialect=(--system omni --extra-body '{"task_type":"CustomVoice","language":"Auto"}' --timeout 120)
+      label="vllm-omni 0.26.0 (0.6B)"
+    else
+      curl -sf "http://127.0.0.1:${PORT[$name]}/ready" >/dev/null || { echo "$name not ready"; continue; }
+      dialect=(--timeout 120)
+      label="ours $( [ $name = ours06 ] && echo 0.6B || echo 1.7B )"
+    fi
+    url="http://127.0.0.1:${PORT[$name]}"
+    # shellcheck disable=SC2086
+    python3 benchmarks/http_load.py --url "$url" --label "$label" --frames "$frames" "${dialect[@]}" $levels \
+      --out "$out/$name.json" 2>&1 | grep -v '^{' | tail -14
+    if [ "${RAMP_S:-2}" != 0 ]; then
+      # the concurrency levels above 1 again, clients started over the ramp
+      ramped=$(python3 -c "import sys; a = sys.argv[1].split(); c = a[a.index('--concurrency') + 1].split(',') if '--concurrency' in a else []; print(','.join(x for x in c if int(x) > 1))" "$levels")
+      [ -n "$ramped" ] && python3 benchmarks/http_load.py --url "$url" --label "$label, ramped" --frames "$frames" \
+        "${dialect[@]}" --concurrency "$ramped" --rounds 4 --ramp-s "${RAMP_S:-2}" --out "$out/${name}_ramped.json" \
+        2>&1 | grep -v '^{' | tail -16
+    fi
+  done
+  ls "$out"/*.json >/dev/null 2>&1 && python3 benchmarks/http_load.py --plot-only "$out"/*.json --plot "$out/all.png" >/dev/null
+  for name in ours06 ours17; do grep -E "codec worker: " "$out/${name}_server.log" 2>/dev/null | tail -3; done
+  ;;
+stop)
+  out=$1
+  kill -- -"$(cat "$out/omni/omni.pgid" 2>/dev/null)" 2>/dev/null
+  for name in ours06 ours17; do kill -- -"$(cat "$out/$name.pid" 2>/dev/null)" 2>/dev/null; done
+  ;;
+esac
+true
