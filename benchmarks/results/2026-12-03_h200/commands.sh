@@ -4,8 +4,8 @@
 #   a: install, full-size checkpoints, the predictor kernels' GPU checks and the sampler's
 #      micro-benchmark, then ours (0.6B, 1.7B) and vllm-omni (0.6B) started together (gpu_matrix.sh)
 #   b: the HTTP loads of all three (burst and ramped closed loops, Poisson rates)
-#   c: the servers stopped; the talker alone (in-process engine, no codec) with and without the
-#      fused sampler, and a torch profile at batch 128
+#   c: the servers stopped; the talker alone (in-process engine, no codec) with the fused sampler
+#      and without it (QWEN3TTS_PREDICTOR_KERNELS=attention)
 set -uo pipefail
 phase=$1
 R=/tmp/r; mkdir -p $R
@@ -33,11 +33,16 @@ b)
   bash benchmarks/gpu_matrix.sh measure $R/m "$LEVELS" ours06 ours17 omni
   ;;
 c)
-  bash benchmarks/gpu_matrix.sh stop $R/m; sleep 5
+  python3 -m pip install -q --no-deps --no-build-isolation -e . > $R/pip.log 2>&1
+  python3 -m pytest -q -p no:cacheprovider -k gpu tests/test_predictor_kernels.py > $R/kernel_tests_c.log 2>&1
+  tail -1 $R/kernel_tests_c.log
+  [ -f /tmp/r/m/ours06.pid ] && { bash benchmarks/gpu_matrix.sh stop $R/m; sleep 5; }
+  [ -f /tmp/ck0.6b/config.json ] || python3 -m vllm_qwen3tts.cli make-checkpoint --variant 0.6b-custom_voice \
+    --scale full --out /tmp/ck0.6b > $R/ckpt_0.6b.log 2>&1
   for k in 1 attention; do
     QWEN3TTS_PREDICTOR_KERNELS=$k python3 benchmarks/profile_pipeline.py --model /tmp/ck0.6b --out $R/talker_kernels_$k.json \
-      talker --batches 1,64,128 --profile-batch $([ $k = 1 ] && echo 128 || echo 0) > $R/talker_kernels_$k.log 2>&1
-    grep -E '^\{"batch"' $R/talker_kernels_$k.log
+      talker --batches 1,64,128 --profile-batch 0 > $R/talker_kernels_$k.log 2>&1
+    echo "QWEN3TTS_PREDICTOR_KERNELS=$k"; grep -E '^\{"batch"' $R/talker_kernels_$k.log
   done
   ;;
 esac
