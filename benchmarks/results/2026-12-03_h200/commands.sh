@@ -41,7 +41,7 @@ c)
     --scale full --out /tmp/ck0.6b > $R/ckpt_0.6b.log 2>&1
   for k in 1 attention; do
     QWEN3TTS_PREDICTOR_KERNELS=$k python3 benchmarks/profile_pipeline.py --model /tmp/ck0.6b --out $R/talker_kernels_$k.json \
-      talker --batches 1,64,128 --profile-batch 0 > $R/talker_kernels_$k.log 2>&1
+      talker --batches 1,128 --profile-batch 0 > $R/talker_kernels_$k.log 2>&1
     echo "QWEN3TTS_PREDICTOR_KERNELS=$k"; grep -E '^\{"batch"' $R/talker_kernels_$k.log
   done
   ;;
