@@ -187,18 +187,22 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def ttfa_percentiles_ms(ok: list[RequestResult]) -> dict[str, float | None]:
+    """ttfa_p50_ms, ttfa_p95_ms and ttfa_p99_ms of these requests."""
+    ttfa = [r.ttfa_s for r in ok]
+    return {f"ttfa_p{q}_ms": None if not ttfa else round(1000 * percentile(ttfa, q), 1) for q in (50, 95, 99)}
+
+
 def summarise(kind: str, value: float, results: list[RequestResult], wall_s: float) -> Level:
     ok = [r for r in results if r.ok]
-    ttfa = [r.ttfa_s for r in ok]
     e2e = [r.e2e_s for r in ok]
-    ms = lambda x: None if x is None else round(1000 * x, 1)  # noqa: E731
     s3 = lambda x: None if x is None else round(x, 3)  # noqa: E731
     audio = sum(r.audio_s for r in results)
     return Level(
         kind=kind, value=value, requests=len(results), ok=len(ok), failed=len(results) - len(ok),
         wall_s=round(wall_s, 3), audio_s=round(audio, 2), audio_s_per_s=round(audio / wall_s, 2) if wall_s else 0.0,
         rtf_mean=round(statistics.mean(r.e2e_s / r.audio_s for r in ok), 4) if ok else None,
-        ttfa_p50_ms=ms(percentile(ttfa, 50)), ttfa_p95_ms=ms(percentile(ttfa, 95)), ttfa_p99_ms=ms(percentile(ttfa, 99)),
+        **ttfa_percentiles_ms(ok),
         e2e_p50_s=s3(percentile(e2e, 50)), e2e_p95_s=s3(percentile(e2e, 95)), e2e_p99_s=s3(percentile(e2e, 99)),
         underrun_requests=sum(1 for r in ok if r.underruns), underruns=sum(r.underruns for r in ok),
         stall_s_total=round(sum(r.stall_s for r in ok), 3),
@@ -228,11 +232,8 @@ def steady_state(results: list[RequestResult], window: tuple[float, float]) -> S
     inside = [r for r in results if start <= r.sent_s < end]
     ok = [r for r in inside if r.ok]
     audio = sum(n for r in results for t, n in r.arrivals if start <= t < end) / BYTES_PER_SECOND
-    ttfa = [r.ttfa_s for r in ok]
-    ms = lambda x: None if x is None else round(1000 * x, 1)  # noqa: E731
     return SteadyState(window_s=round(end - start, 3), requests=len(inside), audio_s_per_s=round(audio / (end - start), 2),
-                       ttfa_p50_ms=ms(percentile(ttfa, 50)), ttfa_p95_ms=ms(percentile(ttfa, 95)),
-                       ttfa_p99_ms=ms(percentile(ttfa, 99)), underrun_requests=sum(1 for r in ok if r.underruns))
+                       **ttfa_percentiles_ms(ok), underrun_requests=sum(1 for r in ok if r.underruns))
 
 
 class LoadRunner:
