@@ -36,6 +36,7 @@ from .protocol import (
     GetStats,
     OpenStream,
     ProtocolError,
+    Provision,
     Reply,
     Request,
     StatsReply,
@@ -153,6 +154,14 @@ class CodecClient:
             return ReferenceEncoding(xvector=xvector, ref_codes=None)
         xvector, ref_codes = _reply_arrays([reply.xvector, reply.ref_codes], frames)
         return ReferenceEncoding(xvector=xvector, ref_codes=ref_codes)
+
+    async def provision(
+        self, max_streams: int, graph_chunk_lengths: tuple[int, ...], *, timeout_s: float | None = None
+    ) -> None:
+        """Have a worker started with `--wait-for-provision` allocate its stream pool (and capture
+        its CUDA graphs); returns once streams can be opened. The worker answers only after it
+        has loaded and compiled, so `timeout_s` must cover its whole start."""
+        await self._call(Provision(self._next_seq(), max_streams, tuple(graph_chunk_lengths)), [], Done, timeout_s)
 
     async def stats(self, *, timeout_s: float | None = None) -> CodecWorkerStats:
         reply, _ = await self._call(GetStats(self._next_seq()), [], StatsReply, timeout_s)

@@ -67,7 +67,17 @@ class GetStats(msgspec.Struct, frozen=True, tag="stats"):
     seq: int
 
 
-Request = Union[OpenStream, DecodeChunk, CloseStream, EncodeReference, GetStats]
+class Provision(msgspec.Struct, frozen=True, tag="provision"):
+    """Allocate the stream pool and capture the decoder's CUDA graphs, for a worker started with
+    `--wait-for-provision`. The reply (`Done`) comes once streams can be opened. Repeating the
+    same provision is a no-op; a different one is refused."""
+
+    seq: int
+    max_streams: int
+    graph_chunk_lengths: tuple[int, ...]
+
+
+Request = Union[OpenStream, DecodeChunk, CloseStream, EncodeReference, GetStats, Provision]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +85,7 @@ Request = Union[OpenStream, DecodeChunk, CloseStream, EncodeReference, GetStats]
 
 
 class Done(msgspec.Struct, frozen=True, tag="done"):
-    """Reply to open and close."""
+    """Reply to open, close and provision."""
 
     seq: int
 

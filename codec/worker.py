@@ -19,11 +19,15 @@ Start it from Python with `start_codec_worker(config)`, or as a shared instance 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -58,6 +62,7 @@ from .protocol import (
     GetStats,
     OpenStream,
     ProtocolError,
+    Provision,
     Reply,
     StatsReply,
     array_frame,
@@ -233,7 +238,11 @@ SendReply = Callable[[bytes, Reply, list], None]  # (client, header, data frames
 class CodecWorker:
     """Models, the stream pool and request handling; knows nothing about sockets."""
 
-    def __init__(self, config: CodecWorkerConfig):
+    def __init__(self, config: CodecWorkerConfig, provision: bool = True):
+        """Load the models and compile the decoder. With `provision`, also allocate the stream
+        pool and capture the CUDA graphs for `config.max_streams` streams; without it, that
+        waits for `provision()` (a `Provision` request), so the large allocations can be made
+        after the engine beside this worker has sized its KV cache."""
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda":
@@ -266,26 +275,57 @@ class CodecWorker:
         channels_last = os.environ.get("QWEN3TTS_CODEC_CHANNELS_LAST", "1" if config.channels_last else "0") != "0"
         if channels_last and on_gpu:
             self.decoder.use_channels_last()
-        compiled = (config.compile and on_gpu and os.environ.get("QWEN3TTS_COMPILE", "1") != "0"
-                    and compile_decoder(self.decoder))
-        graphs = config.cuda_graphs and on_gpu and os.environ.get("QWEN3TTS_CODEC_GRAPHS", "1") != "0"
-        # a compiled decoder serves batches of MIN_COMPILED_SIZE and up: smaller ones are padded
-        min_batch = MIN_COMPILED_SIZE if compiled else 1
-        grid = DecodeGrid.up_to(config.max_batch, config.graph_chunk_lengths, min_batch) if graphs else None
-        self.decoder_pool = PooledDecoder(self.decoder, config.max_streams, grid)
-        if graphs:
-            try:
-                with torch.inference_mode():
-                    self.decoder_pool.capture_graphs()
-            except Exception as e:  # noqa: BLE001 - a capture failure costs speed, not service
-                logger.warning("CUDA graph capture of the codec decoder failed, decoding eagerly: %s", e)
-                self.decoder_pool = PooledDecoder(self.decoder, config.max_streams, None)
-        self.slots = StreamSlots(config.max_streams)
+        self.compiled = (config.compile and on_gpu and os.environ.get("QWEN3TTS_COMPILE", "1") != "0"
+                         and compile_decoder(self.decoder))
+        self.decoder_pool: PooledDecoder | None = None  # set by provision()
+        self.slots = StreamSlots(0)
         self.batches_run = 0
         self.chunks_decoded = 0
         self.frames_decoded = 0
         self.largest_batch = 0
         self.decode_seconds = 0.0
+        if provision:
+            self.provision(config.max_streams, config.graph_chunk_lengths)
+
+    def provision(self, max_streams: int, graph_chunk_lengths: tuple[int, ...]) -> None:
+        """Allocate `max_streams` decoder-state rows and capture the CUDA graphs for chunks of
+        `graph_chunk_lengths` frames. Once only: the same values again are a no-op."""
+        graph_chunk_lengths = tuple(graph_chunk_lengths)
+        if self.decoder_pool is not None:
+            if (max_streams, graph_chunk_lengths) != (self.config.max_streams, self.config.graph_chunk_lengths):
+                raise RequestError(
+                    f"this codec worker is already provisioned for {self.config.max_streams} streams and chunks "
+                    f"of {list(self.config.graph_chunk_lengths)} frames; it cannot be provisioned again differently"
+                )
+            return
+        if max_streams < 1:
+            raise RequestError(f"max_streams must be at least 1, got {max_streams}")
+        if not all(0 < n <= self.config.max_chunk_frames for n in graph_chunk_lengths):
+            raise RequestError(
+                f"graph chunk lengths must lie in [1, {self.config.max_chunk_frames}], got {list(graph_chunk_lengths)}"
+            )
+        t0 = time.perf_counter()
+        config = self.config
+        graphs = config.cuda_graphs and self.device.type == "cuda" and os.environ.get("QWEN3TTS_CODEC_GRAPHS", "1") != "0"
+        # a compiled decoder serves batches of MIN_COMPILED_SIZE and up: smaller ones are padded
+        min_batch = MIN_COMPILED_SIZE if self.compiled else 1
+        grid = DecodeGrid.up_to(config.max_batch, graph_chunk_lengths, min_batch) if graphs else None
+        pool = PooledDecoder(self.decoder, max_streams, grid)
+        if graphs:
+            try:
+                with torch.inference_mode():
+                    pool.capture_graphs()
+            except Exception as e:  # noqa: BLE001 - a capture failure costs speed, not service
+                logger.warning("CUDA graph capture of the codec decoder failed, decoding eagerly: %s", e)
+                pool = PooledDecoder(self.decoder, max_streams, None)
+        self.decoder_pool = pool
+        self.slots = StreamSlots(max_streams)
+        self.config = dataclasses.replace(config, max_streams=max_streams, graph_chunk_lengths=graph_chunk_lengths)
+        logger.info("codec worker provisioned for %d streams in %.1f s", max_streams, time.perf_counter() - t0)
+
+    @property
+    def provisioned(self) -> bool:
+        return self.decoder_pool is not None
 
     # -- one round of the loop -------------------------------------------------------------------
 
@@ -313,11 +353,17 @@ class CodecWorker:
                 self._decode_pending(pending, send)
                 send(message.client, StatsReply(request.seq, self.stats()), [])
                 continue
+            if isinstance(request, Provision):
+                self._decode_pending(pending, send)
+                self._provision(message, request, send)
+                continue
             key = (message.client, request.stream_id)
             if key in pending:
                 self._decode_pending(pending, send)
             failure = None
             try:
+                if not self.provisioned:
+                    raise RequestError("the codec worker has no stream pool yet: no client has provisioned it")
                 if isinstance(request, DecodeChunk):
                     pending[key] = self._decode_job(message, request, key)
                 elif isinstance(request, OpenStream):
@@ -339,6 +385,18 @@ class CodecWorker:
         for message, request in encodings:
             self._encode_reference(message, request, send)
 
+    def _provision(self, message: IncomingMessage, request: Provision, send: SendReply) -> None:
+        try:
+            self.provision(request.max_streams, request.graph_chunk_lengths)
+        except RequestError as e:
+            send(message.client, Failure(request.seq, str(e)), [])
+            return
+        except Exception as e:  # e.g. out of GPU memory: the client reports it and stops the worker
+            logger.exception("provisioning the codec worker failed")
+            send(message.client, Failure(request.seq, f"codec worker error: {type(e).__name__}: {e}"), [])
+            return
+        send(message.client, Done(request.seq), [])
+
     def reclaim_idle_streams(self) -> None:
         timeout = self.config.stream_idle_timeout_s
         if timeout is None:
@@ -349,7 +407,7 @@ class CodecWorker:
 
     def stats(self) -> CodecWorkerStats:
         return CodecWorkerStats(
-            max_streams=self.config.max_streams,
+            max_streams=self.slots.capacity,
             active_streams=self.slots.active,
             free_slots=len(self.slots.free),
             batches_run=self.batches_run,
@@ -404,6 +462,8 @@ class CodecWorker:
     def _decode_pending(self, pending: dict[StreamKey, DecodeJob], send: SendReply) -> None:
         jobs = list(pending.values())
         pending.clear()
+        if not jobs:
+            return
         for length, members in self.decoder_pool.plan_calls([job.frames for job in jobs], self.config.max_batch):
             self._decode_batch([jobs[i] for i in members], length, send)
 
@@ -480,10 +540,12 @@ def serve(
     *,
     parent_pid: int | None = None,
     on_ready: Callable[[], None] | None = None,
+    provision: bool = True,
 ) -> None:
     """Load the models, bind `address` and serve until SIGTERM / SIGINT (or until the process
-    `parent_pid` is gone, so a spawned worker never outlives a crashed parent)."""
-    worker = CodecWorker(config)
+    `parent_pid` is gone, so a spawned worker never outlives a crashed parent). Without
+    `provision`, streams can be opened only after a client's `Provision` request."""
+    worker = CodecWorker(config, provision=provision)
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -501,8 +563,9 @@ def serve(
         socket.send_multipart([client, ENCODER.encode(reply), *frames], copy=False)
 
     logger.info(
-        "codec worker serving %s on %s (%s, %s, %d stream slots, voice cloning %s)",
-        config.model_dir, address, worker.device, config.torch_dtype, config.max_streams,
+        "codec worker serving %s on %s (%s, %s, %s, voice cloning %s)",
+        config.model_dir, address, worker.device, config.torch_dtype,
+        f"{worker.slots.capacity} stream slots" if worker.provisioned else "waiting to be provisioned",
         "on" if worker.encoders is not None else "off",
     )
     if on_ready is not None:
@@ -682,6 +745,82 @@ def _wait_until_ready(process: BaseProcess, ready: Connection, timeout_s: float)
 
 
 # ----------------------------------------------------------------------------------------------
+# workers started before the server process execs vLLM
+
+
+LAUNCHED_WORKERS_ENV = "QWEN3TTS_CODEC_WORKERS"
+
+
+@dataclass(frozen=True)
+class LaunchedCodecWorker:
+    """A worker started by `launch_codec_worker` as a child of this process. `vllm-qwen3tts
+    serve` launches workers and then execs vLLM's API server, which keeps the process id, so
+    the server is still their parent: it can provision them, watch them, stop and reap them.
+    Same interface as `CodecWorkerHandle` (pid, address, is_alive, stop)."""
+
+    pid: int
+    address: str
+    device: str
+    socket_dir: str | None = None
+
+    def is_alive(self) -> bool:
+        try:
+            done, _ = os.waitpid(self.pid, os.WNOHANG)  # also reaps it once it has exited
+            return done == 0
+        except ChildProcessError:  # reaped already, or not our child
+            try:
+                os.kill(self.pid, 0)
+                return True
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+
+    def stop(self) -> None:
+        """SIGTERM, wait up to STOP_GRACE_S, then SIGKILL; removes the socket directory. Idempotent."""
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while self.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.is_alive():
+                logger.warning("codec worker %d ignored SIGTERM for %.0f s; killing it", self.pid, STOP_GRACE_S)
+                os.kill(self.pid, signal.SIGKILL)
+                while self.is_alive():
+                    time.sleep(0.05)
+        except ProcessLookupError:
+            pass
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+def launch_codec_worker(model_dir: str, device: str, env: dict[str, str] | None = None) -> LaunchedCodecWorker:
+    """Start a worker as a subprocess and return at once. It loads the models and compiles the
+    decoder while whatever else starts; it allocates its stream pool only when provisioned
+    (`CodecClient.provision`). It exits when this process dies."""
+    socket_dir = tempfile.mkdtemp(prefix="qwen3tts-codec-")
+    address = f"ipc://{socket_dir}/codec.sock"
+    argv = [sys.executable, "-m", "vllm_qwen3tts.codec.worker", "--model", model_dir, "--address", address,
+            "--device", device, "--wait-for-provision", "--parent-pid", str(os.getpid()), "--socket-dir", socket_dir]
+    try:
+        process = subprocess.Popen(argv, env=env)
+    except BaseException:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+        raise
+    return LaunchedCodecWorker(process.pid, address, device, socket_dir)
+
+
+def launched_workers_to_env(workers: list[LaunchedCodecWorker]) -> str:
+    return json.dumps([dataclasses.asdict(w) for w in workers])
+
+
+def launched_workers_from_env(environ: dict[str, str] | None = None) -> list[LaunchedCodecWorker]:
+    """The workers `vllm-qwen3tts serve` launched for this server (none under plain `vllm serve`)."""
+    text = (os.environ if environ is None else environ).get(LAUNCHED_WORKERS_ENV, "")
+    return [LaunchedCodecWorker(**item) for item in json.loads(text)] if text else []
+
+
+# ----------------------------------------------------------------------------------------------
 # command line
 
 
@@ -699,13 +838,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-streams", type=int, default=CodecWorkerConfig.max_streams)
     parser.add_argument("--max-batch", type=int, default=CodecWorkerConfig.max_batch)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--wait-for-provision", action="store_true",
+                        help="load and compile now, but allocate the stream pool only when a client sends "
+                             "Provision (which then sets the number of streams)")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (our parent) is gone")
+    parser.add_argument("--socket-dir", default=None, help="a directory of ours to remove at exit")
     args = parser.parse_args(argv)
     _configure_logging()
+    # Until serve() installs its graceful handler: unwind, so that the socket directory goes too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    if args.parent_pid is not None:
+        _exit_with_parent(args.parent_pid)
     config = CodecWorkerConfig(
         model_dir=args.model, device=args.device, dtype=args.dtype,
         max_streams=args.max_streams, max_batch=args.max_batch, num_threads=args.threads,
     )
-    serve(config, args.address)
+    try:
+        serve(config, args.address, parent_pid=args.parent_pid, provision=not args.wait_for_provision)
+    finally:
+        if args.socket_dir is not None:
+            shutil.rmtree(args.socket_dir, ignore_errors=True)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """SIGTERM this process when its parent dies, even while it is still loading or compiling
+    (the serving loop also polls for it, but only once it runs)."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the serving loop's poll remains
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        raise SystemExit(f"codec worker: parent process {parent_pid} is gone")
 
 
 if __name__ == "__main__":

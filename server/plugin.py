@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -37,9 +38,8 @@ class SpeechEndpointPlugin:
             return
         from vllm.platforms import current_platform
 
-        from ..codec.client import CodecClient
         from ..codec.pool import CodecPool
-        from ..codec.worker import CodecWorkerConfig, start_codec_worker
+        from ..codec.worker import launched_workers_from_env
         from ..engine import ChunkSchedule, TTSEngine
         from .service import ServerSettings, SpeechService
 
@@ -49,27 +49,17 @@ class SpeechEndpointPlugin:
         settings = ServerSettings.from_env()
         vllm_config = engine_client.vllm_config
         on_gpu = current_platform.device_type == "cuda"
-        devices = list(settings.codec_devices) or codec_devices_for(vllm_config.parallel_config, on_gpu)
-        loop = asyncio.get_running_loop()
-
-        def start(device: str):
-            return start_codec_worker(CodecWorkerConfig(
-                model_dir=str(model_dir), device=device, dtype=None,
-                max_streams=max(64, 2 * vllm_config.scheduler_config.max_num_seqs),
-                graph_chunk_lengths=ChunkSchedule().distinct_sizes(),
-            ))
-
-        results = await asyncio.gather(*(loop.run_in_executor(None, start, d) for d in devices), return_exceptions=True)
-        workers = [w for w in results if not isinstance(w, BaseException)]
-        if len(workers) < len(results):
-            for w in workers:
-                w.stop()
-            raise next(r for r in results if isinstance(r, BaseException))
-        clients = []
-        for worker in workers:
-            client = CodecClient()
-            client.connect(worker.address)
-            clients.append(client)
+        max_streams = max(64, 2 * vllm_config.scheduler_config.max_num_seqs)
+        chunk_lengths = ChunkSchedule().distinct_sizes()
+        launched = launched_workers_from_env()
+        if launched:
+            # `vllm-qwen3tts serve` started them before vLLM: they loaded and compiled while the
+            # engine started, and allocate their stream pools only now that its KV cache is sized.
+            workers, clients = await provision_launched_workers(launched, max_streams, chunk_lengths)
+            devices = [w.device for w in workers]
+        else:
+            devices = list(settings.codec_devices) or codec_devices_for(vllm_config.parallel_config, on_gpu)
+            workers, clients = await start_workers(model_dir, devices, max_streams, chunk_lengths)
         engine = TTSEngine(engine_client, CodecPool(clients), model_dir, max_model_len=vllm_config.model_config.max_model_len)
         names = args.served_model_name or [args.model]
         served = [names] if isinstance(names, str) else list(names)
@@ -81,6 +71,76 @@ class SpeechEndpointPlugin:
         state.qwen3tts_codec_watch = asyncio.create_task(service.watch_codec())
         logger.info("speech endpoints ready to warm up on %s (codec workers %s on %s)", model_dir,
                     [w.pid for w in workers], devices)
+
+
+async def start_workers(model_dir: Path, devices: list[str], max_streams: int, chunk_lengths: tuple[int, ...]):
+    """Codec workers started now, one per device, in parallel (plain `vllm serve`: the engine is
+    ready by now, so their compile comes after it)."""
+    from ..codec.client import CodecClient
+    from ..codec.worker import CodecWorkerConfig, start_codec_worker
+
+    def start(device: str):
+        return start_codec_worker(CodecWorkerConfig(
+            model_dir=str(model_dir), device=device, dtype=None, max_streams=max_streams,
+            graph_chunk_lengths=chunk_lengths,
+        ))
+
+    loop = asyncio.get_running_loop()
+    results = await asyncio.gather(*(loop.run_in_executor(None, start, d) for d in devices), return_exceptions=True)
+    workers = [w for w in results if not isinstance(w, BaseException)]
+    if len(workers) < len(results):
+        for w in workers:
+            w.stop()
+        raise next(r for r in results if isinstance(r, BaseException))
+    clients = []
+    for worker in workers:
+        client = CodecClient()
+        client.connect(worker.address)
+        clients.append(client)
+    return workers, clients
+
+
+async def provision_launched_workers(workers: list, max_streams: int, chunk_lengths: tuple[int, ...],
+                                     timeout_s: float | None = None):
+    """Connect to workers `vllm-qwen3tts serve` launched and provision them, waiting for any still
+    compiling; fails at once, not at the timeout, if one exits. Stops them all on failure."""
+    from ..codec.client import CodecClient, CodecError
+    from ..codec.worker import DEFAULT_STARTUP_TIMEOUT_S, CodecWorkerStartError
+
+    timeout_s = DEFAULT_STARTUP_TIMEOUT_S if timeout_s is None else timeout_s
+    clients = []
+    for worker in workers:
+        client = CodecClient()
+        client.connect(worker.address)
+        clients.append(client)
+
+    async def provision(worker, client) -> None:
+        call = asyncio.ensure_future(client.provision(max_streams, chunk_lengths, timeout_s=timeout_s))
+        try:
+            while not call.done():
+                await asyncio.wait({call}, timeout=0.5)
+                if not call.done() and not worker.is_alive():
+                    raise CodecWorkerStartError(f"the codec worker (pid {worker.pid}) exited before it was "
+                                                "ready; its log is above")
+            try:
+                call.result()
+            except CodecError as e:
+                raise CodecWorkerStartError(f"the codec worker (pid {worker.pid}) failed to start: {e}") from None
+        finally:
+            call.cancel()
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(provision(w, c) for w, c in zip(workers, clients)))
+    except BaseException:
+        for client in clients:
+            client.close()
+        for worker in workers:
+            worker.stop()
+        raise
+    logger.info("codec workers provisioned for %d streams; waited %.1f s for them after the engine",
+                max_streams, time.perf_counter() - t0)
+    return workers, clients
 
 
 def codec_devices_for(parallel_config, on_gpu: bool) -> list[str]:

@@ -21,13 +21,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# vLLM's server exactly as `vllm-qwen3tts serve` would exec it, but without the codec workers that
+# command starts first: what a plain `vllm serve CHECKPOINT` with our plugins does.
+PLAIN_VLLM_SERVE = (
+    "import os, sys\n"
+    "from vllm_qwen3tts.cli import build_parser, serve_command\n"
+    "args, rest = build_parser().parse_known_args(sys.argv[1:])\n"
+    "plan = serve_command(args, rest)\n"
+    "os.execvpe(plan.argv[0], plan.argv, plan.env)\n"
+)
+
+
 @contextmanager
 def running_server(tmp: Path, args: list[str], keys: list[dict] | None = None, env: dict | None = None,
-                   timeout_s: float = 300):
-    """Yields (base_url, log_path). Arguments go to `vllm-qwen3tts serve`."""
+                   timeout_s: float = 300, plain_vllm: bool = False):
+    """Yields (base_url, log_path). Arguments go to `vllm-qwen3tts serve`; with `plain_vllm`, to
+    vLLM's server as that command sets it up, but with no codec worker started before it."""
     port = free_port()
     log = tmp / "server.log"
-    cmd = [sys.executable, "-m", "vllm_qwen3tts.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    launcher = ["-c", PLAIN_VLLM_SERVE] if plain_vllm else ["-m", "vllm_qwen3tts.cli"]
+    cmd = [sys.executable, *launcher, "serve", "--host", "127.0.0.1", "--port", str(port),
            "--device", "cpu", "--voices-dir", str(tmp / "voices"), *args]
     if keys is not None:
         (tmp / "keys.json").write_text(json.dumps(keys))

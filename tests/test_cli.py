@@ -61,11 +61,24 @@ def test_serve_passes_codec_devices_to_the_server_and_refuses_unknown_ones(tiny_
                                                       "--device", "cpu", *flags])
         return serve_command(args, rest)
 
-    argv, env = command("--codec-device", "cpu", "--codec-device", "cpu", "--data-parallel-size", "2")
-    assert env["QWEN3TTS_CODEC_DEVICES"] == "cpu,cpu"
-    assert argv[-2:] == ["--data-parallel-size", "2"]  # vLLM's own flags pass through
+    plan = command("--codec-device", "cpu", "--codec-device", "cpu", "--data-parallel-size", "2")
+    assert plan.env["QWEN3TTS_CODEC_DEVICES"] == "cpu,cpu"
+    assert plan.argv[-2:] == ["--data-parallel-size", "2"]  # vLLM's own flags pass through
+    assert plan.codec_devices == ["cpu", "cpu"]  # started before vLLM
     with pytest.raises(DeviceError, match="unknown codec device 'gpu1'"):
         command("--codec-device", "gpu1")
+
+
+def test_serve_starts_codec_workers_before_vllm_wherever_it_knows_their_device():
+    from vllm_qwen3tts.cli import codec_launch_devices
+
+    assert codec_launch_devices("cpu", [], []) == ["cpu"]
+    assert codec_launch_devices("cuda", [], ["--max-num-seqs", "64"]) == ["cuda"]
+    assert codec_launch_devices("cuda", ["cuda:1", "cuda:2"], []) == ["cuda:1", "cuda:2"]
+    # data parallel ranks' GPUs are vLLM's choice: the running server starts those workers
+    assert codec_launch_devices("cuda", [], ["--data-parallel-size", "2"]) == []
+    assert codec_launch_devices("cuda", [], ["-dp=2"]) == []
+    assert codec_launch_devices("cuda", ["cuda:0", "cuda:1"], ["-dp", "2"]) == ["cuda:0", "cuda:1"]
 
 
 def test_engine_memory_share_leaves_room_for_the_codec_worker_on_its_gpu():

@@ -28,6 +28,7 @@ from vllm_qwen3tts.codec.worker import (
     CodecWorkerConfig,
     CodecWorkerHandle,
     CodecWorkerStartError,
+    launch_codec_worker,
     start_codec_worker,
 )
 
@@ -493,3 +494,76 @@ def test_pool_spreads_streams_over_workers_and_each_stream_stays_on_its_own(work
     assert chunks == [8, 8]  # two streams of four chunks on each worker
     assert total.chunks_decoded == after[0].chunks_decoded + after[1].chunks_decoded
 
+
+
+# ----------------------------------------------------------------------------------------------
+# workers launched before the server (`vllm-qwen3tts serve` starts them, then execs vLLM)
+
+
+def test_launched_worker_opens_streams_only_once_provisioned(base_checkpoint, decoder):
+    launched = launch_codec_worker(str(base_checkpoint), "cpu")
+    socket_dir = Path(launched.socket_dir)
+    try:
+
+        async def scenario(client):
+            assert (await client.stats()).max_streams == 0  # loaded, no stream pool yet
+            with pytest.raises(CodecError, match="no stream pool yet"):
+                await client.open_stream("early")
+            reference = await client.encode_reference(tone_wav(1.0), x_vector_only=True)  # needs no pool
+            assert reference.xvector.ndim == 1
+            await client.provision(3, (2, 4), timeout_s=60)
+            await client.provision(3, (2, 4))  # the same again: nothing to do
+            with pytest.raises(CodecError, match="already provisioned for 3 streams"):
+                await client.provision(5, (2, 4))
+            assert (await client.stats()).max_streams == 3
+            codes = random_codes(7, seed=60)
+            await client.open_stream("s")
+            return codes, await stream_through(client, "s", codes, [2, 4, 1])
+
+        codes, audio = with_client(launched.address, scenario)
+        assert max_err(audio, whole_decode(decoder, codes)) < FP32_TOL
+        assert launched.is_alive()
+    finally:
+        launched.stop()
+    launched.stop()  # idempotent
+    assert not launched.is_alive() and not running(launched.pid)
+    assert not socket_dir.exists()
+
+
+def test_server_waiting_on_a_launched_worker_that_exits_fails_at_once(tmp_path):
+    from vllm_qwen3tts.server.plugin import provision_launched_workers
+
+    launched = launch_codec_worker(str(tmp_path / "nowhere"), "cpu")
+    started = time.monotonic()
+    with pytest.raises(CodecWorkerStartError, match=f"pid {launched.pid}\\) exited before it was ready"):
+        asyncio.run(provision_launched_workers([launched], 4, (2,), timeout_s=300))
+    assert time.monotonic() - started < 60  # not the 300 s timeout
+    assert not running(launched.pid)
+
+
+def test_launched_worker_exits_when_its_parent_is_killed(base_checkpoint):
+    parent_program = (
+        "import sys, time\n"
+        "from vllm_qwen3tts.codec.worker import launch_codec_worker\n"
+        "worker = launch_codec_worker(sys.argv[1], 'cpu')\n"
+        "print(worker.pid, worker.address, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_program, str(base_checkpoint)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pid, address = parent.stdout.readline().split()
+        worker_pid, socket_path = int(pid), Path(address.removeprefix("ipc://"))
+        deadline = time.monotonic() + 60
+        while not socket_path.exists():  # serving
+            assert time.monotonic() < deadline and running(worker_pid)
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and running(worker_pid):
+        time.sleep(0.1)
+    assert not running(worker_pid)
+    assert not socket_path.parent.exists()

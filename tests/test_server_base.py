@@ -34,12 +34,27 @@ def reference_wav(seconds: float = 1.5, seed: int = 0) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_checkpoint):
+def served(tmp_path_factory, tiny_checkpoint):
+    """Plain `vllm serve` (our plugins, no `vllm-qwen3tts serve`): the server starts its own codec
+    worker once the engine is up."""
     tmp = tmp_path_factory.mktemp("server-base")
     with running_server(tmp, ["--model", str(tiny_checkpoint("0.6b-base")), "--max-frames", "40",
                               "--max-num-seqs", "4", "--max-model-len", "1024", "--allow-url-ref-audio"],
-                        keys=KEYS, env={"QWEN3TTS_MAX_REF_AUDIO_BYTES": str(400_000)}) as (base, log):
-        yield base
+                        keys=KEYS, env={"QWEN3TTS_MAX_REF_AUDIO_BYTES": str(400_000)}, plain_vllm=True) as (base, log):
+        yield base, log
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
+
+
+def test_plain_vllm_serve_starts_its_codec_worker_itself(served):
+    log = served[1].read_text()
+    assert "speech endpoints ready to warm up" in log
+    assert "started codec worker" not in log and "waiting to be provisioned" not in log
+    assert "codec workers provisioned" not in log
+    assert ", 64 stream slots" in log  # max(64, 2 x --max-num-seqs 4), allocated at start
 
 
 def headers(key: str) -> dict:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -179,6 +180,17 @@ def test_every_request_is_logged_as_one_json_line(server, tmp_path_factory):
     log = next(tmp_path_factory.getbasetemp().glob("server-cv*/server.log")).read_text()
     events = [json.loads(line[line.index("{"):]) for line in log.splitlines() if '"event": "speech"' in line]
     assert any(e["tenant"] == "bob" and e["outcome"] in ("length", "stop") and e["frames"] == FRAMES for e in events)
+
+
+def test_serve_starts_the_codec_workers_before_vllm_and_provisions_them_after_the_engine(server, tmp_path_factory):
+    log = next(tmp_path_factory.getbasetemp().glob("server-cv*/server.log")).read_text()
+    started = re.search(r"started codec workers \[(\d+), (\d+)\] on \['cpu', 'cpu'\]", log)
+    assert started, log[-3000:]
+    assert log.index(started.group(0)) < log.index("starting: -m vllm.entrypoints.openai.api_server")
+    for pid in started.groups():  # each came up waiting, then got its pool from the server
+        assert re.search(rf"codec-worker\[{pid}\].*waiting to be provisioned", log)
+        assert re.search(rf"codec-worker\[{pid}\].*provisioned for 64 streams", log)
+    assert "codec workers provisioned for 64 streams" in log
 
 
 def test_min_new_tokens_equal_to_max_forces_the_length(server):

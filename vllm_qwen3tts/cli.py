@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
@@ -89,8 +90,16 @@ def default_checkpoint() -> str:
     return str(Path(path))
 
 
-def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """argv and environment for vLLM's OpenAI API server with our plugins and settings."""
+@dataclass(frozen=True)
+class ServePlan:
+    argv: list[str]  # vLLM's OpenAI API server
+    env: dict[str, str]
+    codec_devices: list[str]  # codec workers to start before it (`codec_launch_devices`)
+
+
+def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
+    """How `serve` starts: vLLM's OpenAI API server with our plugins and settings, and the codec
+    workers started beside it."""
     import os
 
     from .engine import DeviceError, resolve_device
@@ -143,7 +152,7 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> tuple[list[
             # the talker's engine and a codec worker share each GPU unless the codec has its own
             shares_gpu = not codec_devices or any(d in ("cuda", "cuda:0") for d in codec_devices)
             argv += ["--gpu-memory-utilization", f"{engine_memory_share(_gpu_total_bytes(), shares_gpu):.2f}"]
-    return argv + vllm_args, env
+    return ServePlan(argv + vllm_args, env, codec_launch_devices(device, codec_devices, vllm_args))
 
 
 # What a codec worker holds on its GPU: the decoder, 2 x max_num_seqs stream states and the CUDA
@@ -165,17 +174,43 @@ def _gpu_total_bytes() -> int:
     return torch.cuda.get_device_properties(0).total_memory
 
 
+DATA_PARALLEL_FLAGS = ("--data-parallel-size", "-dp", "--data-parallel-size-local", "-dpl")
+
+
+def codec_launch_devices(device: str, codec_devices: list[str], vllm_args: list[str]) -> list[str]:
+    """Where `serve` starts codec workers before vLLM execs: the devices the server would give
+    them. None with data parallelism on GPUs and no --codec-device: their GPUs follow vLLM's
+    ranks, which only the running server knows, so it starts them itself (after the engine)."""
+    if codec_devices:
+        return list(codec_devices)
+    if device == "cpu":
+        return ["cpu"]
+    if any(a.split("=")[0] in DATA_PARALLEL_FLAGS for a in vllm_args):
+        return []
+    return ["cuda"]
+
+
 def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     import os
 
+    from .codec.worker import LAUNCHED_WORKERS_ENV, launch_codec_worker, launched_workers_to_env
     from .config import CheckpointError
     from .engine import DeviceError
 
     try:
-        argv, env = serve_command(args, vllm_args)
+        plan = serve_command(args, vllm_args)
     except (CheckpointError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    argv, env = plan.argv, plan.env
+    # The codec workers load and compile while vLLM starts its engine (minutes on a GPU with a
+    # cold compile cache), instead of after it. They stay our children across the exec below.
+    model = argv[argv.index("--model") + 1]
+    workers = [launch_codec_worker(model, device, env) for device in plan.codec_devices]
+    if workers:
+        env[LAUNCHED_WORKERS_ENV] = launched_workers_to_env(workers)
+        print(f"started codec worker{'s' if len(workers) > 1 else ''} {[w.pid for w in workers]} on "
+              f"{[w.device for w in workers]}", flush=True)
     print("starting:", " ".join(argv[1:]), flush=True)
     os.execvpe(argv[0], argv, env)  # vLLM's server owns the process (signals, shutdown) from here
 
