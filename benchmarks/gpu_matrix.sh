@@ -10,7 +10,10 @@
 #
 # FRAMES (default 125) forces every request of every system to that many frames. OMNI=0 leaves
 # vllm-omni out. Memory: OURS_MEM (vLLM's share per server of ours, default 0.15; each codec worker
-# takes ~12 GiB more), OMNI_GPU_MEM0/OMNI_GPU_MEM1 (default 0.18 each). RAMP_S: clients of a closed
+# takes ~12 GiB more) and OURS_KV_BYTES (its KV cache, default 6 GiB: ~56k tokens, 128 streams of
+# 125 frames need ~24k; fixed, because vLLM otherwise sizes it from the memory free while it
+# profiles, which the other servers starting beside it change), OMNI_GPU_MEM0/OMNI_GPU_MEM1
+# (default 0.18 each). RAMP_S: clients of a closed
 # loop start over that many seconds in a second pass of the concurrency levels (default 2; 0: none).
 set -uo pipefail
 cmd=$1; shift
@@ -25,8 +28,10 @@ wait_for() {  # url seconds
 start_ours() {  # name ckpt out
   setsid python3 -m vllm_qwen3tts.cli serve --model "$2" --port "${PORT[$1]}" --host 127.0.0.1 \
     --max-num-seqs 128 --max-concurrency-per-key 100000 --requests-per-minute-per-key 10000000 \
-    --max-queued-requests 4096 --gpu-memory-utilization "${OURS_MEM:-0.15}" > "$3/$1_server.log" 2>&1 &
+    --max-queued-requests 4096 --gpu-memory-utilization "${OURS_MEM:-0.15}" \
+    --kv-cache-memory-bytes "${OURS_KV_BYTES:-6442450944}" > "$3/$1_server.log" 2>&1 &
   echo $! > "$3/$1.pid"
+  date +%s > "$3/$1.started"
 }
 
 case $cmd in
@@ -40,11 +45,10 @@ start)
     sleep 25  # each vLLM sizes its cache from the memory free when it profiles: one at a time
   fi
   start_ours ours06 "$ck06" "$out"
-  sleep 40
-  start_ours ours17 "$ck17" "$out"
+  start_ours ours17 "$ck17" "$out"  # fixed KV caches: no need to start one after the other
   for name in ours06 ours17; do
     if wait_for "http://127.0.0.1:${PORT[$name]}/ready" $(( ${START_WAIT_S:-480} - ($(date +%s) - t0) )); then
-      echo "$name ready after $(( $(date +%s) - t0 )) s"
+      echo "$name ready after $(( $(date +%s) - $(cat "$out/$name.started") )) s from its start"
     else
       echo "$name not ready after $(( $(date +%s) - t0 )) s"; tail -5 "$out/${name}_server.log"
     fi
