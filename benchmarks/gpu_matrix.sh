@@ -15,6 +15,10 @@
 # profiles, which the other servers starting beside it change), OMNI_GPU_MEM0/OMNI_GPU_MEM1
 # (default 0.18 each). RAMP_S: clients of a closed
 # loop start over that many seconds in a second pass of the concurrency levels (default 2; 0: none).
+# STACKS=1 (start): ours run with the stack sampler, paused (vllm_qwen3tts/stack_sampler.py).
+# DIAG="<http_load.py level args>" (measure): for ours, one more load after the others, with the
+# stack sampler on and every server process's CPU and the GPU's utilisation logged (proc_monitor.py);
+# the measured levels before it run unsampled.
 set -uo pipefail
 cmd=$1; shift
 frames=${FRAMES:-125}
@@ -26,12 +30,34 @@ wait_for() {  # url seconds
 }
 
 start_ours() {  # name ckpt out
+  if [ "${STACKS:-0}" = 1 ]; then
+    mkdir -p "$3/$1_stacks" && touch "$3/$1_stacks/PAUSED"
+    export QWEN3TTS_STACK_SAMPLES_DIR="$3/$1_stacks"
+  fi
   setsid python3 -m vllm_qwen3tts.cli serve --model "$2" --port "${PORT[$1]}" --host 127.0.0.1 \
     --max-num-seqs 128 --max-concurrency-per-key 100000 --requests-per-minute-per-key 10000000 \
     --max-queued-requests 4096 --gpu-memory-utilization "${OURS_MEM:-0.15}" \
     --kv-cache-memory-bytes "${OURS_KV_BYTES:-6442450944}" > "$3/$1_server.log" 2>&1 &
   echo $! > "$3/$1.pid"
   date +%s > "$3/$1.started"
+  unset QWEN3TTS_STACK_SAMPLES_DIR
+}
+
+diagnose() {  # name url label out
+  local stacks="$4/$1_stacks" monitor
+  python3 benchmarks/proc_monitor.py --pid "$(cat "$4/$1.pid")" --out "$4/$1_diag_monitor.jsonl" --interval 1 &
+  monitor=$!
+  [ -d "$stacks" ] && { sleep 6; cp -r "$stacks" "$4/$1_stacks_before"; rm -f "$stacks/PAUSED"; }
+  # shellcheck disable=SC2086
+  python3 benchmarks/http_load.py --url "$2" --label "$3, diagnosed" --frames "$frames" --timeout 120 $DIAG \
+    --out "$4/$1_diag.json" 2>&1 | grep -v '^{' | tail -8
+  kill $monitor
+  python3 benchmarks/proc_monitor.py --summary "$4/$1_diag_monitor.jsonl" | tee "$4/$1_diag_cpu.txt"
+  if [ -d "$stacks" ]; then
+    touch "$stacks/PAUSED"; sleep 6  # the samplers write their counts every 5 s
+    python3 benchmarks/fold_stacks.py "$stacks" --since "$4/$1_stacks_before" --top 12 \
+      --out "$4/$1_stacks.json" > "$4/$1_stacks.txt"
+  fi
 }
 
 case $cmd in
@@ -78,8 +104,11 @@ measure)
         "${dialect[@]}" --concurrency "$ramped" --rounds 4 --ramp-s "${RAMP_S:-2}" --out "$out/${name}_ramped.json" \
         2>&1 | grep -v '^{' | tail -16
     fi
+    [ -n "${DIAG:-}" ] && [ "$name" != omni ] && diagnose "$name" "$url" "$label" "$out"
   done
-  ls "$out"/*.json >/dev/null 2>&1 && python3 benchmarks/http_load.py --plot-only "$out"/*.json --plot "$out/all.png" >/dev/null
+  reports=$(ls "$out"/*.json 2>/dev/null | grep -v '_stacks\.json$')  # load reports only
+  # shellcheck disable=SC2086
+  [ -n "$reports" ] && python3 benchmarks/http_load.py --plot-only $reports --plot "$out/all.png" >/dev/null
   for name in ours06 ours17; do grep -E "codec worker: " "$out/${name}_server.log" 2>/dev/null | tail -3; done
   ;;
 stop)

@@ -42,3 +42,9 @@ def test_sampler_writes_folded_stacks_of_the_busy_function(tmp_path: Path):
 def test_sampler_is_off_unless_asked(tmp_path: Path):
     run_probe({"TMPDIR": str(tmp_path)})
     assert not list(tmp_path.rglob("*.folded"))
+
+
+def test_sampler_takes_no_samples_while_paused(tmp_path: Path):
+    (tmp_path / "PAUSED").touch()
+    run_probe({"QWEN3TTS_STACK_SAMPLES_DIR": str(tmp_path)})
+    assert not list(tmp_path.glob("probe-*.folded"))

@@ -5,6 +5,9 @@ Python stack of every thread (`sys._current_frames`) every few milliseconds and 
 `<dir>/<process name>-<pid>.folded` every few seconds, one `thread;outer;...;inner count` line
 per distinct stack (the input format of flamegraph tools; `benchmarks/fold_stacks.py` sums it
 by function). Each process of a server (API server, engine core, codec worker) writes its own.
+While a file named PAUSED exists in that directory, no process samples: a benchmark can start
+a server paused and sample only its diagnostic load, so the sampler's GIL traffic never skews
+the latencies it reports.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 ENV = "QWEN3TTS_STACK_SAMPLES_DIR"
+PAUSE_FILE = "PAUSED"
 _started = False
 
 
@@ -40,21 +44,29 @@ def _sample_forever(path: Path, interval_s: float, flush_every_s: float = 5.0) -
     me = threading.get_ident()
     counts: collections.Counter[str] = collections.Counter()
     flushed = time.monotonic()
+    pause_file = path.parent / PAUSE_FILE
     while True:
         time.sleep(interval_s)
-        names = {t.ident: t.name for t in threading.enumerate()}
-        for ident, frame in sys._current_frames().items():
-            if ident == me:
-                continue
-            stack = []
-            while frame is not None:
-                code = frame.f_code
-                stack.append(f"{code.co_name} ({Path(code.co_filename).name}:{code.co_firstlineno})")
-                frame = frame.f_back
-            stack.append(names.get(ident, str(ident)))
-            counts[";".join(reversed(stack))] += 1
-        if time.monotonic() - flushed >= flush_every_s:
+        if pause_file.exists():
+            time.sleep(0.1)  # one stat per 0.1 s while paused
+        else:
+            _sample_once(counts, me)
+        if counts and time.monotonic() - flushed >= flush_every_s:  # also while paused: the last samples land
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(f"{stack} {n}\n" for stack, n in counts.most_common()))
             tmp.replace(path)
             flushed = time.monotonic()
+
+
+def _sample_once(counts: collections.Counter[str], me: int) -> None:
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        stack = []
+        while frame is not None:
+            code = frame.f_code
+            stack.append(f"{code.co_name} ({Path(code.co_filename).name}:{code.co_firstlineno})")
+            frame = frame.f_back
+        stack.append(names.get(ident, str(ident)))
+        counts[";".join(reversed(stack))] += 1
