@@ -18,7 +18,8 @@
 # STACKS=1 (start): ours run with the stack sampler, paused (vllm_qwen3tts/stack_sampler.py).
 # DIAG="<http_load.py level args>" (measure): for ours, one more load after the others, with the
 # stack sampler on and every server process's CPU and the GPU's utilisation logged (proc_monitor.py);
-# the measured levels before it run unsampled.
+# the measured levels before it run unsampled. FIRST1="<http_load.py level args>" (measure): for
+# ours, those levels again with every request's first chunk 1 frame (`initial_codec_chunk_frames`).
 set -uo pipefail
 cmd=$1; shift
 frames=${FRAMES:-125}
@@ -103,6 +104,12 @@ measure)
       [ -n "$ramped" ] && python3 benchmarks/http_load.py --url "$url" --label "$label, ramped" --frames "$frames" \
         "${dialect[@]}" --concurrency "$ramped" --rounds 4 --ramp-s "${RAMP_S:-2}" --out "$out/${name}_ramped.json" \
         2>&1 | grep -v '^{' | tail -16
+    fi
+    if [ -n "${FIRST1:-}" ] && [ "$name" != omni ]; then
+      # shellcheck disable=SC2086
+      python3 benchmarks/http_load.py --url "$url" --label "$label, first chunk 1 frame" --frames "$frames" \
+        "${dialect[@]}" --extra-body '{"initial_codec_chunk_frames": 1}' $FIRST1 --out "$out/${name}_first1.json" \
+        2>&1 | grep -v '^{' | tail -14
     fi
     [ -n "${DIAG:-}" ] && [ "$name" != omni ] && diagnose "$name" "$url" "$label" "$out"
   done

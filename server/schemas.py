@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine import ChunkSchedule
+
 ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
 
 # OpenAI voice names -> CustomVoice preset speakers. Dialect speakers (eric: Sichuan,
@@ -27,6 +29,9 @@ OPENAI_VOICES = {
     "shimmer": "serena",
     "verse": "aiden",
 }
+
+
+FIRST_CHUNK_MAX_FRAMES = ChunkSchedule.largest
 
 
 class VoiceRef(BaseModel):
@@ -67,6 +72,10 @@ class SpeechBody(BaseModel):
     subtalker_temperature: float | None = Field(None, ge=0.0, le=10.0)
     subtalker_top_k: int | None = Field(None, ge=0, le=2048)
     subtalker_top_p: float | None = Field(None, gt=0.0, le=1.0)
+    initial_codec_chunk_frames: int | None = Field(
+        None, ge=0, le=FIRST_CHUNK_MAX_FRAMES, description="Streaming: frames (80 ms each) in the first audio "
+        "chunk of each sentence; later chunks double up to 25 frames. 0 or unset: the server's default (2). "
+        "Smaller comes sooner (one talker step per frame); vllm-omni's field of the same name")
 
     @property
     def voice_name(self) -> str | None:

@@ -262,7 +262,8 @@ class SpeechService:
             raise bad_request("Base checkpoints do not take instructions", param="instructions")
         segments = [
             SynthesisRequest(text=piece, speaker=speaker, language=body.language or "auto", instructions=instructions,
-                             voice=voice, non_streaming_mode=body.non_streaming_mode, params=params)
+                             voice=voice, non_streaming_mode=body.non_streaming_mode, params=params,
+                             first_chunk_frames=body.initial_codec_chunk_frames or None)
             for piece in (split_sentences(text, max_chars=self.settings.max_segment_chars) if split else [text])
         ]
         if not segments:

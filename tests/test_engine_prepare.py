@@ -84,3 +84,24 @@ def test_chunk_schedule_starts_small_grows_and_names_every_size_it_sends():
     assert default.distinct_sizes() == (2, 4, 8, 16, 25)  # the codec worker's graph lengths
     slow = ChunkSchedule(first=3, growth=1.5, largest=20)
     assert set(itertools.islice(slow.sizes(), 50)) == set(slow.distinct_sizes())
+
+
+def test_a_request_may_start_the_schedule_with_another_first_chunk():
+    import itertools
+
+    from vllm_qwen3tts.engine import ChunkSchedule
+
+    default = ChunkSchedule()
+    assert list(itertools.islice(default.starting_at(1).sizes(), 7)) == [1, 2, 4, 8, 16, 25, 25]
+    assert list(itertools.islice(default.starting_at(25).sizes(), 2)) == [25, 25]
+    assert default.starting_at(None) is default
+    for bad in (0, 26):
+        with pytest.raises(ValueError, match="between 1 and 25"):
+            default.starting_at(bad)
+
+
+def test_a_first_chunk_outside_the_schedule_is_a_prompt_error(engine):
+    from vllm_qwen3tts.engine import SynthesisRequest
+
+    with pytest.raises(PromptError, match="first chunk"):
+        engine.prepare(SynthesisRequest("Hello.", speaker="ryan", first_chunk_frames=26))

@@ -135,6 +135,27 @@ def test_sse_deltas_add_up_to_the_audio_and_end_with_usage(server):
     assert usage["output_tokens"] == FRAMES and usage["total_tokens"] == usage["input_tokens"] + FRAMES
 
 
+def sse_audio_deltas(server, **fields) -> list[bytes]:
+    with httpx.stream("POST", f"{server}/v1/audio/speech", timeout=300, headers={"Authorization": "Bearer alice-key"},
+                      json={"voice": "serena", "response_format": "pcm", "stream_format": "sse", **GREEDY,
+                            "max_new_tokens": FRAMES, **fields}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    return [base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta"]
+
+
+def test_initial_codec_chunk_frames_sets_the_first_streamed_chunk_and_not_the_audio(server):
+    frame_bytes = 1920 * 2  # one 80 ms frame of 16-bit PCM
+    default = sse_audio_deltas(server, input="One sentence.")
+    one = sse_audio_deltas(server, input="One sentence.", initial_codec_chunk_frames=1)
+    five = sse_audio_deltas(server, input="One sentence.", initial_codec_chunk_frames=5)
+    assert [len(d) for d in default[:2]] == [2 * frame_bytes, 4 * frame_bytes]  # the server's schedule
+    assert [len(d) for d in one[:3]] == [frame_bytes, 2 * frame_bytes, 4 * frame_bytes]
+    assert [len(d) for d in five[:2]] == [5 * frame_bytes, 5 * frame_bytes]  # 5, then the rest of 10 frames
+    assert_same_audio(b"".join(one), b"".join(default))
+    assert_same_audio(b"".join(five), b"".join(default))
+
+
 def test_websocket_text_in_pieces_audio_out_per_sentence(server):
     sentences = ["The first sentence arrives in pieces.", "A second one follows."]
 
@@ -217,6 +238,7 @@ def test_openai_voice_names_map_to_builtin_speakers(server):
     ({"input": "hi", "voice": "ryan", "model": "someone-else"}, 404, "model"),
     ({"input": "hi", "voice": "ryan", "unknown_field": 1}, 400, None),
     ({"input": "hi", "voice": "ryan", "min_new_tokens": 9, "max_new_tokens": 5}, 400, "min_new_tokens"),
+    ({"input": "hi", "voice": "ryan", "initial_codec_chunk_frames": 26}, 400, None),
 ])
 def test_bad_input_gets_an_openai_style_error(server, body, status, param):
     r = httpx.post(f"{server}/v1/audio/speech", json=body, headers={"Authorization": "Bearer alice-key"}, timeout=60)

@@ -79,6 +79,7 @@ class SynthesisRequest:
     voice: VoiceProfile | None = None  # Base: a cloned voice
     non_streaming_mode: bool | None = None
     params: SynthesisParams = field(default_factory=SynthesisParams)
+    first_chunk_frames: int | None = None  # streaming: frames of the first chunk (None: the engine's schedule)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,14 @@ class ChunkSchedule:
         while True:
             yield int(size)
             size = min(size * self.growth, self.largest)
+
+    def starting_at(self, first: int | None) -> "ChunkSchedule":
+        """This schedule with another first chunk (None: unchanged); ValueError outside [1, largest]."""
+        if first is None:
+            return self
+        if not 1 <= first <= self.largest:
+            raise ValueError(f"the first chunk must have between 1 and {self.largest} frames, got {first}")
+        return replace(self, first=first)
 
     def distinct_sizes(self) -> tuple[int, ...]:
         """Every chunk length this schedule sends (the codec worker captures CUDA graphs for them)."""
@@ -140,6 +149,10 @@ class TTSEngine:
         from vllm.inputs import TokensPrompt
 
         cfg = self.config
+        try:
+            self.chunk_schedule.starting_at(req.first_chunk_frames)
+        except ValueError as e:
+            raise PromptError(str(e)) from None
         voice = req.voice
         recipe = build_prompt(cfg, self.tokenizer, SpeechRequest(
             text=req.text, language=req.language or "auto", speaker=req.speaker, instructions=req.instructions,
@@ -210,7 +223,7 @@ class TTSEngine:
         if req.voice is not None and req.voice.ref_codes:
             context = np.asarray(req.voice.ref_codes, dtype=np.int64)
         await self.codec.open_stream(request_id, context)
-        sizes = self.chunk_schedule.sizes()
+        sizes = self.chunk_schedule.starting_at(req.first_chunk_frames).sizes()
         want = next(sizes)
         pending: list[list[int]] = []
         done = False

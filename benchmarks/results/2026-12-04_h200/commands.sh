@@ -4,8 +4,9 @@
 # tarball per call.
 #   a: install, full-size checkpoints, then ours (0.6B, 1.7B; codec workers started before vLLM,
 #      stack samplers paused) and vllm-omni (0.6B) started together (gpu_matrix.sh): time to ready
-#   b: the HTTP loads of ours (burst and ramped closed loops, Poisson rates), then per server one
-#      ramped c=128 load with stacks sampled and per-process CPU logged
+#   b: the HTTP loads of ours (burst and ramped closed loops, Poisson rates), the TTFA levels again
+#      with a 1-frame first chunk (initial_codec_chunk_frames=1), then per server one ramped c=128
+#      load with stacks sampled and per-process CPU logged
 #   c: the same loads of vllm-omni, then the servers stopped and the talker alone at batch 1 and
 #      128 with a torch profile at 128 (where the fused sampler's saving went)
 set -uo pipefail
@@ -40,6 +41,7 @@ a)
   echo "phase a done after ${SECONDS} s"
   ;;
 b)
+  FIRST1="--concurrency 1 --rounds 4 --rates 1,20 --duration 15 --voice vivian" \
   DIAG="--concurrency 128 --rounds 3 --ramp-s 2 --voice vivian" \
     bash benchmarks/gpu_matrix.sh measure $R/m "$LEVELS" ours06 ours17
   startup_lines
