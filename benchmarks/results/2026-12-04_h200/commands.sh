@@ -7,6 +7,7 @@
 #   b: the HTTP loads of ours (burst and ramped closed loops, Poisson rates), the TTFA levels again
 #      with a 1-frame first chunk (initial_codec_chunk_frames=1), then per server one ramped c=128
 #      load with stacks sampled and per-process CPU logged
+#   solo: what ran instead of b and c after phase a's machine was lost (see there)
 #   c: the same loads of vllm-omni, then the servers stopped and the talker alone at batch 1 and
 #      128 with a torch profile at 128 (where the fused sampler's saving went)
 set -uo pipefail
@@ -21,6 +22,31 @@ startup_lines() {  # what each server's start spent its time on
   done
 }
 case $phase in
+solo)
+  # After the machine of phase a was lost before phase b: one call, ours only (no vllm-omni),
+  # 0.6B measured in full, then 1.7B's first-audio levels while the call's time lasts.
+  python3 -m pip install -q --no-deps --no-build-isolation -e . > $R/pip.log 2>&1
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__)"
+    git log --oneline -1; git status --short | head -20; } > $R/machine.txt 2>&1
+  for v in 0.6b 1.7b; do
+    python3 -m vllm_qwen3tts.cli make-checkpoint --variant $v-custom_voice --scale full --out /tmp/ck$v > $R/ckpt_$v.log 2>&1 &
+  done
+  wait
+  echo "checkpoints after ${SECONDS} s"
+  OMNI=0 STACKS=1 START_WAIT_S=$((330 - SECONDS)) bash benchmarks/gpu_matrix.sh start /tmp/ck0.6b /tmp/ck1.7b $R/m
+  startup_lines; pack
+  FIRST1="--concurrency 1 --rounds 4 --rates 1,20 --duration 15 --voice vivian" \
+  DIAG="--concurrency 128 --rounds 3 --ramp-s 2 --voice vivian" \
+    bash benchmarks/gpu_matrix.sh measure $R/m "$LEVELS" ours06
+  echo "ours06 measured after ${SECONDS} s"; pack
+  if [ $SECONDS -lt 450 ]; then
+    RAMP_S=0 FIRST1="--concurrency 1 --rounds 4 --rates 1,20 --duration 15 --voice vivian" \
+      bash benchmarks/gpu_matrix.sh measure $R/m "--concurrency 1,128 --rounds 2 --rates 1,20 --duration 15 --voice vivian" ours17
+  fi
+  startup_lines
+  echo "solo done after ${SECONDS} s"
+  ;;
 a)
   python3 -m pip install -q --no-deps --no-build-isolation -e . > $R/pip.log 2>&1
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
