@@ -545,6 +545,11 @@ def serve(
     """Load the models, bind `address` and serve until SIGTERM / SIGINT (or until the process
     `parent_pid` is gone, so a spawned worker never outlives a crashed parent). Without
     `provision`, streams can be opened only after a client's `Provision` request."""
+    from vllm_qwen3tts.stack_sampler import start_from_env
+
+    # diagnostics, off unless QWEN3TTS_STACK_SAMPLES_DIR is set; here, so that workers spawned by
+    # the server and workers launched before vLLM by `vllm-qwen3tts serve` both sample
+    start_from_env("codec-worker")
     worker = CodecWorker(config, provision=provision)
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -622,9 +627,6 @@ def _spawned_worker_main(
     config: CodecWorkerConfig, address: str, parent_pid: int, ready: Connection, socket_dir: str | None
 ) -> None:
     _configure_logging()
-    from vllm_qwen3tts.stack_sampler import start_from_env
-
-    start_from_env("codec-worker")  # diagnostics, off unless QWEN3TTS_STACK_SAMPLES_DIR is set
     try:
         serve(config, address, parent_pid=parent_pid, on_ready=lambda: ready.send(("ready", None)))
     except BaseException as e:

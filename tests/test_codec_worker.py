@@ -567,3 +567,17 @@ def test_launched_worker_exits_when_its_parent_is_killed(base_checkpoint):
         time.sleep(0.1)
     assert not running(worker_pid)
     assert not socket_path.parent.exists()
+
+
+def test_launched_worker_samples_its_stacks_when_asked(base_checkpoint, tmp_path):
+    env = {**os.environ, "QWEN3TTS_STACK_SAMPLES_DIR": str(tmp_path)}
+    launched = launch_codec_worker(str(base_checkpoint), "cpu", env)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("codec-worker-*.folded")):  # the sampler writes every 5 s
+            assert time.monotonic() < deadline and launched.is_alive()
+            time.sleep(0.2)
+    finally:
+        launched.stop()
+    (folded,) = tmp_path.glob(f"codec-worker-{launched.pid}.folded")
+    assert "MainThread;" in folded.read_text()
