@@ -223,10 +223,13 @@ def test_an_empty_wav_stream_is_a_valid_file():
 
 
 def test_out_of_range_samples_clip_instead_of_wrapping():
-    pcm = np.array([0.0, 0.5, 1.0, 1.5, -1.0, -3.0, np.nan], dtype=np.float32)
-    assert to_int16(pcm).tolist() == [0, 16384, 32767, 32767, -32767, -32767, 0]
+    pcm = np.array([0.0, 0.5, 1.0, 1.5, -1.0, -3.0, np.nan, np.inf, -np.inf], dtype=np.float32)
+    expected = [0, 16384, 32767, 32767, -32767, -32767, 0, 32767, -32767]
+    before = pcm.copy()
+    assert to_int16(pcm).tolist() == expected
+    np.testing.assert_array_equal(pcm, before)  # the caller's samples are left as they were
     samples, _ = sf.read(io.BytesIO(encode_audio(pcm, "wav")), dtype="int16")
-    assert samples.tolist() == [0, 16384, 32767, 32767, -32767, -32767, 0]
+    assert samples.tolist() == expected
 
 
 @pytest.mark.parametrize("fmt", LOSSY)

@@ -124,6 +124,25 @@ def test_abort_mid_stream_frees_engine_and_codec_state(custom_voice):
     assert tts.generate([as_request(CUSTOM_VOICE_CASES[3])])[0].codes.shape == (FRAMES, 16)
 
 
+def test_a_request_whose_codec_stream_cannot_open_fails_and_leaves_nothing_running(custom_voice):
+    from vllm_qwen3tts.codec.client import CodecError
+
+    tts, _ = custom_voice
+    codec = tts.engine.codec
+    fillers = [f"filler-{i}" for i in range(tts._run(codec.stats()).max_streams)]
+    for stream_id in fillers:  # every codec stream slot taken
+        tts._run(codec.open_stream(stream_id))
+    try:
+        with pytest.raises(CodecError, match="stream"):
+            tts.generate([as_request(CUSTOM_VOICE_CASES[0])])
+        assert tts._running.llm.output_processor.get_num_unfinished_requests() == 0
+        assert tts._run(codec.stats()).active_streams == len(fillers)
+    finally:
+        for stream_id in fillers:
+            tts._run(codec.close_stream(stream_id))
+    assert tts.generate([as_request(CUSTOM_VOICE_CASES[0])])[0].codes.shape == (FRAMES, 16)
+
+
 def test_voice_design_matches_official(tiny_checkpoint):
     path = tiny_checkpoint("1.7b-voice_design")
     cases = [

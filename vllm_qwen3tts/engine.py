@@ -222,7 +222,10 @@ class TTSEngine:
         context = None
         if req.voice is not None and req.voice.ref_codes:
             context = np.asarray(req.voice.ref_codes, dtype=np.int64)
-        await self.codec.open_stream(request_id, context)
+        # The codec stream opens while the talker prefills, not before it: under load the worker
+        # answers only between decoder calls (tens of ms), and a voice clone's reference codes
+        # are decoded into the stream's state at open.
+        opening = asyncio.ensure_future(self.codec.open_stream(request_id, context))
         sizes = self.chunk_schedule.starting_at(req.first_chunk_frames).sizes()
         want = next(sizes)
         pending: list[list[int]] = []
@@ -235,18 +238,25 @@ class TTSEngine:
                 # (a consumer that fell behind): the client's first audio stays small.
                 while len(pending) > want or (len(pending) == want and not out.finished):
                     chunk, pending = np.asarray(pending[:want], dtype=np.int64), pending[want:]
+                    await opening
                     yield AudioChunk(await self.codec.decode(request_id, chunk, final=False), chunk)
                     want = next(sizes)
                 if out.finished:
                     done = True
                     chunk = np.asarray(pending, dtype=np.int64).reshape(-1, 16)
+                    await opening
                     audio = (await self.codec.decode(request_id, chunk, final=True) if len(chunk)
                              else np.zeros(0, dtype=np.float32))
                     yield AudioChunk(audio, chunk, finish_reason=completion.finish_reason or "stop")
         finally:
             if not done:
                 await self.engine.abort(request_id)
-            await self.codec.close_stream(request_id)
+            # Let the open finish (not cancelled: the worker would hold a stream nobody closes),
+            # then close; a failed open has nothing to close, and its error was raised above or
+            # is moot because the request ended first.
+            await asyncio.wait({opening})
+            if not opening.cancelled() and opening.exception() is None:
+                await self.codec.close_stream(request_id)
 
     async def synthesize(self, req: SynthesisRequest, request_id: str | None = None) -> SynthesisResult:
         audio, codes, finish_reason = [], [], "stop"
