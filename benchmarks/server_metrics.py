@@ -24,6 +24,7 @@ HISTOGRAMS = {  # prefix of the *_sum / *_count series -> field name
     "vllm:request_queue_time_seconds": "queue",
     "vllm:request_prefill_time_seconds": "prefill",
     "qwen3tts_time_to_first_audio_seconds": "server_ttfa",
+    "qwen3tts_request_prepare_seconds": "server_prepare",
 }
 COUNTERS = ("vllm:iteration_tokens_total_count", "vllm:iteration_tokens_total_sum",
             "qwen3tts_codec_decode_seconds_total", "qwen3tts_codec_batches_total", "qwen3tts_codec_frames_total")
@@ -67,6 +68,7 @@ class EngineView:
     queue_ms: float | None = None
     prefill_ms: float | None = None
     server_ttfa_ms: float | None = None
+    server_prepare_ms: float | None = None  # arrival to synthesis start (part of server TTFA)
     codec_busy: float | None = None  # share of the level's wall time in decoder calls
     codec_frames_per_call: float | None = None
 

@@ -11,11 +11,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+PREPARE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass(frozen=True)
 class SpeechMetrics:
     time_to_first_audio: Histogram
+    prepare: Histogram
     real_time_factor: Histogram
     audio_seconds: Counter
     requests: Counter
@@ -29,6 +31,8 @@ def speech_metrics() -> SpeechMetrics:
     return SpeechMetrics(
         time_to_first_audio=Histogram("qwen3tts_time_to_first_audio_seconds",
                                       "From request arrival to the first audio bytes", buckets=LATENCY_BUCKETS),
+        prepare=Histogram("qwen3tts_request_prepare_seconds", "From request arrival to the start of synthesis "
+                          "(admission, validation, voice, prompts)", buckets=PREPARE_BUCKETS),
         real_time_factor=Histogram("qwen3tts_real_time_factor", "Synthesis wall time / audio duration",
                                    buckets=RTF_BUCKETS),
         audio_seconds=Counter("qwen3tts_audio_seconds", "Seconds of audio produced", ["tenant"]),

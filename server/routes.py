@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import time
 import uuid
 from typing import Any
 
@@ -64,13 +65,14 @@ def usage_of(job: SpeechJob) -> Usage:
 
 @router.post("/v1/audio/speech", responses={**AUDIO_RESPONSE, **ERROR_RESPONSES}, response_class=Response)
 async def create_speech(body: SpeechBody, request: Request) -> Response:
+    received = time.perf_counter()
     try:
         svc = service_of(request)
         tenant = svc.authenticate(request.headers.get("authorization"))
         stack = contextlib.AsyncExitStack()
         ticket = await stack.enter_async_context(svc.admit(tenant, "speech"))
         try:
-            job = await svc.prepare(body, tenant, ticket.priority)
+            job = await svc.prepare(body, tenant, ticket.priority, received=received)
         except BaseException:
             await stack.aclose()
             raise

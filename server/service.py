@@ -231,9 +231,13 @@ class SpeechService:
 
     # ------------------------------------------------------------------ requests
 
-    async def prepare(self, body: SpeechBody, tenant: Tenant, priority: int = 0, split: bool = True) -> SpeechJob:
+    async def prepare(self, body: SpeechBody, tenant: Tenant, priority: int = 0, split: bool = True,
+                      received: float | None = None) -> SpeechJob:
         """Validate everything before any audio is sent, so errors are HTTP errors. `split`: cut
-        long input at sentence boundaries (off for text that arrives already as a sentence)."""
+        long input at sentence boundaries (off for text that arrives already as a sentence).
+        `received`: when the request arrived (`time.perf_counter()`; default now), which the
+        job's latencies (time to first audio, wall time) count from."""
+        received = time.perf_counter() if received is None else received
         kind = self.config.tts_model_type
         if body.task_type is not None and body.task_type != TASK_TYPES[kind]:
             raise bad_request(f"task_type {body.task_type} does not match the served checkpoint "
@@ -275,7 +279,9 @@ class SpeechService:
             except PromptError as e:
                 raise bad_request(str(e), param=_param_of(str(e))) from e
             input_tokens += len(prompt["prompt_token_ids"])
-        return SpeechJob(segments, body.speed, input_tokens, tenant, priority if self.llm_priority else 0)
+        self.metrics.prepare.observe(time.perf_counter() - received)
+        return SpeechJob(segments, body.speed, input_tokens, tenant, priority if self.llm_priority else 0,
+                         started=received)
 
     async def _resolve_voice(self, body: SpeechBody, tenant: Tenant) -> tuple[str | None, VoiceProfile | None]:
         kind = self.config.tts_model_type

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -446,4 +447,6 @@ def test_load_generator_measures_this_server(server, tmp_path):
     assert inside["steps_per_s"] > 0 and inside["tokens_per_step"] >= 1
     assert 0 < inside["itl_ms"] and 0 < inside["engine_ttft_ms"] <= inside["server_ttfa_ms"]
     assert inside["codec_frames_per_call"] >= 2 and inside["codec_busy"] > 0
+    assert 0 < inside["server_prepare_ms"] < inside["server_ttfa_ms"]  # part of the server's first-audio time
+    assert 0 < closed["client_cpu"] <= os.cpu_count()
     assert "Inside the server" in (tmp_path / "load.md").read_text()
