@@ -249,8 +249,11 @@ class LoadRunner:
         self.rng = random.Random(args.seed)
         self.counter = 0
         self.extra = json.loads(args.extra_body) if args.extra_body else {}
+        # Idle connections expire well before a server's keep-alive timeout (uvicorn's is 5 s, the
+        # same as httpx's default expiry), so the client never reuses one the server is closing.
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(args.timeout, connect=30.0),
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512))
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512,
+                                                            keepalive_expiry=2.0))
 
     def next_body(self, frames: int | None) -> dict:
         self.counter += 1
