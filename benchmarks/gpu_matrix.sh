@@ -20,10 +20,18 @@
 # stack sampler on and every server process's CPU and the GPU's utilisation logged (proc_monitor.py);
 # the measured levels before it run unsampled. FIRST1="<http_load.py level args>" (measure): for
 # ours, those levels again with every request's first chunk 1 frame (`initial_codec_chunk_frames`).
+# MPS06=1 (start, stop): a third server of ours, ours06mps (0.6B, port 8767), runs under a CUDA MPS
+# control daemon private to it (as benchmarks/with_mps.sh; no GPU setting changes), so its engine's
+# and codec worker's kernels share the SMs while the other servers time-slice as usual: an A/B of
+# MPS on one machine. Leave vllm-omni out then (OMNI=0): four servers do not fit in memory. Not yet
+# run: that MPS and non-MPS contexts share the GPU (default compute mode) is NVIDIA's documented
+# behaviour, not something seen here.
 set -uo pipefail
 cmd=$1; shift
 frames=${FRAMES:-125}
-declare -A PORT=([ours06]=8765 [ours17]=8766 [omni]=8091)
+declare -A PORT=([ours06]=8765 [ours17]=8766 [ours06mps]=8767 [omni]=8091)
+ours=(ours06 ours17); [ "${MPS06:-0}" = 1 ] && ours+=(ours06mps)
+mps_dir() { echo "$1/mps"; }  # out
 
 wait_for() {  # url seconds
   for _ in $(seq 1 $(($2 / 2))); do curl -sf --max-time 2 "$1" >/dev/null && return 0; sleep 2; done
@@ -73,7 +81,13 @@ start)
   fi
   start_ours ours06 "$ck06" "$out"
   start_ours ours17 "$ck17" "$out"  # fixed KV caches: no need to start one after the other
-  for name in ours06 ours17; do
+  if [ "${MPS06:-0}" = 1 ]; then
+    mkdir -p "$(mps_dir "$out")/pipe" "$(mps_dir "$out")/log"
+    export CUDA_MPS_PIPE_DIRECTORY="$(mps_dir "$out")/pipe" CUDA_MPS_LOG_DIRECTORY="$(mps_dir "$out")/log"
+    if nvidia-cuda-mps-control -d; then start_ours ours06mps "$ck06" "$out"; else echo "no MPS control daemon"; fi
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+  for name in "${ours[@]}"; do
     if wait_for "http://127.0.0.1:${PORT[$name]}/ready" $(( ${START_WAIT_S:-480} - ($(date +%s) - t0) )); then
       echo "$name ready after $(( $(date +%s) - $(cat "$out/$name.started") )) s from its start"
     else
@@ -92,7 +106,7 @@ measure)
     else
       curl -sf "http://127.0.0.1:${PORT[$name]}/ready" >/dev/null || { echo "$name not ready"; continue; }
       dialect=(--timeout 120)
-      label="ours $( [ $name = ours06 ] && echo 0.6B || echo 1.7B )"
+      case $name in ours06) label="ours 0.6B" ;; ours17) label="ours 1.7B" ;; ours06mps) label="ours 0.6B, MPS" ;; esac
     fi
     url="http://127.0.0.1:${PORT[$name]}"
     # shellcheck disable=SC2086
@@ -116,12 +130,15 @@ measure)
   reports=$(ls "$out"/*.json 2>/dev/null | grep -v '_stacks\.json$')  # load reports only
   # shellcheck disable=SC2086
   [ -n "$reports" ] && python3 benchmarks/http_load.py --plot-only $reports --plot "$out/all.png" >/dev/null
-  for name in ours06 ours17; do grep -E "codec worker: " "$out/${name}_server.log" 2>/dev/null | tail -3; done
+  for name in "${ours[@]}"; do grep -E "codec worker: " "$out/${name}_server.log" 2>/dev/null | tail -3; done
   ;;
 stop)
   out=$1
   kill -- -"$(cat "$out/omni/omni.pgid" 2>/dev/null)" 2>/dev/null
-  for name in ours06 ours17; do kill -- -"$(cat "$out/$name.pid" 2>/dev/null)" 2>/dev/null; done
+  for name in ours06 ours17 ours06mps; do kill -- -"$(cat "$out/$name.pid" 2>/dev/null)" 2>/dev/null; done
+  if [ -d "$(mps_dir "$out")/pipe" ]; then
+    sleep 3; echo quit | CUDA_MPS_PIPE_DIRECTORY="$(mps_dir "$out")/pipe" nvidia-cuda-mps-control
+  fi
   ;;
 esac
 true
