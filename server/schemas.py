@@ -31,9 +31,6 @@ OPENAI_VOICES = {
 }
 
 
-FIRST_CHUNK_MAX_FRAMES = ChunkSchedule.largest
-
-
 class VoiceRef(BaseModel):
     id: str
 
@@ -73,7 +70,7 @@ class SpeechBody(BaseModel):
     subtalker_top_k: int | None = Field(None, ge=0, le=2048)
     subtalker_top_p: float | None = Field(None, gt=0.0, le=1.0)
     initial_codec_chunk_frames: int | None = Field(
-        None, ge=0, le=FIRST_CHUNK_MAX_FRAMES, description="Streaming: frames (80 ms each) in the first audio "
+        None, ge=0, le=ChunkSchedule.largest, description="Streaming: frames (80 ms each) in the first audio "
         "chunk of each sentence; later chunks double up to 25 frames. 0 or unset: the server's default (2). "
         "Smaller comes sooner (one talker step per frame); vllm-omni's field of the same name")
 

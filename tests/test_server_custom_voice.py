@@ -119,15 +119,7 @@ def test_streamed_chunks_concatenate_to_the_non_streamed_audio(server):
 
 def test_sse_deltas_add_up_to_the_audio_and_end_with_usage(server):
     text = "Server sent events."
-    events = []
-    with httpx.stream("POST", f"{server}/v1/audio/speech", timeout=300,
-                      headers={"Authorization": "Bearer alice-key"},
-                      json={"input": text, "voice": "serena", "response_format": "pcm", "stream_format": "sse",
-                            **GREEDY, "max_new_tokens": FRAMES}) as r:
-        assert r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line[6:]))
+    events = sse_events(server, input=text)
     deltas = [e for e in events if e["type"] == "speech.audio.delta"]
     assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
     audio = b"".join(base64.b64decode(e["audio"]) for e in deltas)
@@ -136,13 +128,17 @@ def test_sse_deltas_add_up_to_the_audio_and_end_with_usage(server):
     assert usage["output_tokens"] == FRAMES and usage["total_tokens"] == usage["input_tokens"] + FRAMES
 
 
-def sse_audio_deltas(server, **fields) -> list[bytes]:
+def sse_events(server, **fields) -> list[dict]:
+    """The events of one SSE speech request (serena, 16-bit PCM, greedy, FRAMES frames per sentence)."""
     with httpx.stream("POST", f"{server}/v1/audio/speech", timeout=300, headers={"Authorization": "Bearer alice-key"},
                       json={"voice": "serena", "response_format": "pcm", "stream_format": "sse", **GREEDY,
                             "max_new_tokens": FRAMES, **fields}) as r:
-        assert r.status_code == 200
-        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
-    return [base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta"]
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def sse_audio_deltas(server, **fields) -> list[bytes]:
+    return [base64.b64decode(e["audio"]) for e in sse_events(server, **fields) if e["type"] == "speech.audio.delta"]
 
 
 def test_initial_codec_chunk_frames_sets_the_first_streamed_chunk_and_not_the_audio(server):

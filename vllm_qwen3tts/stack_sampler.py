@@ -45,17 +45,19 @@ def _sample_forever(path: Path, interval_s: float, flush_every_s: float = 5.0) -
     counts: collections.Counter[str] = collections.Counter()
     flushed = time.monotonic()
     pause_file = path.parent / PAUSE_FILE
+    unwritten = False  # samples taken since the last write
     while True:
         time.sleep(interval_s)
         if pause_file.exists():
             time.sleep(0.1)  # one stat per 0.1 s while paused
         else:
             _sample_once(counts, me)
-        if counts and time.monotonic() - flushed >= flush_every_s:  # also while paused: the last samples land
+            unwritten = True
+        if unwritten and time.monotonic() - flushed >= flush_every_s:  # also once paused: the last samples land
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(f"{stack} {n}\n" for stack, n in counts.most_common()))
             tmp.replace(path)
-            flushed = time.monotonic()
+            flushed, unwritten = time.monotonic(), False
 
 
 def _sample_once(counts: collections.Counter[str], me: int) -> None:
