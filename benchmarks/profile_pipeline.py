@@ -11,12 +11,16 @@
 
     python benchmarks/profile_pipeline.py --model DIR codec --batches 1,16,64,128 --chunks 2,25
     python benchmarks/profile_pipeline.py --model DIR talker --batches 1,64,128 --profile-batch 64
+
+The talker stage also times one request alone from arrival to its first frame (a 1-frame
+request: the prefill step) and profiles it (`--prefill-iters`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import time
@@ -101,6 +105,7 @@ def labelled_stages():
     from vllm_qwen3tts.talker import model_state_v2
     from vllm_qwen3tts.talker.frame_graphs import FrameCompleter
     from vllm_qwen3tts.talker.model import Qwen3TTSTalkerForVLLM
+    from vllm_qwen3tts.talker.state import TalkerState
 
     patched = []
 
@@ -119,6 +124,19 @@ def labelled_stages():
     wrap(model_state_v2.TalkerSampler, "__call__", "qwen3tts.sampler_total")
     wrap(FrameCompleter, "__call__", "qwen3tts.frame_completion")
     wrap(model_state_v2.Qwen3TTSModelState, "prepare_inputs", "qwen3tts.prepare_inputs")
+    wrap(model_state_v2.Qwen3TTSModelState, "add_request", "qwen3tts.add_request")
+    wrap(TalkerState, "embed", "qwen3tts.input_embeddings")
+    # vLLM's own steps, where this version has them (names differ between versions)
+    for module, owner, name in (("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "execute_model"),
+                                ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "sample_tokens"),
+                                ("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
+                                ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output")):
+        try:
+            cls = getattr(importlib.import_module(module), owner)
+        except (ImportError, AttributeError):
+            continue
+        if hasattr(cls, name):
+            wrap(cls, name, f"qwen3tts.vllm.{owner}.{name}")
     try:
         yield
     finally:
@@ -174,6 +192,8 @@ def bench_talker(args) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    prefill = bench_prefill(llm, requests, args) if args.prefill_iters else None
+
     profile = None
     if args.profile_batch:
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -199,7 +219,53 @@ def bench_talker(args) -> dict:
         if args.trace:
             prof.export_chrome_trace(args.trace)
         Path(args.out).with_suffix(".tables.txt").write_text(by_gpu + "\n\n" + by_cpu)
-    return dict(stage="talker", dtype=args.dtype, startup_s=round(startup, 1), rows=rows, profile=profile)
+    return dict(stage="talker", dtype=args.dtype, startup_s=round(startup, 1), rows=rows, prefill=prefill,
+                profile=profile)
+
+
+def bench_prefill(llm, requests, args) -> dict:
+    """One request alone: the wall time of a 1-frame request (its prefill step: the talker over
+    the prompt, code 0 sampled, the frame completed) against a 2-frame one (one decode step more),
+    then a torch profile of a few 1-frame requests split into our stages, with the GPU's kernel
+    time beside the wall time (launch-bound or not)."""
+    import statistics
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    def wall_ms(frames: int) -> list[float]:
+        times = []
+        for i in range(args.prefill_iters):
+            t0 = time.perf_counter()
+            llm.generate(*requests(1, frames, 1000 + i), use_tqdm=False)
+            times.append(1000 * (time.perf_counter() - t0))
+        return times
+
+    wall_ms(1)  # warm-up
+    one, two = wall_ms(1), wall_ms(2)
+    result = dict(one_frame_ms_median=round(statistics.median(one), 2), one_frame_ms_min=round(min(one), 2),
+                  two_frames_ms_median=round(statistics.median(two), 2))
+    calls = 5
+    with labelled_stages(), torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) as prof:
+        t0 = time.perf_counter()
+        for i in range(calls):
+            llm.generate(*requests(1, 1, 2000 + i), use_tqdm=False)
+        wall = (time.perf_counter() - t0) / calls
+    events = prof.key_averages()
+    result.update(
+        profiled_wall_ms=round(1000 * wall, 2),
+        gpu_kernel_ms=round(sum(e.self_device_time_total for e in events) / 1000 / calls, 2),
+        stages={e.key: dict(cpu_ms=round(e.cpu_time_total / 1000 / calls, 2), gpu_ms=round(e.device_time_total / 1000 / calls, 2))
+                for e in events if e.key.startswith("qwen3tts.")},
+    )
+    print(json.dumps(dict(prefill=result), indent=1), flush=True)
+    tables = (events.table(sort_by="cpu_time_total", row_limit=40) + "\n\n"
+              + events.table(sort_by="self_device_time_total", row_limit=25))
+    print(tables, flush=True)
+    Path(args.out).with_suffix(".prefill_tables.txt").write_text(tables)
+    if args.trace:
+        prof.export_chrome_trace(str(Path(args.trace).with_suffix(".prefill.json")))
+    return result
 
 
 def main() -> None:
@@ -223,6 +289,8 @@ def main() -> None:
     t.add_argument("--frames-long", type=int, default=100)
     t.add_argument("--profile-batch", type=int, default=64, help="0: no torch profile")
     t.add_argument("--profile-steps", type=int, default=20)
+    t.add_argument("--prefill-iters", type=int, default=20,
+                   help="1-frame and 2-frame requests alone, this many each, then a profile of 1-frame ones (0: none)")
     t.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     t.add_argument("--trace", default=None, help="also write a Chrome trace here")
     args = ap.parse_args()

@@ -60,7 +60,8 @@ class SpeechEndpointPlugin:
         else:
             devices = list(settings.codec_devices) or codec_devices_for(vllm_config.parallel_config, on_gpu)
             workers, clients = await start_workers(model_dir, devices, max_streams, chunk_lengths)
-        engine = TTSEngine(engine_client, CodecPool(clients), model_dir, max_model_len=vllm_config.model_config.max_model_len)
+        engine = TTSEngine(engine_client, CodecPool(clients), model_dir, max_model_len=vllm_config.model_config.max_model_len,
+                           chunk_schedule=ChunkSchedule(light_load_streams=settings.light_load_streams))
         names = args.served_model_name or [args.model]
         served = [names] if isinstance(names, str) else list(names)
         service = SpeechService(engine, settings, served, codec_workers=workers,

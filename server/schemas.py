@@ -71,8 +71,9 @@ class SpeechBody(BaseModel):
     subtalker_top_p: float | None = Field(None, gt=0.0, le=1.0)
     initial_codec_chunk_frames: int | None = Field(
         None, ge=0, le=ChunkSchedule.largest, description="Streaming: frames (80 ms each) in the first audio "
-        "chunk of each sentence; later chunks double up to 25 frames. 0 or unset: the server's default (2). "
-        "Smaller comes sooner (one talker step per frame); vllm-omni's field of the same name")
+        "chunk of each sentence; later chunks double up to 25 frames. 0 or unset: the server's choice by load "
+        "(1 while at most 32 streams are being synthesized, else 2). Smaller comes sooner (one talker step per "
+        "frame); vllm-omni's field of the same name")
 
     @property
     def voice_name(self) -> str | None:

@@ -69,6 +69,9 @@ class ServerSettings:
     codec_devices: tuple[str, ...] = ()
     warmup: bool = True
     max_frames_per_segment: int | None = None  # cap on generated frames per sentence (None: the model's room)
+    # A request arriving while at most this many streams are being synthesized gets a 1-frame
+    # first chunk (sooner first audio), beyond that 2 frames (ChunkSchedule.for_load); 0: always 2.
+    light_load_streams: int = 32
 
     @classmethod
     def from_env(cls) -> "ServerSettings":
@@ -87,6 +90,7 @@ class ServerSettings:
             codec_devices=tuple(_env_list("QWEN3TTS_CODEC_DEVICES") or _env_list("QWEN3TTS_CODEC_DEVICE")),
             warmup=e("QWEN3TTS_WARMUP", "1") == "1",
             max_frames_per_segment=int(e("QWEN3TTS_MAX_FRAMES")) if e("QWEN3TTS_MAX_FRAMES") else None,
+            light_load_streams=int(e("QWEN3TTS_LIGHT_LOAD_STREAMS", cls.light_load_streams)),
         )
 
 

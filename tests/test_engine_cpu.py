@@ -92,6 +92,30 @@ def test_streamed_chunks_concatenate_to_the_whole_utterance(custom_voice, tiny_c
     assert chunks[-1].finish_reason == "length"
 
 
+def test_the_first_chunk_grows_from_one_to_two_frames_as_streams_pile_up(custom_voice):
+    from dataclasses import replace
+
+    tts, _ = custom_voice
+    engine = tts.engine
+    schedule = engine.chunk_schedule
+    engine.chunk_schedule = replace(schedule, light_load_streams=2)
+
+    async def first_chunks() -> list[int]:
+        async def first(req) -> int:
+            sizes = [len(chunk.codes) async for chunk in engine.stream(req)]
+            assert sum(sizes) == FRAMES
+            return sizes[0]
+
+        # gather starts them in order: each sees the ones before it synthesizing
+        return await asyncio.gather(*(first(as_request(c)) for c in CUSTOM_VOICE_CASES[:3]))
+
+    try:
+        assert tts._run(first_chunks()) == [1, 1, 2]
+        assert engine.active_streams == 0
+    finally:
+        engine.chunk_schedule = schedule
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent(custom_voice):
     tts, _ = custom_voice
     case = CUSTOM_VOICE_CASES[0]

@@ -100,6 +100,19 @@ def test_a_request_may_start_the_schedule_with_another_first_chunk():
             default.starting_at(bad)
 
 
+def test_the_first_chunk_is_one_frame_while_few_streams_run_and_two_beyond():
+    import itertools
+
+    from vllm_qwen3tts.engine import ChunkSchedule
+
+    default = ChunkSchedule()
+    assert list(itertools.islice(default.for_load(1).sizes(), 3)) == [1, 2, 4]
+    assert default.for_load(32).first == 1 and default.for_load(33).first == 2
+    assert ChunkSchedule(light_load_streams=0).for_load(1).first == 2  # 0: never a 1-frame first chunk
+    # every size it sends is still one the codec worker has a CUDA graph for (1 frame runs padded to 2)
+    assert set(default.for_load(1).distinct_sizes()) - set(default.distinct_sizes()) == {1}
+
+
 def test_a_first_chunk_outside_the_schedule_is_a_prompt_error(engine):
     from vllm_qwen3tts.engine import SynthesisRequest
 

@@ -144,12 +144,13 @@ def sse_audio_deltas(server, **fields) -> list[bytes]:
 def test_initial_codec_chunk_frames_sets_the_first_streamed_chunk_and_not_the_audio(server):
     frame_bytes = 1920 * 2  # one 80 ms frame of 16-bit PCM
     default = sse_audio_deltas(server, input="One sentence.")
-    one = sse_audio_deltas(server, input="One sentence.", initial_codec_chunk_frames=1)
+    two = sse_audio_deltas(server, input="One sentence.", initial_codec_chunk_frames=2)
     five = sse_audio_deltas(server, input="One sentence.", initial_codec_chunk_frames=5)
-    assert [len(d) for d in default[:2]] == [2 * frame_bytes, 4 * frame_bytes]  # the server's schedule
-    assert [len(d) for d in one[:3]] == [frame_bytes, 2 * frame_bytes, 4 * frame_bytes]
+    # alone on the server: the light-load schedule, 1 frame first
+    assert [len(d) for d in default[:3]] == [frame_bytes, 2 * frame_bytes, 4 * frame_bytes]
+    assert [len(d) for d in two[:2]] == [2 * frame_bytes, 4 * frame_bytes]
     assert [len(d) for d in five[:2]] == [5 * frame_bytes, 5 * frame_bytes]  # 5, then the rest of 10 frames
-    assert_same_audio(b"".join(one), b"".join(default))
+    assert_same_audio(b"".join(two), b"".join(default))
     assert_same_audio(b"".join(five), b"".join(default))
 
 

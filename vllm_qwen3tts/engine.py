@@ -84,11 +84,24 @@ class SynthesisRequest:
 
 @dataclass(frozen=True)
 class ChunkSchedule:
-    """Frames per codec call: a small first chunk for time-to-first-audio, then growing."""
+    """Frames per codec call: a small first chunk for time-to-first-audio, then growing.
+
+    While few streams are being synthesized the first chunk is a single frame: it comes one
+    talker step (~6 ms) sooner, and the codec answers the next chunk well within the 80 ms that
+    frame plays (H200, 20 req/s: no underruns; benchmarks/NOTES.md §13). Under heavy load
+    the codec's answer takes longer than that, so the first chunk carries two frames."""
 
     first: int = 2
     growth: float = 2.0
     largest: int = 25
+    light_load_first: int = 1
+    light_load_streams: int = 32  # at most this many streams synthesizing, this one included
+
+    def for_load(self, active_streams: int) -> "ChunkSchedule":
+        """The schedule for a request that arrives while `active_streams` are synthesizing (itself included)."""
+        if active_streams <= self.light_load_streams:
+            return replace(self, first=self.light_load_first)
+        return self
 
     def sizes(self) -> Iterator[int]:
         size = float(self.first)
@@ -140,6 +153,7 @@ class TTSEngine:
         self.tokenizer = load_text_tokenizer(model_dir)
         self.max_model_len = max_model_len
         self.chunk_schedule = chunk_schedule
+        self.active_streams = 0  # requests inside stream(): the load the first chunk adapts to
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ requests
@@ -226,10 +240,12 @@ class TTSEngine:
         # answers only between decoder calls (tens of ms), and a voice clone's reference codes
         # are decoded into the stream's state at open.
         opening = asyncio.ensure_future(self.codec.open_stream(request_id, context))
-        sizes = self.chunk_schedule.starting_at(req.first_chunk_frames).sizes()
+        schedule = self.chunk_schedule if req.first_chunk_frames else self.chunk_schedule.for_load(self.active_streams + 1)
+        sizes = schedule.starting_at(req.first_chunk_frames).sizes()
         want = next(sizes)
         pending: list[list[int]] = []
         done = False
+        self.active_streams += 1
         try:
             async for out in self.engine.generate(prompt, sp, request_id, priority=priority):
                 completion = out.outputs[0]
@@ -249,6 +265,7 @@ class TTSEngine:
                              else np.zeros(0, dtype=np.float32))
                     yield AudioChunk(audio, chunk, finish_reason=completion.finish_reason or "stop")
         finally:
+            self.active_streams -= 1
             if not done:
                 await self.engine.abort(request_id)
             # Let the open finish (not cancelled: the worker would hold a stream nobody closes),
