@@ -20,25 +20,22 @@
 # stack sampler on and every server process's CPU and the GPU's utilisation logged (proc_monitor.py);
 # the measured levels before it run unsampled. FIRST1="<http_load.py level args>" (measure): for
 # ours, those levels again with every request's first chunk 1 frame (`initial_codec_chunk_frames`).
-# MPS06=1 (start, stop): a third server of ours, ours06mps (0.6B, port 8767), runs under a CUDA MPS
-# control daemon private to it (as benchmarks/with_mps.sh; no GPU setting changes), so its engine's
-# and codec worker's kernels share the SMs while the other servers time-slice as usual: an A/B of
-# MPS on one machine. Leave vllm-omni out then (OMNI=0): four servers do not fit in memory. Not yet
-# run: that MPS and non-MPS contexts share the GPU (default compute mode) is NVIDIA's documented
-# behaviour, not something seen here.
+# MPS06=1 (start): a third server of ours, ours06mps (0.6B, port 8767), started with `--mps` (a CUDA
+# MPS control daemon private to it; no GPU setting changes), so its engine's and codec worker's
+# kernels share the SMs while the other servers time-slice as usual: an A/B of MPS on one machine.
+# With vllm-omni too, four servers: OURS17=0 leaves ours 1.7B out.
 set -uo pipefail
 cmd=$1; shift
 frames=${FRAMES:-125}
 declare -A PORT=([ours06]=8765 [ours17]=8766 [ours06mps]=8767 [omni]=8091)
-ours=(ours06 ours17); [ "${MPS06:-0}" = 1 ] && ours+=(ours06mps)
-mps_dir() { echo "$1/mps"; }  # out
+ours=(ours06); [ "${OURS17:-1}" = 1 ] && ours+=(ours17); [ "${MPS06:-0}" = 1 ] && ours+=(ours06mps)
 
 wait_for() {  # url seconds
   for _ in $(seq 1 $(($2 / 2))); do curl -sf --max-time 2 "$1" >/dev/null && return 0; sleep 2; done
   return 1
 }
 
-start_ours() {  # name ckpt out
+start_ours() {  # name ckpt out [serve flags]
   if [ "${STACKS:-0}" = 1 ]; then
     mkdir -p "$3/$1_stacks" && touch "$3/$1_stacks/PAUSED"
     export QWEN3TTS_STACK_SAMPLES_DIR="$3/$1_stacks"
@@ -46,7 +43,7 @@ start_ours() {  # name ckpt out
   setsid python3 -m vllm_qwen3tts.cli serve --model "$2" --port "${PORT[$1]}" --host 127.0.0.1 \
     --max-num-seqs 128 --max-concurrency-per-key 100000 --requests-per-minute-per-key 10000000 \
     --max-queued-requests 4096 --gpu-memory-utilization "${OURS_MEM:-0.15}" \
-    --kv-cache-memory-bytes "${OURS_KV_BYTES:-6442450944}" > "$3/$1_server.log" 2>&1 &
+    --kv-cache-memory-bytes "${OURS_KV_BYTES:-6442450944}" "${@:4}" > "$3/$1_server.log" 2>&1 &
   echo $! > "$3/$1.pid"
   date +%s > "$3/$1.started"
   unset QWEN3TTS_STACK_SAMPLES_DIR
@@ -80,13 +77,9 @@ start)
     sleep 25  # each vLLM sizes its cache from the memory free when it profiles: one at a time
   fi
   start_ours ours06 "$ck06" "$out"
-  start_ours ours17 "$ck17" "$out"  # fixed KV caches: no need to start one after the other
-  if [ "${MPS06:-0}" = 1 ]; then
-    mkdir -p "$(mps_dir "$out")/pipe" "$(mps_dir "$out")/log"
-    export CUDA_MPS_PIPE_DIRECTORY="$(mps_dir "$out")/pipe" CUDA_MPS_LOG_DIRECTORY="$(mps_dir "$out")/log"
-    if nvidia-cuda-mps-control -d; then start_ours ours06mps "$ck06" "$out"; else echo "no MPS control daemon"; fi
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-  fi
+  # fixed KV caches: no need to start one after the other
+  [ "${OURS17:-1}" = 1 ] && start_ours ours17 "$ck17" "$out"
+  [ "${MPS06:-0}" = 1 ] && start_ours ours06mps "$ck06" "$out" --mps
   for name in "${ours[@]}"; do
     if wait_for "http://127.0.0.1:${PORT[$name]}/ready" $(( ${START_WAIT_S:-480} - ($(date +%s) - t0) )); then
       echo "$name ready after $(( $(date +%s) - $(cat "$out/$name.started") )) s from its start"
@@ -136,9 +129,6 @@ stop)
   out=$1
   kill -- -"$(cat "$out/omni/omni.pgid" 2>/dev/null)" 2>/dev/null
   for name in ours06 ours17 ours06mps; do kill -- -"$(cat "$out/$name.pid" 2>/dev/null)" 2>/dev/null; done
-  if [ -d "$(mps_dir "$out")/pipe" ]; then
-    sleep 3; echo quit | CUDA_MPS_PIPE_DIRECTORY="$(mps_dir "$out")/pipe" nvidia-cuda-mps-control
-  fi
-  ;;
+  ;;  # --mps: the daemon's watcher quits it once that server's process is gone
 esac
 true

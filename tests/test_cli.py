@@ -90,3 +90,51 @@ def test_engine_memory_share_leaves_room_for_the_codec_worker_on_its_gpu():
     assert 0.7 < share < 0.9 and (1 - share) * h100 >= CODEC_WORKER_GPU_BYTES
     assert engine_memory_share(h100, shares_gpu_with_codec=False) == 0.9  # codec elsewhere: vLLM's default
     assert engine_memory_share(16 * gib, shares_gpu_with_codec=True) == 0.3  # small GPU: a floor, not a crash
+
+
+def test_serve_mps_is_for_gpus_only(tiny_checkpoint):
+    from vllm_qwen3tts.cli import build_parser, serve_command
+    from vllm_qwen3tts.engine import DeviceError
+
+    args, rest = build_parser().parse_known_args(["serve", "--model", str(tiny_checkpoint("0.6b-custom_voice")),
+                                                  "--device", "cpu", "--mps", "--light-load-streams", "8"])
+    with pytest.raises(DeviceError, match="--mps"):
+        serve_command(args, rest)
+    args.mps = False
+    assert serve_command(args, rest).env["QWEN3TTS_LIGHT_LOAD_STREAMS"] == "8"
+
+
+def test_a_private_mps_daemon_quits_when_the_server_process_is_gone(tmp_path):
+    """NVIDIA's control binary stands in as a script that records how it was called."""
+    import os
+    import subprocess
+    import time
+
+    from vllm_qwen3tts.mps import MPSError, start_private_mps
+
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    control = bin_dir / "nvidia-cuda-mps-control"
+    control.write_text(f'#!/bin/sh\necho "$* pipe=$CUDA_MPS_PIPE_DIRECTORY stdin=$(cat)" >> {calls}\n')
+    control.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    server = subprocess.Popen(["sleep", "60"])
+    mps_env = start_private_mps(env, owner_pid=server.pid)
+    pipe = mps_env["CUDA_MPS_PIPE_DIRECTORY"]
+    assert os.path.isdir(pipe) and os.path.isdir(mps_env["CUDA_MPS_LOG_DIRECTORY"])
+    assert calls.read_text().splitlines() == [f"-d pipe={pipe} stdin="]  # the daemon, on its own pipe
+    time.sleep(1.5)
+    assert len(calls.read_text().splitlines()) == 1  # nothing more while the server runs
+    server.kill()
+    server.wait()
+    for _ in range(100):
+        if not os.path.exists(os.path.dirname(pipe)):
+            break
+        time.sleep(0.1)
+    assert calls.read_text().splitlines()[1:] == [f" pipe={pipe} stdin=quit"]
+    assert not os.path.exists(os.path.dirname(pipe))  # its directories removed
+
+    with pytest.raises(MPSError, match="nvidia-cuda-mps-control"):
+        start_private_mps({**os.environ, "PATH": str(tmp_path / "nowhere")}, owner_pid=os.getpid())

@@ -127,6 +127,8 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
         env["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
     if device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if args.mps:
+            raise DeviceError("--mps shares a CUDA GPU between the engine and the codec worker; this server runs on the CPU")
     settings = {
         "QWEN3TTS_API_KEYS": ",".join(args.api_key or []),
         "QWEN3TTS_API_KEYS_FILE": args.api_keys_file or "",
@@ -197,13 +199,18 @@ def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     from .codec.worker import LAUNCHED_WORKERS_ENV, launch_codec_worker, launched_workers_to_env
     from .config import CheckpointError
     from .engine import DeviceError
+    from .mps import MPSError, start_private_mps
 
     try:
         plan = serve_command(args, vllm_args)
-    except (CheckpointError, DeviceError) as e:
+        argv, env = plan.argv, plan.env
+        if args.mps:
+            # before any CUDA process starts: they connect to the daemon named in their environment
+            env = start_private_mps(env, owner_pid=os.getpid())
+            print(f"CUDA MPS control daemon started ({env['CUDA_MPS_PIPE_DIRECTORY']})", flush=True)
+    except (CheckpointError, DeviceError, MPSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    argv, env = plan.argv, plan.env
     # The codec workers load and compile while vLLM starts its engine (minutes on a GPU with a
     # cold compile cache), instead of after it. They stay our children across the exec below.
     model = argv[argv.index("--model") + 1]
@@ -279,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Default: the talker's device, or one per data-parallel rank's GPU "
                         "(with vLLM's --data-parallel-size N); e.g. --codec-device cuda:1 puts audio decoding "
                         "on a GPU of its own")
+    p.add_argument("--mps", action="store_true",
+                   help="run the engine and the codec worker under a CUDA MPS control daemon private to this "
+                        "server (started with it, quit after it), so their kernels share the GPU at once "
+                        "instead of taking turns; needs nvidia-cuda-mps-control on PATH")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=4096)
