@@ -138,15 +138,3 @@ def test_a_private_mps_daemon_quits_when_the_server_process_is_gone(tmp_path):
 
     with pytest.raises(MPSError, match="nvidia-cuda-mps-control"):
         start_private_mps({**os.environ, "PATH": str(tmp_path / "nowhere")}, owner_pid=os.getpid())
-
-
-def test_serve_asks_vllm_for_cuda_graphs_of_prefilling_steps_on_gpus_unless_told_otherwise():
-    import json
-
-    from vllm_qwen3tts.cli import compilation_args
-
-    flag, config = compilation_args("cuda", ["--max-num-seqs", "128"])
-    assert flag == "--compilation-config" and json.loads(config) == {"cudagraph_mode": "FULL"}
-    assert compilation_args("cpu", []) == []  # the CPU build has no CUDA graphs
-    for user in (["--compilation-config", "{}"], ["-O.cudagraph_mode=PIECEWISE"], ["-O0"], ["-cc.mode=0"]):
-        assert compilation_args("cuda", user) == [], user

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 
@@ -149,7 +148,6 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
             # the talker consumes embeddings, not text tokens; with no tokenizer loaded no
             # text route can ask for ids outside its 3072-entry vocabulary
             "--skip-tokenizer-init"]
-    argv += compilation_args(device, vllm_args)
     if not any(a.startswith("--gpu-memory-utilization") for a in vllm_args):
         if device == "cpu":
             argv += ["--gpu-memory-utilization", "0.1"]
@@ -178,19 +176,6 @@ def _gpu_total_bytes() -> int:
 
     return torch.cuda.get_device_properties(0).total_memory
 
-
-# vLLM's compilation flags (-O3, -O.cudagraph_mode=..., -cc.x=y, --compilation-config JSON): a user's wins
-COMPILATION_FLAGS = ("--compilation-config", "-O", "-cc")
-
-
-def compilation_args(device: str, vllm_args: list[str]) -> list[str]:
-    """On a GPU, CUDA graphs for steps that prefill too (engine.GPU_COMPILATION_CONFIG), unless the
-    user set vLLM's compilation options."""
-    from .engine import GPU_COMPILATION_CONFIG
-
-    if device == "cpu" or any(a.startswith(COMPILATION_FLAGS) for a in vllm_args):
-        return []
-    return ["--compilation-config", json.dumps(GPU_COMPILATION_CONFIG)]
 
 DATA_PARALLEL_FLAGS = ("--data-parallel-size", "-dp", "--data-parallel-size-local", "-dpl")
 

@@ -40,15 +40,6 @@ MAX_PROMPT_POSITIONS = 4096  # the talker's per-request buffers (talker.model.MA
 FRAMES_PER_TEXT_TOKEN_BUDGET = 16
 DEFAULT_MIN_FRAME_BUDGET = 100
 
-# vLLM's default on a GPU (FULL_AND_PIECEWISE) replays whole-model CUDA graphs only for steps
-# in which every request decodes; a step that also prefills a new request runs the decoder
-# piecewise, with the attention of every layer launched from Python. A TTS server under load
-# admits a request nearly every step (128 streams of 10 s on an H200: ~70 arrivals/s against
-# ~90 steps/s), and one request's 30-token prefill took 14 ms where a decode step takes 6
-# (benchmarks/NOTES.md §14). FULL captures mixed batches too, where the attention backend
-# allows it (FlashAttention 3); elsewhere vLLM falls back to FULL_AND_PIECEWISE by itself.
-GPU_COMPILATION_CONFIG = {"cudagraph_mode": "FULL"}
-
 
 @dataclass(frozen=True)
 class VoiceProfile:
@@ -423,8 +414,6 @@ async def start_engine(opts: EngineOptions) -> RunningEngine:
             kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
         elif device == "cpu":
             kwargs["gpu_memory_utilization"] = 0.1
-        if device != "cpu":
-            kwargs["compilation_config"] = dict(GPU_COMPILATION_CONFIG)
         kwargs.update(opts.engine_args)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
     except BaseException:
