@@ -175,7 +175,8 @@ def bench_talker(args) -> dict:
 
     t0 = time.time()
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=2048, max_num_seqs=max(batches + [args.profile_batch]),
-              gpu_memory_utilization=args.gpu_memory_utilization, skip_tokenizer_init=True)
+              gpu_memory_utilization=args.gpu_memory_utilization, skip_tokenizer_init=True,
+              **({"compilation_config": {"cudagraph_mode": args.cudagraph_mode}} if args.cudagraph_mode else {}))
     startup = time.time() - t0
     rows = []
     short, long = args.frames_short, args.frames_long
@@ -292,6 +293,8 @@ def main() -> None:
     t.add_argument("--prefill-iters", type=int, default=20,
                    help="1-frame and 2-frame requests alone, this many each, then a profile of 1-frame ones (0: none)")
     t.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    t.add_argument("--cudagraph-mode", default=None,
+                   help="vLLM's cudagraph_mode (default: vLLM's own, FULL_AND_PIECEWISE on a GPU; FULL: benchmarks/NOTES.md §14)")
     t.add_argument("--trace", default=None, help="also write a Chrome trace here")
     args = ap.parse_args()
     result = bench_codec(args) if args.stage == "codec" else bench_talker(args)

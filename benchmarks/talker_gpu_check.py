@@ -25,7 +25,8 @@ def main() -> None:
                     "torch version's RNG may differ)")
     ap.add_argument("--out", default="talker_gpu_check.json")
     ap.add_argument("--copies", type=int, default=8)
-    ap.add_argument("--runs", default="float32:64,bfloat16:64,bfloat16:8192", help="dtype:max_num_batched_tokens,...")
+    ap.add_argument("--runs", default="float32:64,bfloat16:64,bfloat16:8192",
+                    help="dtype:max_num_batched_tokens[:eager|:<vLLM cudagraph mode, e.g. full>],...")
     args = ap.parse_args()
     if os.environ.get("STACK_DUMP_S"):  # diagnose hangs: print every thread's stack periodically
         import faulthandler
@@ -69,9 +70,11 @@ def main() -> None:
         dtype, chunk, *mode = run.split(":")
         chunk = int(chunk)
         eager = mode == ["eager"]
+        graphs = {"compilation_config": {"cudagraph_mode": mode[0].upper()}} if mode and not eager else {}
         t0 = time.time()
         llm = LLM(model=str(ckpt), dtype=dtype, max_model_len=1024, gpu_memory_utilization=0.1,
-                  skip_tokenizer_init=True, max_num_seqs=min(64, chunk), max_num_batched_tokens=chunk, enable_prefix_caching=False, enforce_eager=eager)
+                  skip_tokenizer_init=True, max_num_seqs=min(64, chunk), max_num_batched_tokens=chunk,
+                  enable_prefix_caching=False, enforce_eager=eager, **graphs)
         startup = time.time() - t0
         engine = llm.llm_engine
         use_v2 = bool(getattr(engine.vllm_config, "use_v2_model_runner", False))
@@ -92,7 +95,7 @@ def main() -> None:
             total_frames += len(exp)
             same_frames += sum(a == b for a, b in zip(frames, exp))
             same_code0 += sum(a[0] == b[0] for a, b in zip(frames, exp))
-        key = f"{dtype}-chunk{chunk}" + ("-eager" if eager else "")
+        key = f"{dtype}-chunk{chunk}" + (f"-{mode[0]}" if mode else "")
         results[key] = dict(model_runner_v2=use_v2, startup_s=round(startup, 1), generate_s=round(gen_s, 2),
                             requests=len(outs), exact_requests=exact, mean_identical_prefix=round(sum(agree) / len(agree), 3),
                             frames_equal=round(same_frames / total_frames, 3), code0_equal=round(same_code0 / total_frames, 3))
