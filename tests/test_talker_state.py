@@ -161,6 +161,18 @@ def test_bad_conditioning_poisons_the_request_instead_of_raising(parts, mutate):
     assert state.poisoned[0]
 
 
+def test_vllm_warmup_requests_are_poisoned_quietly_and_real_ones_loudly(parts, caplog):
+    import logging
+
+    state = new_state(parts)
+    with caplog.at_level(logging.DEBUG, logger="vllm_qwen3tts.talker.state"):
+        state.add_request(0, "_warmup_0_", None, 4, 4)  # Model Runner V2's kernel warm-up
+        state.add_request(1, "cmpl-123", None, 4, 4)  # a client of vLLM's generic routes
+    assert state.poisoned[0] and state.poisoned[1]
+    levels = {r.getMessage().split()[1]: r.levelno for r in caplog.records}
+    assert levels == {"_warmup_0_": logging.DEBUG, "cmpl-123": logging.ERROR}
+
+
 # ---------------------------------------------------------------------------------- MRv2 glue
 
 

@@ -98,7 +98,11 @@ class TalkerState:
             self._load(slot, req_id, TalkerRequest.from_extra_args(extra_args), prompt_len, prefill_len)
             self.poisoned[slot].fill_(False)
         except PromptError as e:
-            logger.error("request %s rejected in the worker (it will end at once): %s", req_id, e)
+            # vLLM's own dummy requests (ids starting with "_", e.g. Model Runner V2's kernel
+            # warm-up of max_num_seqs "_warmup_i_" requests at every start) carry no conditioning
+            # by design; only a real request's rejection is an error worth a log line.
+            level = logging.DEBUG if req_id.startswith("_") else logging.ERROR
+            logger.log(level, "request %s rejected in the worker (it will end at once): %s", req_id, e)
             self.poisoned[slot].fill_(True)
 
     def _load(self, slot: int, req_id: str, req: TalkerRequest, prompt_len: int, prefill_len: int) -> None:
