@@ -73,9 +73,9 @@ class PooledDecoder:
 
     # -- streams ----------------------------------------------------------------------------------
 
-    def reset(self, row: int) -> None:
-        """Row `row` becomes a stream that has decoded nothing yet."""
-        self.pool.reset(torch.tensor([row], device=self.device))
+    def reset(self, rows: int | list[int]) -> None:
+        """Rows `rows` become streams that have decoded nothing yet."""
+        self.pool.reset(torch.tensor([rows] if isinstance(rows, int) else rows, device=self.device))
 
     def prime(self, row: int, codes: np.ndarray, piece_frames: int) -> None:
         """Advance row `row` over `codes` [T, Q], discarding the audio (voice-clone reference

@@ -279,6 +279,10 @@ class CodecWorker:
                          and compile_decoder(self.decoder))
         self.decoder_pool: PooledDecoder | None = None  # set by provision()
         self.slots = StreamSlots(0)
+        # Rows of streams opened since their last use, reset by their first decoder call: an open
+        # then does no GPU work, and it arrives while the talker prefills that request (its
+        # kernels and ours take turns on the GPU without MPS).
+        self.unreset_slots: set[int] = set()
         self.batches_run = 0
         self.chunks_decoded = 0
         self.frames_decoded = 0
@@ -438,12 +442,15 @@ class CodecWorker:
             context = self._read_codes(request.context, frames[0], "context codes", min_frames=0)
         slot = self.slots.acquire(key)
         try:
+            if context is None or context.shape[0] == 0:
+                self.unreset_slots.add(slot)
+                return
+            self.unreset_slots.discard(slot)
             self.decoder_pool.reset(slot)
-            if context is not None and context.shape[0] > 0:
-                # Decoding the reference codes leaves the state where a decode of
-                # concat(reference, generated) would be after the reference (spec §3.8 ICL).
-                # Streaming is exact, so the pieces can be of any size; their audio is dropped.
-                self.decoder_pool.prime(slot, context, self.config.max_chunk_frames)
+            # Decoding the reference codes leaves the state where a decode of
+            # concat(reference, generated) would be after the reference (spec §3.8 ICL).
+            # Streaming is exact, so the pieces can be of any size; their audio is dropped.
+            self.decoder_pool.prime(slot, context, self.config.max_chunk_frames)
         except BaseException:
             self.slots.release(key)
             raise
@@ -491,6 +498,10 @@ class CodecWorker:
     def _run_decoder(self, jobs: list[DecodeJob], length: int) -> list[np.ndarray]:
         """Decode one chunk of each job as a batch; the advanced states go back to the pool."""
         t0 = time.perf_counter()
+        fresh = [job.slot for job in jobs if job.slot in self.unreset_slots]
+        if fresh:
+            self.decoder_pool.reset(fresh)
+            self.unreset_slots.difference_update(fresh)
         samples = self.decoder_pool.decode([job.slot for job in jobs], [job.codes for job in jobs], length)
         self.decode_seconds += time.perf_counter() - t0
         self.batches_run += 1

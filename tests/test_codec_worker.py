@@ -233,6 +233,27 @@ def test_close_mid_stream_frees_the_slot_and_leaves_other_streams_intact(worker,
     assert max_err(streamed, whole_decode(decoder, kept)) <= FP32_TOL
 
 
+def test_a_reused_slot_starts_fresh_even_in_a_shared_decoder_call(worker, decoder):
+    """An open only marks its row; the row is reset by the stream's first decoder call, which may
+    also carry other streams' chunks."""
+    dirty, fresh, other = random_codes(9, seed=30), random_codes(10, seed=31), random_codes(10, seed=32)
+
+    async def scenario(client):
+        await client.open_stream("other")
+        other_head = await client.decode("other", other[:4])
+        await client.open_stream("dirty")
+        await client.decode("dirty", dirty)  # leaves its row mid-stream
+        await client.close_stream("dirty")
+        await client.open_stream("fresh")  # free rows are a stack: the same row comes back
+        fresh_audio, other_tail = await asyncio.gather(client.decode("fresh", fresh, final=True),
+                                                       client.decode("other", other[4:], final=True))
+        return fresh_audio, np.concatenate([other_head, other_tail])
+
+    fresh_audio, other_audio = with_client(worker.address, scenario)
+    assert max_err(fresh_audio, whole_decode(decoder, fresh)) <= FP32_TOL
+    assert max_err(other_audio, whole_decode(decoder, other)) <= FP32_TOL
+
+
 def test_full_pool_refuses_new_streams_until_a_slot_is_freed(worker):
     async def scenario(client):
         free = (await client.stats()).free_slots
