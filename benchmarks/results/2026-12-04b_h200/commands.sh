@@ -8,6 +8,14 @@
 #      and a diagnosed ramped c=128 (per-process CPU, GPU utilisation); then the same extras for ours
 #   c: vllm-omni measured the same way; the servers stopped; the talker alone (in-process vLLM):
 #      one request's prefill timed and profiled, steps at batch 1 and 128, a torch profile at 128
+#   d (one command on the same machine after c; not a phase of this file):
+#      make-checkpoint 1.7b to /tmp/ck1.7b; OMNI=0 OURS17=1 gpu_matrix.sh start /tmp/ck0.6b /tmp/ck1.7b /tmp/r2/m;
+#      RAMP_S=0 gpu_matrix.sh measure /tmp/r2/m "--concurrency 1 --rounds 4 --rates 1,20 --duration 15 --voice vivian" ours17
+#   e (a fresh machine, after the profile of c): ours 0.6B with vLLM's cudagraph_mode FULL (CUDA
+#      graphs for steps that prefill too; the server's default in that commit, bae9be3, reverted after): greedy codes against the reference on
+#      the GPU in that mode (talker_gpu_check.py), the server started, its first-audio levels, then
+#      128 ramped streams (after bae9be3 the server needs --compilation-config {"cudagraph_mode": "FULL"}
+#      for this; gpu_matrix.sh does not pass it)
 set -uo pipefail
 phase=$1
 R=/tmp/r; mkdir -p $R
@@ -56,6 +64,24 @@ c)
     talker --batches 1,128 --profile-batch 128 --prefill-iters 20 > $R/talker_profile.log 2>&1
   grep -E '^\{"batch"|one_frame|two_frames|profiled_wall|gpu_kernel_ms' $R/talker_profile.log | head -20
   echo "phase c done after ${SECONDS} s"
+  ;;
+e)
+  python3 -m pip install -q --no-deps --no-build-isolation -e . > $R/pip.log 2>&1
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; git log --oneline -1; } > $R/machine.txt 2>&1
+  timeout 420 python3 benchmarks/talker_gpu_check.py --runs float32:64:full,bfloat16:64:full --out $R/talker_check_full.json \
+    > $R/talker_check_full.log 2>&1 &
+  python3 -m vllm_qwen3tts.cli make-checkpoint --variant 0.6b-custom_voice --scale full --out /tmp/ck0.6b > $R/ckpt.log 2>&1
+  echo "checkpoint after ${SECONDS} s"
+  OMNI=0 OURS17=0 START_WAIT_S=$(left 330) bash benchmarks/gpu_matrix.sh start /tmp/ck0.6b none $R/m
+  grep -E "cudagraph|CUDA graph|init engine|speech service ready" $R/m/ours06_server.log | tail -6; pack
+  timeout $(left 480) env RAMP_S=0 bash benchmarks/gpu_matrix.sh measure $R/m \
+    "--concurrency 1 --rounds 2 --rates 1,20 --duration 10 --voice vivian" ours06
+  pack
+  timeout $(left 560) python3 benchmarks/http_load.py --url http://127.0.0.1:8765 --label "ours 0.6B, FULL graphs, ramped" \
+    --frames 125 --timeout 120 --concurrency 128 --rounds 3 --ramp-s 2 --voice vivian --out $R/m/ours06_ramped.json \
+    2>&1 | grep -v '^{' | tail -14
+  wait; cat $R/talker_check_full.json
+  echo "phase e done after ${SECONDS} s"
   ;;
 esac
 pack
