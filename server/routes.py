@@ -65,7 +65,7 @@ def usage_of(job: SpeechJob) -> Usage:
 
 @router.post("/v1/audio/speech", responses={**AUDIO_RESPONSE, **ERROR_RESPONSES}, response_class=Response)
 async def create_speech(body: SpeechBody, request: Request) -> Response:
-    received = time.perf_counter()
+    received = getattr(request.state, "arrival", None) or time.perf_counter()  # plugin.ArrivalTime
     try:
         svc = service_of(request)
         tenant = svc.authenticate(request.headers.get("authorization"))

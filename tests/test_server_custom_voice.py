@@ -447,3 +447,23 @@ def test_load_generator_measures_this_server(server, tmp_path):
     assert 0 < inside["server_prepare_ms"] < inside["server_ttfa_ms"]  # part of the server's first-audio time
     assert 0 < closed["client_cpu"] <= os.cpu_count()
     assert "Inside the server" in (tmp_path / "load.md").read_text()
+
+
+def test_latency_counts_from_arrival_not_from_when_the_body_was_read(server):
+    """A body that trickles in (as on a busy server, where reading it waits its turn) counts
+    toward the time to first audio and the preparation time."""
+    before = metric(server, "qwen3tts_request_prepare_seconds_sum", {})
+    count = metric(server, "qwen3tts_request_prepare_seconds_count", {})
+    body = json.dumps({"input": "Late body.", "voice": "ryan", "response_format": "pcm", **GREEDY,
+                       "max_new_tokens": FRAMES}).encode()
+
+    def trickle():
+        yield body[:10]
+        time.sleep(1.0)
+        yield body[10:]
+
+    r = httpx.post(f"{server}/v1/audio/speech", content=trickle(), timeout=120,
+                   headers={"Authorization": "Bearer alice-key", "Content-Type": "application/json"})
+    assert r.status_code == 200 and len(r.content) == FRAMES * 1920 * 2
+    assert metric(server, "qwen3tts_request_prepare_seconds_count", {}) == count + 1
+    assert metric(server, "qwen3tts_request_prepare_seconds_sum", {}) - before >= 1.0
