@@ -8,6 +8,7 @@
 #   benchmarks/gpu_matrix.sh measure OUT_DIR "<http_load.py level args>" [ours06 ours17 omni]
 #   benchmarks/gpu_matrix.sh stop OUT_DIR
 #
+# TAG (measure): a suffix for the report names (a measure without it replaces NAME.json).
 # FRAMES (default 125) forces every request of every system to that many frames. OMNI=0 leaves
 # vllm-omni out. Memory: OURS_MEM (vLLM's share per server of ours, default 0.15; each codec worker
 # takes ~12 GiB more) and OURS_KV_BYTES (its KV cache, default 6 GiB: ~56k tokens, 128 streams of
@@ -90,6 +91,7 @@ start)
   ;;
 measure)
   out=$1; levels=$2; shift 2
+  tag=${TAG:+_$TAG}  # TAG=x: reports named NAME_x.json, so a second measure of a server keeps the first's
   systems=("$@"); [ ${#systems[@]} = 0 ] && systems=(ours06 ours17 omni)
   for name in "${systems[@]}"; do
     if [ "$name" = omni ]; then
@@ -104,18 +106,18 @@ measure)
     url="http://127.0.0.1:${PORT[$name]}"
     # shellcheck disable=SC2086
     python3 benchmarks/http_load.py --url "$url" --label "$label" --frames "$frames" "${dialect[@]}" $levels \
-      --out "$out/$name.json" 2>&1 | grep -v '^{' | tail -14
+      --out "$out/$name$tag.json" 2>&1 | grep -v '^{' | tail -14
     if [ "${RAMP_S:-2}" != 0 ]; then
       # the concurrency levels above 1 again, clients started over the ramp
       ramped=$(python3 -c "import sys; a = sys.argv[1].split(); c = a[a.index('--concurrency') + 1].split(',') if '--concurrency' in a else []; print(','.join(x for x in c if int(x) > 1))" "$levels")
       [ -n "$ramped" ] && python3 benchmarks/http_load.py --url "$url" --label "$label, ramped" --frames "$frames" \
-        "${dialect[@]}" --concurrency "$ramped" --rounds 4 --ramp-s "${RAMP_S:-2}" --out "$out/${name}_ramped.json" \
+        "${dialect[@]}" --concurrency "$ramped" --rounds 4 --ramp-s "${RAMP_S:-2}" --out "$out/${name}_ramped$tag.json" \
         2>&1 | grep -v '^{' | tail -16
     fi
     if [ -n "${FIRST1:-}" ] && [ "$name" != omni ]; then
       # shellcheck disable=SC2086
       python3 benchmarks/http_load.py --url "$url" --label "$label, first chunk 1 frame" --frames "$frames" \
-        "${dialect[@]}" --extra-body '{"initial_codec_chunk_frames": 1}' $FIRST1 --out "$out/${name}_first1.json" \
+        "${dialect[@]}" --extra-body '{"initial_codec_chunk_frames": 1}' $FIRST1 --out "$out/${name}_first1$tag.json" \
         2>&1 | grep -v '^{' | tail -14
     fi
     [ -n "${DIAG:-}" ] && [ "$name" != omni ] && diagnose "$name" "$url" "$label" "$out"
