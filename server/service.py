@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..codec.protocol import sum_stats
-from ..engine import SAMPLE_RATE, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
+from ..engine import SAMPLE_RATE, ChunkSchedule, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
 from ..prompt import PromptError
 from .metrics import codec_stats_collector, speech_metrics
 from .schemas import OPENAI_VOICES, APIError, SpeechBody, bad_request
@@ -71,7 +71,7 @@ class ServerSettings:
     max_frames_per_segment: int | None = None  # cap on generated frames per sentence (None: the model's room)
     # A request arriving while at most this many streams are being synthesized gets a 1-frame
     # first chunk (sooner first audio), beyond that 2 frames (ChunkSchedule.for_load); 0: always 2.
-    light_load_streams: int = 32
+    light_load_streams: int = ChunkSchedule.light_load_streams
 
     @classmethod
     def from_env(cls) -> "ServerSettings":

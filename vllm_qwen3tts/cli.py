@@ -139,7 +139,7 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
         "QWEN3TTS_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
         "QWEN3TTS_MAX_FRAMES": str(args.max_frames) if args.max_frames else "",
         "QWEN3TTS_CODEC_DEVICES": ",".join(codec_devices),
-        "QWEN3TTS_LIGHT_LOAD_STREAMS": str(args.light_load_streams),
+        "QWEN3TTS_LIGHT_LOAD_STREAMS": "" if args.light_load_streams is None else str(args.light_load_streams),
     }
     env.update({k: v for k, v in settings.items() if v})
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -277,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests-per-minute-per-key", type=int, default=600)
     p.add_argument("--max-queued-requests", type=int, default=256, help="beyond this, new requests get 503")
     p.add_argument("--max-frames", type=int, help="cap on generated frames per sentence (runaway guard)")
-    p.add_argument("--light-load-streams", type=int, default=32,
+    p.add_argument("--light-load-streams", type=int,
                    help="a request arriving while at most this many streams are being synthesized gets a first "
-                        "audio chunk of 1 frame instead of 2 (one talker step sooner); 0: always 2. A request's "
+                        "audio chunk of 1 frame instead of 2 (one talker step sooner); default 32, 0: always 2. A request's "
                         "initial_codec_chunk_frames overrides it")
     p.add_argument("--codec-device", action="append",
                    help="run a codec worker on this device (repeat for several; streams are spread over them). "

@@ -240,8 +240,7 @@ class TTSEngine:
         # answers only between decoder calls (tens of ms), and a voice clone's reference codes
         # are decoded into the stream's state at open.
         opening = asyncio.ensure_future(self.codec.open_stream(request_id, context))
-        schedule = self.chunk_schedule if req.first_chunk_frames else self.chunk_schedule.for_load(self.active_streams + 1)
-        sizes = schedule.starting_at(req.first_chunk_frames).sizes()
+        sizes = self.chunk_schedule.for_load(self.active_streams + 1).starting_at(req.first_chunk_frames).sizes()
         want = next(sizes)
         pending: list[list[int]] = []
         done = False
