@@ -25,11 +25,14 @@
 # MPS control daemon private to it; no GPU setting changes), so its engine's and codec worker's
 # kernels share the SMs while the other servers time-slice as usual: an A/B of MPS on one machine.
 # With vllm-omni too, four servers: OURS17=0 leaves ours 1.7B out.
+# FM17=1 (start): ours17fm (1.7B, port 8768) with `--mps` and vLLM's cudagraph_mode FULL (CUDA graphs
+# for steps that prefill too): the low-latency configuration against ours17's defaults.
 set -uo pipefail
 cmd=$1; shift
 frames=${FRAMES:-125}
-declare -A PORT=([ours06]=8765 [ours17]=8766 [ours06mps]=8767 [omni]=8091)
+declare -A PORT=([ours06]=8765 [ours17]=8766 [ours06mps]=8767 [ours17fm]=8768 [omni]=8091)
 ours=(ours06); [ "${OURS17:-1}" = 1 ] && ours+=(ours17); [ "${MPS06:-0}" = 1 ] && ours+=(ours06mps)
+[ "${FM17:-0}" = 1 ] && ours+=(ours17fm)
 
 wait_for() {  # url seconds
   for _ in $(seq 1 $(($2 / 2))); do curl -sf --max-time 2 "$1" >/dev/null && return 0; sleep 2; done
@@ -81,6 +84,7 @@ start)
   # fixed KV caches: no need to start one after the other
   [ "${OURS17:-1}" = 1 ] && start_ours ours17 "$ck17" "$out"
   [ "${MPS06:-0}" = 1 ] && start_ours ours06mps "$ck06" "$out" --mps
+  [ "${FM17:-0}" = 1 ] && start_ours ours17fm "$ck17" "$out" --mps --compilation-config '{"cudagraph_mode": "FULL"}'
   for name in "${ours[@]}"; do
     if wait_for "http://127.0.0.1:${PORT[$name]}/ready" $(( ${START_WAIT_S:-480} - ($(date +%s) - t0) )); then
       echo "$name ready after $(( $(date +%s) - $(cat "$out/$name.started") )) s from its start"
@@ -101,7 +105,8 @@ measure)
     else
       curl -sf "http://127.0.0.1:${PORT[$name]}/ready" >/dev/null || { echo "$name not ready"; continue; }
       dialect=(--timeout 120)
-      case $name in ours06) label="ours 0.6B" ;; ours17) label="ours 1.7B" ;; ours06mps) label="ours 0.6B, MPS" ;; esac
+      case $name in ours06) label="ours 0.6B" ;; ours17) label="ours 1.7B" ;; ours06mps) label="ours 0.6B, MPS" ;;
+        ours17fm) label="ours 1.7B, MPS + FULL graphs" ;; esac
     fi
     url="http://127.0.0.1:${PORT[$name]}"
     # shellcheck disable=SC2086
@@ -130,7 +135,7 @@ measure)
 stop)
   out=$1
   kill -- -"$(cat "$out/omni/omni.pgid" 2>/dev/null)" 2>/dev/null
-  for name in ours06 ours17 ours06mps; do kill -- -"$(cat "$out/$name.pid" 2>/dev/null)" 2>/dev/null; done
+  for name in ours06 ours17 ours06mps ours17fm; do kill -- -"$(cat "$out/$name.pid" 2>/dev/null)" 2>/dev/null; done
   ;;  # --mps: the daemon's watcher quits it once that server's process is gone
 esac
 true

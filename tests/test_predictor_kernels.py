@@ -1,5 +1,6 @@
 """The code predictor's Triton kernels compute what their PyTorch versions compute: the fused
-token attention (within rounding) and the sampler (the same token ids).
+token attention and the small-batch decoder layer (within rounding), and the sampler (the same
+token ids).
 
 On the CPU the Triton kernel runs under Triton's interpreter (TRITON_INTERPRET=1 must be set
 before the kernel is defined, hence a child process); on a GPU, compiled. Run as a script, this
@@ -60,6 +61,66 @@ def compare(device: str, dtype: torch.dtype, batch: int = 5) -> float:
             if excess > 0:
                 raise AssertionError(f"{name} differs by {diff.max().item()} at position {p} ({dtype})")
             worst = max(worst, diff.max().item())
+    return worst
+
+
+# Small enough for Triton's interpreter; the hidden and MLP widths are not multiples of the kernel's
+# 128-wide K tiles nor of its column tiles, so the masked edges are exercised too.
+SMALL = dict(hidden_size=320, intermediate_size=400, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64,
+             rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=65536)
+
+
+def reference_layer(layer, x, cos, sin, cache_k, cache_v, position, mask):
+    """`DecoderLayer.forward`'s PyTorch path, spelled out (on a GPU `forward` itself would take the
+    fused one)."""
+    attn = layer.self_attn
+    out = attn.attend(attn.qkv_proj(layer.input_layernorm(x)), cos, sin, cache_k, cache_v, position, mask)
+    x = x + attn.o_proj(out)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def compare_layer(device: str, dtype: torch.dtype, geometry: dict, batches=(1, 20), positions=(0, 9, 15)) -> float:
+    """Largest difference between `DecoderLayer.token_forward` (the small-batch kernels) and the
+    PyTorch layer, outputs and written caches, and between `small_linear` and a plain projection
+    (an output head); raises beyond `dtype`'s rounding."""
+    from vllm_qwen3tts.code_predictor import DecoderLayer
+    from vllm_qwen3tts.config import DecoderGeometry
+    from vllm_qwen3tts.predictor_kernels import small_linear
+
+    torch.manual_seed(0)
+    g = DecoderGeometry(**geometry)
+    layer = DecoderLayer(g).to(device=device, dtype=dtype)
+    head = torch.nn.Linear(g.hidden_size, 2048, bias=False).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.q_norm, layer.self_attn.k_norm):
+            norm.weight.uniform_(0.5, 1.5)
+    slots = 16
+    inv_freq = 1.0 / (g.rope_theta ** (torch.arange(0, g.head_dim, 2, dtype=torch.float32) / g.head_dim))
+    angles = torch.arange(slots, dtype=torch.float32).unsqueeze(-1) * inv_freq
+    table = torch.cat((angles, angles), dim=-1).to(device)
+    keys = torch.arange(slots, device=device)
+    atol, rtol = (2e-5, 2e-5) if dtype == torch.float32 else (5e-2, 2**-5)
+    worst = 0.0
+    for batch in batches:
+        cache_k = torch.randn(batch, g.num_kv_heads, slots, g.head_dim, device=device, dtype=dtype)
+        cache_v = torch.randn_like(cache_k)
+        for p in positions:
+            x = torch.randn(batch, g.hidden_size, device=device, dtype=dtype) * 3
+            position = torch.full((1,), p, dtype=torch.long, device=device)
+            cos, sin = table[position].cos().to(dtype), table[position].sin().to(dtype)
+            mask = keys.unsqueeze(0) <= position.unsqueeze(-1)
+            ref_k, ref_v = cache_k.clone(), cache_v.clone()
+            with torch.no_grad():
+                ref = reference_layer(layer, x.unsqueeze(1), cos, sin, ref_k, ref_v, position, mask)[:, 0]
+                out = layer.token_forward(x, cos, sin, cache_k, cache_v, position)
+                logits, ref_logits = small_linear(out, head.weight), head(out)
+            for name, a, b in (("layer output", out, ref), ("cache_k", cache_k, ref_k), ("cache_v", cache_v, ref_v),
+                               ("head logits", logits, ref_logits)):
+                diff = (a.float() - b.float()).abs()
+                excess = (diff - atol - rtol * b.float().abs()).max().item()
+                if excess > 0:
+                    raise AssertionError(f"{name} differs by {diff.max().item()} (batch {batch}, position {p}, {dtype})")
+                worst = max(worst, diff.max().item())
     return worst
 
 
@@ -125,6 +186,36 @@ def test_kernel_matches_pytorch_attention_in_triton_interpreter():
     assert "float32 max diff" in run_in_interpreter("attention")
 
 
+def test_small_batch_layer_matches_pytorch_layer_in_triton_interpreter():
+    assert "layer float32 max diff" in run_in_interpreter("layer")
+
+
+def test_layer_comparison_notices_a_missing_residual():
+    """The comparison itself can fail: a down projection that drops the residual is caught."""
+    assert "a dropped residual is caught" in run_in_interpreter("broken-layer")
+
+
+def compare_broken_layer() -> str:
+    import vllm_qwen3tts.code_predictor as predictor
+
+    real = predictor.small_linear
+
+    def without_mlp_residual(x, weight, **kw):
+        if kw.get("silu_mul"):
+            kw.pop("residual", None)
+        return real(x, weight, **kw)
+
+    predictor.small_linear = without_mlp_residual
+    try:
+        compare_layer("cpu", torch.float32, SMALL, batches=(2,), positions=(3,))
+    except AssertionError as e:
+        assert "layer output differs" in str(e), e
+        return "a dropped residual is caught"
+    finally:
+        predictor.small_linear = real
+    raise AssertionError("the comparison passed a layer without its MLP residual")
+
+
 def test_fused_sampler_draws_the_tokens_of_the_pytorch_sampler_in_triton_interpreter():
     assert "sampler: 288 draws identical" in run_in_interpreter("sampler")
 
@@ -154,6 +245,12 @@ def test_kernel_matches_pytorch_attention_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
+def test_small_batch_layer_matches_pytorch_on_gpu():
+    compare_layer("cuda", torch.float32, RELEASED, batches=(1, 16))
+    compare_layer("cuda", torch.bfloat16, RELEASED, batches=(1, 7, 16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
 def test_fused_sampler_matches_pytorch_on_gpu():
     compare_sampler("cuda", rows_per_case=64, draws=4)
 
@@ -165,5 +262,11 @@ if __name__ == "__main__":
         dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
         for dt in dtypes:
             print(f"{device} {str(dt).removeprefix('torch.')} max diff {compare(device, dt):.3g}")
+    if what in ("layer", "all"):
+        runs = [(torch.float32, SMALL)] if device == "cpu" else [(torch.float32, RELEASED), (torch.bfloat16, RELEASED)]
+        for dt, geometry in runs:
+            print(f"{device} layer {str(dt).removeprefix('torch.')} max diff {compare_layer(device, dt, geometry):.3g}")
+    if what == "broken-layer":
+        print(compare_broken_layer())
     if what in ("sampler", "all"):
         print(f"{device} sampler: {compare_sampler(device)} draws identical")

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import DecoderGeometry, TalkerConfig
 from .layers import RMSNorm
-from .predictor_kernels import fused_sample, kernels_enabled, token_attention, use_kernel
+from .predictor_kernels import fused_sample, kernels_enabled, small_linear, token_attention, use_kernel, use_small_linear
 from .sampling import SamplingTensors, sample
 from .weight_loading import WeightTarget, load_mapped
 
@@ -107,8 +107,23 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(g)
 
     def forward(self, x, cos, sin, cache_k, cache_v, positions, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, positions, mask)
+        attn = self.self_attn
+        if x.shape[1] == 1 and use_small_linear(x) and use_kernel(x, attn.head_dim, cache_k.shape[2]):
+            return self.token_forward(x[:, 0], cos, sin, cache_k, cache_v, positions).unsqueeze(1)
+        x = x + attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def token_forward(self, x, cos, sin, cache_k, cache_v, positions) -> torch.Tensor:
+        """`forward` of one token per row (x [B, hidden]) for a few rows, as five kernels: the norms,
+        the gate and the residual adds ride in the projections (`predictor_kernels.small_linear`)."""
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = small_linear(x, attn.qkv_proj.weight, norm_weight=norm1.weight, eps=norm1.eps)
+        out = token_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin, positions,
+                              cache_k, cache_v, attn.heads)
+        x = small_linear(out, attn.o_proj.weight, residual=x)
+        gate_up = small_linear(x, mlp.gate_up_proj.weight, norm_weight=norm2.weight, eps=norm2.eps)
+        return small_linear(gate_up, mlp.down_proj.weight, silu_mul=True, residual=x)
 
 
 class CodePredictor(nn.Module):
@@ -190,12 +205,17 @@ class CodePredictor(nn.Module):
         draw = fused_sample if kernels_enabled(hidden, "sampler") else self.sample
         codes = []
         for j in range(self.num_residual):
-            code = draw(self.lm_head[j](out), params.temperature, params.top_k, params.top_p, params.seed,
+            code = draw(self.head_logits(j, out), params.temperature, params.top_k, params.top_p, params.seed,
                         frame_index * self.seq_len + j + 1)
             codes.append(code)
             if j + 1 < self.num_residual:
                 out = self.token_step(project(residual_tables[j](code)), pos[j + 2], cache)
         return torch.stack(codes, dim=1)
+
+    def head_logits(self, j: int, out: torch.Tensor) -> torch.Tensor:
+        """Logits of codebook j + 1 from the final-normed outputs [B, H]."""
+        head = self.lm_head[j]
+        return small_linear(out, head.weight) if use_small_linear(out) else head(out)
 
     def teacher_forced_logits(
         self, hidden: torch.Tensor, codes: torch.Tensor, code0_embed: torch.Tensor, residual_tables: nn.ModuleList

@@ -26,8 +26,19 @@ above it is < top_p, which is the reference's cumulative-sum rule evaluated by a
 order: the two can disagree only on an entry whose cumulative probability is within rounding of
 1 - top_p, and on tied values at the cut (kept here, cut by sort order there).
 
-`QWEN3TTS_PREDICTOR_KERNELS=0` keeps PyTorch's attention and sampler on the GPU too;
-`=attention` or `=sampler` keeps just that one as Triton.
+**Small-batch projections** (`small_linear`): at a few rows per step every projection of the
+token step is a matrix-vector product that only has to stream its weights once, yet cuBLAS took
+5-12 us each at batch 1 on an H200 (1-2 TB/s; a split-K kernel plus its reduction for the down
+projection), and the RMSNorms, SiLU and residual adds between them were kernels of their own:
+~9 kernels per layer and sub-step, 80 times per talker step, ~5 ms of the 5.9 ms batch-1 step
+(benchmarks/NOTES.md §15). Here a layer is 5 kernels: each projection applies the norm or the
+SiLU gate to its input as it loads it, and adds the residual to its output before storing it.
+Used up to `SMALL_BATCH_ROWS` rows; larger batches keep cuBLAS, which uses the tensor cores well.
+Numerics as PyTorch's: the normed, gated and summed values are rounded to the activation dtype
+where PyTorch rounds them; only the dot products' summation order differs.
+
+`QWEN3TTS_PREDICTOR_KERNELS=0` keeps PyTorch's attention, sampler and projections on the GPU too;
+a comma list (`attention`, `sampler`, `linear`) keeps just those as Triton.
 """
 
 from __future__ import annotations
@@ -45,8 +56,8 @@ except ImportError:  # the CPU build of vLLM may come without Triton; the PyTorc
 
 
 def kernels_enabled(x: torch.Tensor, kernel: str) -> bool:
-    """Whether `kernel` ("attention" or "sampler") runs as Triton for tensors like x:
-    QWEN3TTS_PREDICTOR_KERNELS is 1 (default: both), 0 (neither) or a comma list of names."""
+    """Whether `kernel` ("attention", "sampler" or "linear") runs as Triton for tensors like x:
+    QWEN3TTS_PREDICTOR_KERNELS is 1 (default: all), 0 (none) or a comma list of names."""
     chosen = os.environ.get("QWEN3TTS_PREDICTOR_KERNELS", "1").replace(" ", "")
     return triton is not None and x.is_cuda and (chosen == "1" or kernel in chosen.split(","))
 
@@ -149,6 +160,112 @@ def token_attention(
         qkv.stride(0), out.stride(0), eps, head_dim**-0.5,
         H=heads, KV=kv_heads, D=head_dim, S=slots, GROUP=heads // kv_heads,
         num_warps=num_warps,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------ small-batch projections
+
+# Rows up to which `small_linear` replaces cuBLAS (the batch buckets at or below it take the fused
+# path). QWEN3TTS_SMALL_BATCH_ROWS overrides it; benchmarks/predictor_linear.py times both sides.
+SMALL_BATCH_ROWS = int(os.environ.get("QWEN3TTS_SMALL_BATCH_ROWS", "16"))
+_ROWS_PER_PROGRAM = 16  # tl.dot's smallest tile
+
+
+def use_small_linear(x: torch.Tensor) -> bool:
+    """Whether the projections of rows x [B, ...] run as `small_linear`."""
+    return kernels_enabled(x, "linear") and x.shape[0] <= SMALL_BATCH_ROWS
+
+
+if triton is not None:
+
+    @triton.jit
+    def _small_linear_kernel(
+        x_ptr, w_ptr, out_ptr,  # x [M, K] (or [M, 2K]: gate, then up), w [N, K], out [M, N]
+        norm_ptr, residual_ptr,  # [K], [M, N]: read only where PROLOGUE / RESIDUAL say so
+        M, N, K, x_row_stride, residual_row_stride, out_row_stride, eps,
+        PROLOGUE: tl.constexpr,  # 0: x as it is; 1: RMSNorm(x) * norm; 2: silu(gate) * up
+        RESIDUAL: tl.constexpr,
+        IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products (tl.dot would use TF32)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        dtype = out_ptr.dtype.element_ty
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        kk = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + rows[:, None].to(tl.int64) * x_row_stride
+        w_rows = w_ptr + cols[:, None].to(tl.int64) * K
+        if PROLOGUE == 1:  # the row's mean square first: every program of the row computes it
+            square_sum = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                a = tl.load(x_rows + k0 + kk[None, :], mask=row_ok[:, None] & (k0 + kk < K)[None, :], other=0.0)
+                a = a.to(tl.float32)
+                square_sum += tl.sum(a * a, axis=1)
+            inv_rms = tl.rsqrt(square_sum / K + eps)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k0 + kk < K
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            a = tl.load(x_rows + k0 + kk[None, :], mask=a_mask, other=0.0)
+            if PROLOGUE == 1:  # RMSNorm: normalise in fp32, round, apply the weight, round
+                weight = tl.load(norm_ptr + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+                a = (a.to(tl.float32) * inv_rms[:, None]).to(dtype).to(tl.float32) * weight[None, :]
+                a = a.to(dtype)
+            if PROLOGUE == 2:  # the MLP's gate: silu(gate), rounded, times up, rounded
+                gate = a.to(tl.float32)
+                up = tl.load(x_rows + K + k0 + kk[None, :], mask=a_mask, other=0.0).to(tl.float32)
+                a = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype)
+            w = tl.load(w_rows + k0 + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(w))
+        out = acc.to(dtype)
+        mask = row_ok[:, None] & col_ok[None, :]
+        if RESIDUAL:  # residual + projection, as PyTorch adds them: two rounded values, rounded
+            r = tl.load(residual_ptr + rows[:, None].to(tl.int64) * residual_row_stride + cols[None, :], mask=mask,
+                        other=0.0)
+            out = (out.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * out_row_stride + cols[None, :], out, mask=mask)
+
+
+def _columns_per_program(n: int) -> int:
+    # ~128 programs or more (an H100/H200 has 132 SMs), each streaming a 16-64-row slice of the
+    # weight; tl.dot needs at least 16
+    block = 16
+    while block < 64 and n // (2 * block) >= 128:
+        block *= 2
+    return block
+
+
+def small_linear(
+    x: torch.Tensor,  # [M, K], or [M, 2K] (gate, then up) with silu_mul
+    weight: torch.Tensor,  # [N, K], as nn.Linear holds it
+    *,
+    norm_weight: torch.Tensor | None = None,  # [K]: RMSNorm x with this weight first
+    eps: float = 0.0,
+    silu_mul: bool = False,  # use silu(x[:, :K]) * x[:, K:] as the input
+    residual: torch.Tensor | None = None,  # [M, N]: added to the output
+    block_n: int | None = None, block_k: int = 128, num_warps: int = 4, num_stages: int = 4,
+) -> torch.Tensor:
+    """x @ weight.T [M, N] for a few rows, with the layer's norm or gate applied to x on the way in
+    and the residual added on the way out, in one kernel. (The launch shape: benchmarks/
+    predictor_linear.py times the choices.)"""
+    m = x.shape[0]
+    n, k = weight.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_n = block_n or _columns_per_program(n)
+    prologue = 1 if norm_weight is not None else 2 if silu_mul else 0
+    _small_linear_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, _ROWS_PER_PROGRAM))](
+        x, weight, out, norm_weight if norm_weight is not None else weight,  # (unread stand-ins: read-only
+        residual if residual is not None else x,                            # inputs, never `out`)
+        m, n, k, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), eps,
+        PROLOGUE=prologue, RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32,
+        BLOCK_M=_ROWS_PER_PROGRAM, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
