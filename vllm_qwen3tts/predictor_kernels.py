@@ -27,15 +27,17 @@ order: the two can disagree only on an entry whose cumulative probability is wit
 1 - top_p, and on tied values at the cut (kept here, cut by sort order there).
 
 **Small-batch projections** (`small_linear`): at a few rows per step every projection of the
-token step is a matrix-vector product that only has to stream its weights once, yet cuBLAS took
-5-12 us each at batch 1 on an H200 (1-2 TB/s; a split-K kernel plus its reduction for the down
-projection), and the RMSNorms, SiLU and residual adds between them were kernels of their own:
-~9 kernels per layer and sub-step, 80 times per talker step, ~5 ms of the 5.9 ms batch-1 step
+token step is a matrix-vector product that only has to stream its weights once, yet cuBLAS takes
+3.6-12.6 us each at batch 1 on an H200 (0.3-2.6 TB/s; a split-K kernel plus its reduction for the
+down projection), and the RMSNorms, SiLU and residual adds between them are kernels of their own:
+~9 kernels per layer and sub-step, 80 times per talker step, ~4 ms of the 5.8 ms batch-1 step
 (benchmarks/NOTES.md §15). Here a layer is 5 kernels: each projection applies the norm or the
 SiLU gate to its input as it loads it, and adds the residual to its output before storing it.
-Used up to `SMALL_BATCH_ROWS` rows; larger batches keep cuBLAS, which uses the tensor cores well.
-Numerics as PyTorch's: the normed, gated and summed values are rounded to the activation dtype
-where PyTorch rounds them; only the dot products' summation order differs.
+Used up to `SMALL_BATCH_ROWS` rows, which is 0 (off) by default: measured on an H200 it is slower
+than cuBLAS (a token step 399 against 225 us at batch 1; the down projection 39 us against 6), as
+each program walks K one dependent tile load after another (NOTES §15 has the numbers and what to
+change). Numerics as PyTorch's: the normed, gated and summed values are rounded to the activation
+dtype where PyTorch rounds them; only the dot products' summation order differs.
 
 `QWEN3TTS_PREDICTOR_KERNELS=0` keeps PyTorch's attention, sampler and projections on the GPU too;
 a comma list (`attention`, `sampler`, `linear`) keeps just those as Triton.
@@ -167,8 +169,9 @@ def token_attention(
 # ------------------------------------------------------------------------ small-batch projections
 
 # Rows up to which `small_linear` replaces cuBLAS (the batch buckets at or below it take the fused
-# path). QWEN3TTS_SMALL_BATCH_ROWS overrides it; benchmarks/predictor_linear.py times both sides.
-SMALL_BATCH_ROWS = int(os.environ.get("QWEN3TTS_SMALL_BATCH_ROWS", "16"))
+# path); 0 until it is faster. QWEN3TTS_SMALL_BATCH_ROWS sets it; benchmarks/predictor_linear.py
+# times both sides.
+SMALL_BATCH_ROWS = int(os.environ.get("QWEN3TTS_SMALL_BATCH_ROWS", "0"))
 _ROWS_PER_PROGRAM = 16  # tl.dot's smallest tile
 
 
