@@ -28,6 +28,10 @@ def main() -> None:
     ap.add_argument("--runs", default="float32:64,bfloat16:64,bfloat16:8192",
                     help="dtype:max_num_batched_tokens[:eager|:<vLLM cudagraph mode, e.g. full>],...")
     args = ap.parse_args()
+    # Fork start-up of the engine process stalled before its model loaded, in both runs of
+    # 2026-12-04 (benchmarks/NOTES.md §15), after this process had tokenized the prompts and
+    # built the checkpoint; a spawned engine inherits neither threads nor locks.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     if os.environ.get("STACK_DUMP_S"):  # diagnose hangs: print every thread's stack periodically
         import faulthandler
 
