@@ -90,6 +90,7 @@ class RequestResult:
     sent_s: float  # since the level started
     status: int | None = None
     error: str | None = None
+    headers_s: float | None = None  # until the response's status and headers
     ttfa_s: float | None = None
     e2e_s: float | None = None
     audio_s: float = 0.0
@@ -127,6 +128,7 @@ async def one_request(client, url: str, headers: dict, body: dict, level_t0: flo
     header_left = None  # bytes of a WAV header still to skip, if the stream starts with one
     try:
         async with client.stream("POST", url, json=body, headers=headers) as r:
+            res.headers_s = time.perf_counter() - t0
             res.status = r.status_code
             if r.status_code != 200:
                 res.error = (await r.aread()).decode(errors="replace")[:300]
@@ -166,6 +168,7 @@ class Level:
     ttfa_p50_ms: float | None = None
     ttfa_p95_ms: float | None = None
     ttfa_p99_ms: float | None = None
+    headers_p50_ms: float | None = None  # time to the response's headers: the part of TTFA before audio streams
     e2e_p50_s: float | None = None
     e2e_p95_s: float | None = None
     e2e_p99_s: float | None = None
@@ -177,6 +180,7 @@ class Level:
     steady: dict | None = None  # SteadyState of a ramped closed loop
     engine: dict | None = None  # server_metrics.EngineView of the level, when the server has /metrics
     client_cpu: float | None = None  # this load generator's CPU time over the level's wall time (1.0: a core)
+    client_lag_p99_ms: float | None = None  # how late this load generator's own event loop ran (sample_loop_lag)
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -199,12 +203,14 @@ def summarise(kind: str, value: float, results: list[RequestResult], wall_s: flo
     ok = [r for r in results if r.ok]
     e2e = [r.e2e_s for r in ok]
     s3 = lambda x: None if x is None else round(x, 3)  # noqa: E731
+    s1 = lambda x: None if x is None else round(x, 1)  # noqa: E731
     audio = sum(r.audio_s for r in results)
     return Level(
         kind=kind, value=value, requests=len(results), ok=len(ok), failed=len(results) - len(ok),
         wall_s=round(wall_s, 3), audio_s=round(audio, 2), audio_s_per_s=round(audio / wall_s, 2) if wall_s else 0.0,
         rtf_mean=round(statistics.mean(r.e2e_s / r.audio_s for r in ok), 4) if ok else None,
         **ttfa_percentiles_ms(ok),
+        headers_p50_ms=s1(percentile([1000 * r.headers_s for r in ok if r.headers_s is not None], 50)),
         e2e_p50_s=s3(percentile(e2e, 50)), e2e_p95_s=s3(percentile(e2e, 95)), e2e_p99_s=s3(percentile(e2e, 99)),
         underrun_requests=sum(1 for r in ok if r.underruns), underruns=sum(r.underruns for r in ok),
         stall_s_total=round(sum(r.stall_s for r in ok), 3),
@@ -310,12 +316,16 @@ class LoadRunner:
                 await self.closed_loop(n, 1, warmup_frames)
             before = await server_metrics.scrape(self.client, a.url) if a.server_metrics else None
             cpu_before = process_cpu_s()
+            lags: list[float] = []
+            lag_sampler = asyncio.create_task(sample_loop_lag(lags))
             if kind == "concurrency":
                 ramp = a.ramp_s if value > 1 else 0.0
                 results, wall, window = await self.closed_loop(int(value), a.rounds, a.frames, ramp)
             else:
                 results, wall = await self.open_loop(value, a.duration, a.frames)
+            lag_sampler.cancel()
             level = summarise(kind, value, results, wall)
+            level.client_lag_p99_ms = round(1000 * percentile(lags, 99), 1) if lags else None
             # A saturated load generator delays what it measures (first audio above all): say so.
             level.client_cpu = round((process_cpu_s() - cpu_before) / wall, 2) if wall else None
             if kind == "concurrency" and ramp > 0:
@@ -334,6 +344,16 @@ class LoadRunner:
         return levels
 
 
+async def sample_loop_lag(lags: list[float], tick_s: float = 0.02) -> None:
+    """Append to `lags`, until cancelled, how late a timer due every `tick_s` fires in this event
+    loop: a load generator behind its own schedule reads chunks late and delays what it measures."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + tick_s
+        await asyncio.sleep(tick_s)
+        lags.append(max(0.0, loop.time() - due))
+
+
 def process_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -347,8 +367,8 @@ def _numbers(spec: str | None) -> list[float]:
 
 COLUMNS = [("load", None), ("ok", "ok"), ("failed", "failed"), ("audio-s/s", "audio_s_per_s"), ("RTF", "rtf_mean"),
            ("TTFA p50 ms", "ttfa_p50_ms"), ("p95", "ttfa_p95_ms"), ("p99", "ttfa_p99_ms"),
-           ("E2E p50 s", "e2e_p50_s"), ("p95 ", "e2e_p95_s"), ("underrun reqs", "underrun_requests"),
-           ("stall s", "stall_s_total"), ("client CPU", "client_cpu")]
+           ("headers p50 ms", "headers_p50_ms"), ("E2E p50 s", "e2e_p50_s"), ("p95 ", "e2e_p95_s"), ("underrun reqs", "underrun_requests"),
+           ("stall s", "stall_s_total"), ("client CPU", "client_cpu"), ("client lag p99 ms", "client_lag_p99_ms")]
 
 
 def load_label(level: dict) -> str:
@@ -358,7 +378,8 @@ def load_label(level: dict) -> str:
 
 ENGINE_COLUMNS = [("steps/s", "steps_per_s"), ("tokens/step", "tokens_per_step"), ("ITL ms", "itl_ms"),
                   ("engine TTFT ms", "engine_ttft_ms"), ("queue ms", "queue_ms"), ("prefill ms", "prefill_ms"),
-                  ("server TTFA ms", "server_ttfa_ms"), ("server prep ms", "server_prepare_ms"), ("codec busy", "codec_busy"),
+                  ("server TTFA ms", "server_ttfa_ms"), ("server prep ms", "server_prepare_ms"),
+                  ("API loop lag ms", "loop_lag_ms"), ("codec busy", "codec_busy"),
                   ("codec frames/call", "codec_frames_per_call")]
 
 

@@ -7,8 +7,10 @@ counters say where inside the time went, without a profiler attached:
   engine-core timestamps), and a request's time from arrival to its first frame
   (`vllm:time_to_first_token_seconds`), split into waiting for a slot (`request_queue_time`)
   and its prefill (`request_prefill_time`);
-- our server: time to first audio as the server measures it, and the codec workers' decoder
-  calls (busy time, frames per call; polled by the server every 5 s, so a level's edges blur).
+- our server: time to first audio as the server measures it, how late its event loop runs (a
+  timer due every 50 ms: what accepting requests and writing audio wait behind, which the
+  server's own first-audio clock cannot see), and the codec workers' decoder calls (busy time,
+  frames per call; polled by the server every 5 s, so a level's edges blur).
 
 Histograms give means (sum / count); percentiles come from the load generator. Any server
 without these metrics (or without `/metrics`) just gets no engine columns.
@@ -25,6 +27,7 @@ HISTOGRAMS = {  # prefix of the *_sum / *_count series -> field name
     "vllm:request_prefill_time_seconds": "prefill",
     "qwen3tts_time_to_first_audio_seconds": "server_ttfa",
     "qwen3tts_request_prepare_seconds": "server_prepare",
+    "qwen3tts_event_loop_lag_seconds": "loop_lag",
 }
 COUNTERS = ("vllm:iteration_tokens_total_count", "vllm:iteration_tokens_total_sum",
             "qwen3tts_codec_decode_seconds_total", "qwen3tts_codec_batches_total", "qwen3tts_codec_frames_total")
@@ -69,6 +72,7 @@ class EngineView:
     prefill_ms: float | None = None
     server_ttfa_ms: float | None = None
     server_prepare_ms: float | None = None  # arrival to synthesis start (part of server TTFA)
+    loop_lag_ms: float | None = None  # mean lateness of the API process's 50 ms timer
     codec_busy: float | None = None  # share of the level's wall time in decoder calls
     codec_frames_per_call: float | None = None
 

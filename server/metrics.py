@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -12,6 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 PREPARE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOOP_TICK_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class SpeechMetrics:
     requests: Counter
     in_flight: Gauge
     waiting_first_audio: Gauge
+    event_loop_lag: Histogram
 
 
 @lru_cache(maxsize=1)
@@ -39,7 +43,22 @@ def speech_metrics() -> SpeechMetrics:
         requests=Counter("qwen3tts_requests", "Speech requests by outcome", ["tenant", "endpoint", "status"]),
         in_flight=Gauge("qwen3tts_requests_in_flight", "Admitted speech requests not yet finished"),
         waiting_first_audio=Gauge("qwen3tts_queue_depth", "Admitted requests still waiting for their first audio"),
+        event_loop_lag=Histogram("qwen3tts_event_loop_lag_seconds",
+                                 f"How late the API process's event loop ran a timer due every {LOOP_TICK_S:g} s: its "
+                                 "backlog, which new connections, request bodies and audio writes wait behind too",
+                                 buckets=LOOP_LAG_BUCKETS),
     )
+
+
+async def watch_event_loop(lag: Histogram, tick_s: float = LOOP_TICK_S) -> None:
+    """Observe into `lag`, forever, how late a timer due every `tick_s` fires. Under load the route's
+    own clock cannot see a busy loop: a request waits to be accepted and parsed before the app
+    sees it, and its audio waits to be written after the route yielded it (NOTES §15)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + tick_s
+        await asyncio.sleep(tick_s)
+        lag.observe(max(0.0, loop.time() - due))
 
 
 class CodecStatsCollector:

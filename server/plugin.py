@@ -57,6 +57,7 @@ class SpeechEndpointPlugin:
         from ..codec.pool import CodecPool
         from ..codec.worker import launched_workers_from_env
         from ..engine import ChunkSchedule, TTSEngine
+        from .metrics import speech_metrics, watch_event_loop
         from .service import ServerSettings, SpeechService
 
         model_dir = Path(args.model)
@@ -86,6 +87,7 @@ class SpeechEndpointPlugin:
         # keep a reference: a bare task could be garbage-collected mid-flight
         state.qwen3tts_warmup = asyncio.create_task(service.warm_up())
         state.qwen3tts_codec_watch = asyncio.create_task(service.watch_codec())
+        state.qwen3tts_loop_watch = asyncio.create_task(watch_event_loop(speech_metrics().event_loop_lag))
         logger.info("speech endpoints ready to warm up on %s (codec workers %s on %s)", model_dir,
                     [w.pid for w in workers], devices)
 

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,14 +58,15 @@ def test_both_dialects_force_the_length_and_stream_pcm():
 
 def test_summary_counts_failures_and_throughput():
     R = http_load.RequestResult
-    results = [R(sent_s=0, status=200, ttfa_s=0.1, e2e_s=2.0, audio_s=4.0, underruns=1, stall_s=0.2),
-               R(sent_s=0, status=200, ttfa_s=0.3, e2e_s=4.0, audio_s=4.0),
-               R(sent_s=0, status=503, error="overloaded")]
+    results = [R(sent_s=0, status=200, headers_s=0.02, ttfa_s=0.1, e2e_s=2.0, audio_s=4.0, underruns=1, stall_s=0.2),
+               R(sent_s=0, status=200, headers_s=0.04, ttfa_s=0.3, e2e_s=4.0, audio_s=4.0),
+               R(sent_s=0, status=503, headers_s=0.001, error="overloaded")]
     level = http_load.summarise("concurrency", 3, results, wall_s=4.0)
     assert (level.requests, level.ok, level.failed) == (3, 2, 1)
     assert level.audio_s_per_s == 2.0
     assert level.rtf_mean == pytest.approx(0.75)
     assert level.ttfa_p50_ms == pytest.approx(200.0)
+    assert level.headers_p50_ms == pytest.approx(30.0)  # of the requests that succeeded
     assert level.underrun_requests == 1 and level.stall_s_total == pytest.approx(0.2)
     assert level.errors == ["503: overloaded"]
 
@@ -133,3 +136,19 @@ def test_steady_state_counts_only_what_happens_while_every_client_is_active():
     assert steady.requests == 1 and steady.ttfa_p50_ms == pytest.approx(400.0)
     assert steady.audio_s_per_s == pytest.approx(1.5)  # 3 of the 5 seconds of audio arrived inside, over 2 s
     assert http_load.steady_state(results, (2.0, 2.0)) is None  # no moment with every client active
+
+
+def test_loop_lag_sampler_sees_a_blocked_event_loop():
+    """The load generator's own lateness: a callback that holds the loop for 0.2 s shows up."""
+    async def level():
+        lags: list[float] = []
+        sampler = asyncio.create_task(http_load.sample_loop_lag(lags, tick_s=0.01))
+        await asyncio.sleep(0.05)
+        time.sleep(0.2)  # a synchronous hog, as a saturated client would be
+        await asyncio.sleep(0.05)
+        sampler.cancel()
+        return lags
+
+    lags = asyncio.run(level())
+    assert max(lags) >= 0.15
+    assert sorted(lags)[len(lags) // 2] < 0.05  # the other ticks were on time
