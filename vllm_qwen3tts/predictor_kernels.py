@@ -33,10 +33,10 @@ down projection), and the RMSNorms, SiLU and residual adds between them are kern
 ~9 kernels per layer and sub-step, 80 times per talker step, ~4 ms of the 5.8 ms batch-1 step
 (benchmarks/NOTES.md §15). Here a layer is 5 kernels: each projection applies the norm or the
 SiLU gate to its input as it loads it, and adds the residual to its output before storing it.
-Used up to `SMALL_BATCH_ROWS` rows, which is 0 (off) by default: measured on an H200 it is slower
-than cuBLAS (a token step 399 against 225 us at batch 1; the down projection 39 us against 6), as
-each program walks K one dependent tile load after another (NOTES §15 has the numbers and what to
-change). Numerics as PyTorch's: the normed, gated and summed values are rounded to the activation
+Used up to `SMALL_BATCH_ROWS` rows, which is 0 (off) by default: its first version, which walked K
+tile by tile with `tl.dot`, measured slower than cuBLAS on an H200 (a token step 399 against 225 us
+at batch 1; NOTES §15). This one loads each program's whole weight slice at once and reduces in
+registers; it is not measured on a GPU yet. Numerics as PyTorch's: the normed, gated and summed values are rounded to the activation
 dtype where PyTorch rounds them; only the dot products' summation order differs.
 
 `QWEN3TTS_PREDICTOR_KERNELS=0` keeps PyTorch's attention, sampler and projections on the GPU too;
@@ -169,10 +169,10 @@ def token_attention(
 # ------------------------------------------------------------------------ small-batch projections
 
 # Rows up to which `small_linear` replaces cuBLAS (the batch buckets at or below it take the fused
-# path); 0 until it is faster. QWEN3TTS_SMALL_BATCH_ROWS sets it; benchmarks/predictor_linear.py
-# times both sides.
+# path); 0 until it is measured faster. QWEN3TTS_SMALL_BATCH_ROWS sets it;
+# benchmarks/predictor_linear.py times both sides.
 SMALL_BATCH_ROWS = int(os.environ.get("QWEN3TTS_SMALL_BATCH_ROWS", "0"))
-_ROWS_PER_PROGRAM = 16  # tl.dot's smallest tile
+_WEIGHT_TILE_ELEMENTS = 16384  # per program, held in registers as fp32: 64 KB over 8 warps
 
 
 def use_small_linear(x: torch.Tensor) -> bool:
@@ -186,59 +186,46 @@ if triton is not None:
     def _small_linear_kernel(
         x_ptr, w_ptr, out_ptr,  # x [M, K] (or [M, 2K]: gate, then up), w [N, K], out [M, N]
         norm_ptr, residual_ptr,  # [K], [M, N]: read only where PROLOGUE / RESIDUAL say so
-        M, N, K, x_row_stride, residual_row_stride, out_row_stride, eps,
+        M, N, x_row_stride, residual_row_stride, out_row_stride, eps,
+        K: tl.constexpr, K_PAD: tl.constexpr,
         PROLOGUE: tl.constexpr,  # 0: x as it is; 1: RMSNorm(x) * norm; 2: silu(gate) * up
         RESIDUAL: tl.constexpr,
-        IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products (tl.dot would use TF32)
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         dtype = out_ptr.dtype.element_ty
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < M
         col_ok = cols < N
-        kk = tl.arange(0, BLOCK_K)
-        x_rows = x_ptr + rows[:, None].to(tl.int64) * x_row_stride
-        w_rows = w_ptr + cols[:, None].to(tl.int64) * K
-        if PROLOGUE == 1:  # the row's mean square first: every program of the row computes it
-            square_sum = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                a = tl.load(x_rows + k0 + kk[None, :], mask=row_ok[:, None] & (k0 + kk < K)[None, :], other=0.0)
-                a = a.to(tl.float32)
-                square_sum += tl.sum(a * a, axis=1)
-            inv_rms = tl.rsqrt(square_sum / K + eps)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = k0 + kk < K
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            a = tl.load(x_rows + k0 + kk[None, :], mask=a_mask, other=0.0)
+        kk = tl.arange(0, K_PAD)
+        k_ok = kk < K
+        # The program's whole [BLOCK_N, K] slice of the weight in one load: all of it in flight at
+        # once. (Walking K tile by tile, one dependent load after another, ran at 0.2-1.1 TB/s.)
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if PROLOGUE == 1:
+            norm = tl.load(norm_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        for m in range(M):  # the few rows reuse the slice from registers
+            row = x_ptr + m * x_row_stride
+            a = tl.load(row + kk, mask=k_ok, other=0.0)
             if PROLOGUE == 1:  # RMSNorm: normalise in fp32, round, apply the weight, round
-                weight = tl.load(norm_ptr + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-                a = (a.to(tl.float32) * inv_rms[:, None]).to(dtype).to(tl.float32) * weight[None, :]
-                a = a.to(dtype)
+                a32 = a.to(tl.float32)
+                inv_rms = tl.rsqrt(tl.sum(a32 * a32, axis=0) / K + eps)
+                a = ((a32 * inv_rms).to(dtype).to(tl.float32) * norm).to(dtype)
             if PROLOGUE == 2:  # the MLP's gate: silu(gate), rounded, times up, rounded
                 gate = a.to(tl.float32)
-                up = tl.load(x_rows + K + k0 + kk[None, :], mask=a_mask, other=0.0).to(tl.float32)
+                up = tl.load(row + K + kk, mask=k_ok, other=0.0).to(tl.float32)
                 a = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype)
-            w = tl.load(w_rows + k0 + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(w))
-        out = acc.to(dtype)
-        mask = row_ok[:, None] & col_ok[None, :]
-        if RESIDUAL:  # residual + projection, as PyTorch adds them: two rounded values, rounded
-            r = tl.load(residual_ptr + rows[:, None].to(tl.int64) * residual_row_stride + cols[None, :], mask=mask,
-                        other=0.0)
-            out = (out.to(tl.float32) + r.to(tl.float32)).to(dtype)
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * out_row_stride + cols[None, :], out, mask=mask)
+            out = tl.sum(w * a.to(tl.float32)[None, :], axis=1).to(dtype)
+            if RESIDUAL:  # residual + projection, as PyTorch adds them: two rounded values, rounded
+                r = tl.load(residual_ptr + m * residual_row_stride + cols, mask=col_ok, other=0.0)
+                out = (out.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            tl.store(out_ptr + m * out_row_stride + cols, out, mask=col_ok)
 
 
-def _columns_per_program(n: int) -> int:
-    # ~128 programs or more (an H100/H200 has 132 SMs), each streaming a 16-64-row slice of the
-    # weight; tl.dot needs at least 16
-    block = 16
-    while block < 64 and n // (2 * block) >= 128:
+def _columns_per_program(n: int, k_pad: int) -> int:
+    # as many programs as SMs or more (132 on an H100/H200), each slice within the register budget
+    cap = max(1, _WEIGHT_TILE_ELEMENTS // k_pad)
+    block = 1
+    while block * 2 <= cap and n // (block * 2) >= 128:
         block *= 2
     return block
 
@@ -251,7 +238,7 @@ def small_linear(
     eps: float = 0.0,
     silu_mul: bool = False,  # use silu(x[:, :K]) * x[:, K:] as the input
     residual: torch.Tensor | None = None,  # [M, N]: added to the output
-    block_n: int | None = None, block_k: int = 128, num_warps: int = 4, num_stages: int = 4,
+    block_n: int | None = None, num_warps: int = 8,
 ) -> torch.Tensor:
     """x @ weight.T [M, N] for a few rows, with the layer's norm or gate applied to x on the way in
     and the residual added on the way out, in one kernel. (The launch shape: benchmarks/
@@ -261,14 +248,14 @@ def small_linear(
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n = block_n or _columns_per_program(n)
+    k_pad = triton.next_power_of_2(k)
+    block_n = block_n or _columns_per_program(n, k_pad)
     prologue = 1 if norm_weight is not None else 2 if silu_mul else 0
-    _small_linear_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, _ROWS_PER_PROGRAM))](
+    _small_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, norm_weight if norm_weight is not None else weight,  # (unread stand-ins: read-only
         residual if residual is not None else x,                            # inputs, never `out`)
-        m, n, k, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), eps,
-        PROLOGUE=prologue, RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32,
-        BLOCK_M=_ROWS_PER_PROGRAM, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        m, n, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), eps,
+        K=k, K_PAD=k_pad, PROLOGUE=prologue, RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=num_warps,
     )
     return out
 
