@@ -32,13 +32,15 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--port", type=int, default=8777)
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="one more argument for `serve` (repeat), e.g. --server-arg=--stream-interval=4")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     srv = subprocess.Popen(
         [sys.executable, "-m", "vllm_qwen3tts.cli", "serve", "--model", args.model, "--host", "127.0.0.1",
          "--port", str(args.port), "--device", args.device, "--max-num-seqs", str(args.concurrency),
          "--max-model-len", "1024", "--max-concurrency-per-key", "100000",
-         "--requests-per-minute-per-key", "10000000"],
+         "--requests-per-minute-per-key", "10000000", *args.server_arg],
         stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         for _ in range(300):
