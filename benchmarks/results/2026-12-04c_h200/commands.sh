@@ -10,6 +10,10 @@
 #      the two 1.7B servers measured (c=1, 1 and 20 req/s, c=128 bursts and ramped)
 #   c: ours 0.6B measured the same way; the servers stopped; greedy parity against the reference
 #      with the fused path at every batch (QWEN3TTS_SMALL_BATCH_ROWS=64), then in FULL mode
+#      (both stalled in the forked engine's start-up; see stalled/)
+# Phases b and c ran with QWEN3TTS_SMALL_BATCH_ROWS=0 exported (phase a had found the kernels slower).
+#   d (one command on a fresh machine, after 2f98192 made the check spawn its engine):
+#      timeout 240 python3 benchmarks/talker_gpu_check.py --runs float32:64 --copies 2 --out $OUT/talker_check_spawn.json
 set -uo pipefail
 phase=$1
 R=/tmp/r; mkdir -p $R
