@@ -158,12 +158,10 @@ class SpeechService:
         busy it is and how well it batches say whether audio decoding is what limits the server."""
         collector = codec_stats_collector()
         logged, logged_at = None, time.monotonic()
-        first = True
+        delay = 0.0  # the first poll right away: /metrics has the codec's series once the server is ready
         while True:
-            # the first poll right away: /metrics has the codec's series from the moment the server is ready
-            if not first:
-                await asyncio.sleep(poll_s)
-            first = False
+            await asyncio.sleep(delay)
+            delay = poll_s
             try:
                 per_worker = await self.engine.codec.worker_stats(timeout_s=poll_s)  # a CodecPool
             except Exception as e:  # noqa: BLE001 - the health check reports a dead worker

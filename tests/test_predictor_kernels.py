@@ -20,6 +20,24 @@ RELEASED = dict(hidden_size=1024, intermediate_size=3072, num_layers=5, num_head
                 rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=65536)
 
 
+def rope_angles(g, slots: int, device: str) -> torch.Tensor:
+    """[slots, head_dim] RoPE angles of each position (the predictor's cos/sin come from these)."""
+    inv_freq = 1.0 / (g.rope_theta ** (torch.arange(0, g.head_dim, 2, dtype=torch.float32) / g.head_dim))
+    angles = torch.arange(slots, dtype=torch.float32).unsqueeze(-1) * inv_freq
+    return torch.cat((angles, angles), dim=-1).to(device)
+
+
+def largest_difference(pairs, atol: float, rtol: float, where: str) -> float:
+    """max |got - expected| over (name, got, expected) pairs; raises where one exceeds atol + rtol * |expected|."""
+    worst = 0.0
+    for name, a, b in pairs:
+        diff = (a.float() - b.float()).abs()
+        if (diff - atol - rtol * b.float().abs()).max().item() > 0:
+            raise AssertionError(f"{name} differs by {diff.max().item()} {where}")
+        worst = max(worst, diff.max().item())
+    return worst
+
+
 def compare(device: str, dtype: torch.dtype, batch: int = 5) -> float:
     """Largest difference between kernel and PyTorch over every position of a frame, for the
     attention output and the written caches; raises if the two disagree beyond `dtype`'s rounding."""
@@ -34,9 +52,7 @@ def compare(device: str, dtype: torch.dtype, batch: int = 5) -> float:
         attn.q_norm.weight.uniform_(0.5, 1.5)
         attn.k_norm.weight.uniform_(0.5, 1.5)
     slots = 16
-    inv_freq = 1.0 / (g.rope_theta ** (torch.arange(0, g.head_dim, 2, dtype=torch.float32) / g.head_dim))
-    angles = torch.arange(slots, dtype=torch.float32).unsqueeze(-1) * inv_freq
-    table = torch.cat((angles, angles), dim=-1).to(device)
+    table = rope_angles(g, slots, device)
     # Entries at and after the new position hold garbage: the kernel must overwrite or mask them.
     cache_k = torch.randn(batch, g.num_kv_heads, slots, g.head_dim, device=device, dtype=dtype)
     cache_v = torch.randn_like(cache_k)
@@ -55,17 +71,13 @@ def compare(device: str, dtype: torch.dtype, batch: int = 5) -> float:
             ref = attn.attend(qkv, cos, sin, ref_k, ref_v, position, mask).view(batch, -1)
             out = token_attention(qkv.view(batch, -1), attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos,
                                   sin, position, cache_k, cache_v, g.num_heads)
-        for name, a, b in (("output", out, ref), ("cache_k", cache_k, ref_k), ("cache_v", cache_v, ref_v)):
-            diff = (a.float() - b.float()).abs()
-            excess = (diff - atol - rtol * b.float().abs()).max().item()
-            if excess > 0:
-                raise AssertionError(f"{name} differs by {diff.max().item()} at position {p} ({dtype})")
-            worst = max(worst, diff.max().item())
+        worst = max(worst, largest_difference((("output", out, ref), ("cache_k", cache_k, ref_k), ("cache_v", cache_v, ref_v)),
+                                              atol, rtol, f"at position {p} ({dtype})"))
     return worst
 
 
-# Small enough for Triton's interpreter; the hidden and MLP widths are not multiples of the kernel's
-# 128-wide K tiles nor of its column tiles, so the masked edges are exercised too.
+# Small enough for Triton's interpreter; the hidden and MLP widths are not powers of two (the kernel
+# pads K to one) nor multiples of its column blocks, so the masked edges are exercised too.
 SMALL = dict(hidden_size=320, intermediate_size=400, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64,
              rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=65536)
 
@@ -95,9 +107,7 @@ def compare_layer(device: str, dtype: torch.dtype, geometry: dict, batches=(1, 3
         for norm in (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.q_norm, layer.self_attn.k_norm):
             norm.weight.uniform_(0.5, 1.5)
     slots = 16
-    inv_freq = 1.0 / (g.rope_theta ** (torch.arange(0, g.head_dim, 2, dtype=torch.float32) / g.head_dim))
-    angles = torch.arange(slots, dtype=torch.float32).unsqueeze(-1) * inv_freq
-    table = torch.cat((angles, angles), dim=-1).to(device)
+    table = rope_angles(g, slots, device)
     keys = torch.arange(slots, device=device)
     atol, rtol = (2e-5, 2e-5) if dtype == torch.float32 else (5e-2, 2**-5)
     worst = 0.0
@@ -114,13 +124,9 @@ def compare_layer(device: str, dtype: torch.dtype, geometry: dict, batches=(1, 3
                 ref = reference_layer(layer, x.unsqueeze(1), cos, sin, ref_k, ref_v, position, mask)[:, 0]
                 out = layer.token_forward(x, cos, sin, cache_k, cache_v, position)
                 logits, ref_logits = small_linear(out, head.weight), head(out)
-            for name, a, b in (("layer output", out, ref), ("cache_k", cache_k, ref_k), ("cache_v", cache_v, ref_v),
-                               ("head logits", logits, ref_logits)):
-                diff = (a.float() - b.float()).abs()
-                excess = (diff - atol - rtol * b.float().abs()).max().item()
-                if excess > 0:
-                    raise AssertionError(f"{name} differs by {diff.max().item()} (batch {batch}, position {p}, {dtype})")
-                worst = max(worst, diff.max().item())
+            pairs = (("layer output", out, ref), ("cache_k", cache_k, ref_k), ("cache_v", cache_v, ref_v),
+                     ("head logits", logits, ref_logits))
+            worst = max(worst, largest_difference(pairs, atol, rtol, f"(batch {batch}, position {p}, {dtype})"))
     return worst
 
 
