@@ -33,11 +33,14 @@ down projection), and the RMSNorms, SiLU and residual adds between them are kern
 ~9 kernels per layer and sub-step, 80 times per talker step, ~4 ms of the 5.8 ms batch-1 step
 (benchmarks/NOTES.md §15). Here a layer is 5 kernels: each projection applies the norm or the
 SiLU gate to its input as it loads it, and adds the residual to its output before storing it.
-Used up to `SMALL_BATCH_ROWS` rows, which is 0 (off) by default: its first version, which walked K
-tile by tile with `tl.dot`, measured slower than cuBLAS on an H200 (a token step 399 against 225 us
-at batch 1; NOTES §15). This one loads each program's whole weight slice at once and reduces in
-registers; it is not measured on a GPU yet. Numerics as PyTorch's: the normed, gated and summed values are rounded to the activation
-dtype where PyTorch rounds them; only the dot products' summation order differs.
+Used up to `SMALL_BATCH_ROWS` rows, 2 by default. Each program loads its whole [columns, K] slice
+of the weight at once and reduces it in registers, one row after another, so its time grows with
+the rows: on an H200 (bf16, weights read from HBM, NOTES §16) a predictor token step takes 156 us
+against cuBLAS's 228 at batch 1, 184 against 220 at batch 2, and loses from 4 rows on (245 against
+224); the talker's batch-1 step went from 5.88 to 4.67 ms. (Its first version walked K tile by
+tile with `tl.dot` and was slower than cuBLAS even at batch 1, NOTES §15.) Numerics as
+PyTorch's: the normed, gated and summed values are rounded to the activation dtype where PyTorch
+rounds them; only the dot products' summation order differs.
 
 `QWEN3TTS_PREDICTOR_KERNELS=0` keeps PyTorch's attention, sampler and projections on the GPU too;
 a comma list (`attention`, `sampler`, `linear`) keeps just those as Triton.
@@ -169,9 +172,9 @@ def token_attention(
 # ------------------------------------------------------------------------ small-batch projections
 
 # Rows up to which `small_linear` replaces cuBLAS (the batch buckets at or below it take the fused
-# path); 0 until it is measured faster. QWEN3TTS_SMALL_BATCH_ROWS sets it;
-# benchmarks/predictor_linear.py times both sides.
-SMALL_BATCH_ROWS = int(os.environ.get("QWEN3TTS_SMALL_BATCH_ROWS", "0"))
+# path): where it measured faster on an H200 (NOTES §16). QWEN3TTS_SMALL_BATCH_ROWS overrides it
+# (0: off); benchmarks/predictor_linear.py times both sides.
+SMALL_BATCH_ROWS = int(os.environ.get("QWEN3TTS_SMALL_BATCH_ROWS", "2"))
 _WEIGHT_TILE_ELEMENTS = 16384  # per program, held in registers as fp32: 64 KB over 8 warps
 
 
@@ -238,7 +241,7 @@ def small_linear(
     eps: float = 0.0,
     silu_mul: bool = False,  # use silu(x[:, :K]) * x[:, K:] as the input
     residual: torch.Tensor | None = None,  # [M, N]: added to the output
-    block_n: int | None = None, num_warps: int = 8,
+    block_n: int | None = None, num_warps: int | None = None,
 ) -> torch.Tensor:
     """x @ weight.T [M, N] for a few rows, with the layer's norm or gate applied to x on the way in
     and the residual added on the way out, in one kernel. (The launch shape: benchmarks/
@@ -250,6 +253,9 @@ def small_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     k_pad = triton.next_power_of_2(k)
     block_n = block_n or _columns_per_program(n, k_pad)
+    # 16 warps for the projections back to the hidden size (o: 3.9 -> 3.2 us, down: 5.2 -> 4.1 us
+    # at batch 1 on an H200), 8 for the wider ones (within 0.1-0.5 us of their best)
+    num_warps = num_warps or (16 if n <= 1024 else 8)
     prologue = 1 if norm_weight is not None else 2 if silu_mul else 0
     _small_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, norm_weight if norm_weight is not None else weight,  # (unread stand-ins: read-only
