@@ -116,6 +116,12 @@ def test_the_first_chunk_grows_from_one_to_two_frames_as_streams_pile_up(custom_
         engine.chunk_schedule = schedule
 
 
+LONG_TEXT = ("This sentence is long on purpose, so that its prompt needs more than one engine step: the "
+             "sixty-four token budget of these engines splits it, and a seeded request whose prefill is split "
+             "must still draw exactly what it draws when it runs alone, whichever step its prompt ends in and "
+             "whatever else runs beside it.")
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent(custom_voice):
     tts, _ = custom_voice
     case = CUSTOM_VOICE_CASES[0]
@@ -126,6 +132,20 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(custom_voice):
     ])
     np.testing.assert_array_equal(a.codes, b.codes)
     assert not np.array_equal(a.codes, c.codes)
+
+
+def test_seeded_requests_split_by_chunked_prefill_draw_as_when_alone(custom_voice):
+    """vLLM's V1 runner rewinds a split prefill's generator by an offset, which CPU generators do
+    not have: before the V1 driver restored their state instead, this killed the engine."""
+    tts, _ = custom_voice
+    case = dict(CUSTOM_VOICE_CASES[0], text=LONG_TEXT)
+    seeded = as_request(case, SynthesisParams(seed=11, max_frames=FRAMES))
+    assert len(tts.engine.prepare(seeded)[0]["prompt_token_ids"]) > 64
+    alone = tts.generate([seeded])[0]
+    together = tts.generate([seeded, as_request(case, SynthesisParams(seed=12, max_frames=FRAMES)), seeded])
+    np.testing.assert_array_equal(together[0].codes, alone.codes)
+    np.testing.assert_array_equal(together[2].codes, alone.codes)
+    assert not np.array_equal(together[1].codes, alone.codes)
 
 
 def test_abort_mid_stream_frees_engine_and_codec_state(custom_voice):

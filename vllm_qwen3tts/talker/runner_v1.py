@@ -10,7 +10,9 @@ predictor runs right after code 0 is sampled.
 Everything read here is read-only runner state: `input_batch.req_ids`,
 `input_batch.num_computed_tokens_cpu`, `query_start_loc.np`, `requests[...]`
 (`prompt_token_ids`, `output_token_ids`, `sampling_params`),
-`discard_request_mask.np`. A vLLM change to any of them fails loudly at start-up.
+`discard_request_mask.np`. A vLLM change to any of them fails loudly at start-up. One thing is
+written: the generators of discarded rows are swapped for stand-ins on the CPU (see
+`_RewindByState`).
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ class V1TalkerSampler:
         return getattr(self.base, name)
 
     def __call__(self, logits: torch.Tensor, sampling_metadata, *args, **kwargs):
+        generators = getattr(sampling_metadata, "generators", None) or {}
+        before = restore_rewound_generators(generators)
         out = self.base(logits, sampling_metadata, *args, **kwargs)
         driver = self.driver
         model = driver._model()
@@ -136,7 +140,45 @@ class V1TalkerSampler:
         if rows is None or rows.shape[0] != code0.shape[0]:
             return out  # profiling run
         runner = driver._runner()
-        discard = torch.from_numpy(runner.discard_request_mask.np[: rows.shape[0]].copy()).to(code0.device)
+        discard_np = runner.discard_request_mask.np[: rows.shape[0]].copy()
+        rewind_by_state(generators, before, np.nonzero(discard_np)[0])
+        discard = torch.from_numpy(discard_np).to(code0.device)
         codes = model.complete_frames(rows, driver.last_positions, code0, ~discard)
         out.logprobs_tensors = codes_as_logprobs(codes, out.logprobs_tensors)
         return out
+
+
+# A request whose prefill is split over steps samples a token at each partial step that V1
+# discards; V1 then rewinds the request's generator by `set_offset(get_offset() - 4)`, which only
+# CUDA (Philox) generators have: a seeded request split on the CPU build killed the engine
+# ("CPU Generator does not use offset"). For CPU generators the sampler wrapper keeps each one's
+# state from before the draw and, for the discarded rows, leaves a stand-in in the batch's
+# generator dict (the same dict the sampling metadata holds) whose set_offset restores that
+# state; the next draw puts the real generators back first. Nothing else reads the dict between.
+
+class _RewindByState:
+    def __init__(self, generator: torch.Generator, state: torch.Tensor):
+        self.generator = generator
+        self.state = state
+
+    def get_offset(self) -> int:
+        return 0
+
+    def set_offset(self, offset: int) -> None:
+        self.generator.set_state(self.state)
+
+
+def restore_rewound_generators(generators: dict) -> dict[int, torch.Tensor]:
+    """Put real generators back in place of stand-ins; the state of every CPU generator before
+    this step's draw, by batch row."""
+    for row, g in list(generators.items()):
+        if isinstance(g, _RewindByState):
+            generators[row] = g.generator
+    return {row: g.get_state() for row, g in generators.items() if g.device.type == "cpu"}
+
+
+def rewind_by_state(generators: dict, before: dict[int, torch.Tensor], discarded_rows) -> None:
+    for row in discarded_rows:
+        row = int(row)
+        if row in before and row in generators:
+            generators[row] = _RewindByState(generators[row], before[row])
