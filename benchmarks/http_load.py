@@ -90,6 +90,8 @@ class RequestResult:
     sent_s: float  # since the level started
     status: int | None = None
     error: str | None = None
+    connect_s: float | None = None  # until its TCP connection was up; None: it reused one
+    request_sent_s: float | None = None  # until the request (headers and body) was written
     headers_s: float | None = None  # until the response's status and headers
     ttfa_s: float | None = None
     e2e_s: float | None = None
@@ -126,8 +128,14 @@ async def one_request(client, url: str, headers: dict, body: dict, level_t0: flo
     res = RequestResult(sent_s=t0 - level_t0)
     arrivals: list[tuple[float, int]] = []
     header_left = None  # bytes of a WAV header still to skip, if the stream starts with one
+    async def trace(event: str, info: dict) -> None:  # httpx's connection events
+        if event == "connection.connect_tcp.complete":
+            res.connect_s = time.perf_counter() - t0
+        elif event == "http11.send_request_body.complete":
+            res.request_sent_s = time.perf_counter() - t0
+
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as r:
+        async with client.stream("POST", url, json=body, headers=headers, extensions={"trace": trace}) as r:
             res.headers_s = time.perf_counter() - t0
             res.status = r.status_code
             if r.status_code != 200:
@@ -168,6 +176,9 @@ class Level:
     ttfa_p50_ms: float | None = None
     ttfa_p95_ms: float | None = None
     ttfa_p99_ms: float | None = None
+    new_connections: int = 0  # requests that opened a TCP connection (the others reused one)
+    connect_p95_ms: float | None = None  # of those, the time until the connection was up
+    sent_p50_ms: float | None = None  # time until the request was written
     headers_p50_ms: float | None = None  # time to the response's headers: the part of TTFA before audio streams
     e2e_p50_s: float | None = None
     e2e_p95_s: float | None = None
@@ -210,6 +221,9 @@ def summarise(kind: str, value: float, results: list[RequestResult], wall_s: flo
         wall_s=round(wall_s, 3), audio_s=round(audio, 2), audio_s_per_s=round(audio / wall_s, 2) if wall_s else 0.0,
         rtf_mean=round(statistics.mean(r.e2e_s / r.audio_s for r in ok), 4) if ok else None,
         **ttfa_percentiles_ms(ok),
+        new_connections=sum(1 for r in results if r.connect_s is not None),
+        connect_p95_ms=s1(percentile([1000 * r.connect_s for r in results if r.connect_s is not None], 95)),
+        sent_p50_ms=s1(percentile([1000 * r.request_sent_s for r in ok if r.request_sent_s is not None], 50)),
         headers_p50_ms=s1(percentile([1000 * r.headers_s for r in ok if r.headers_s is not None], 50)),
         e2e_p50_s=s3(percentile(e2e, 50)), e2e_p95_s=s3(percentile(e2e, 95)), e2e_p99_s=s3(percentile(e2e, 99)),
         underrun_requests=sum(1 for r in ok if r.underruns), underruns=sum(r.underruns for r in ok),
@@ -367,6 +381,7 @@ def _numbers(spec: str | None) -> list[float]:
 
 COLUMNS = [("load", None), ("ok", "ok"), ("failed", "failed"), ("audio-s/s", "audio_s_per_s"), ("RTF", "rtf_mean"),
            ("TTFA p50 ms", "ttfa_p50_ms"), ("p95", "ttfa_p95_ms"), ("p99", "ttfa_p99_ms"),
+           ("new conns", "new_connections"), ("connect p95 ms", "connect_p95_ms"), ("sent p50 ms", "sent_p50_ms"),
            ("headers p50 ms", "headers_p50_ms"), ("E2E p50 s", "e2e_p50_s"), ("p95 ", "e2e_p95_s"), ("underrun reqs", "underrun_requests"),
            ("stall s", "stall_s_total"), ("client CPU", "client_cpu"), ("client lag p99 ms", "client_lag_p99_ms")]
 

@@ -58,8 +58,9 @@ def test_both_dialects_force_the_length_and_stream_pcm():
 
 def test_summary_counts_failures_and_throughput():
     R = http_load.RequestResult
-    results = [R(sent_s=0, status=200, headers_s=0.02, ttfa_s=0.1, e2e_s=2.0, audio_s=4.0, underruns=1, stall_s=0.2),
-               R(sent_s=0, status=200, headers_s=0.04, ttfa_s=0.3, e2e_s=4.0, audio_s=4.0),
+    results = [R(sent_s=0, status=200, connect_s=0.005, request_sent_s=0.01, headers_s=0.02, ttfa_s=0.1, e2e_s=2.0,
+                 audio_s=4.0, underruns=1, stall_s=0.2),
+               R(sent_s=0, status=200, request_sent_s=0.002, headers_s=0.04, ttfa_s=0.3, e2e_s=4.0, audio_s=4.0),
                R(sent_s=0, status=503, headers_s=0.001, error="overloaded")]
     level = http_load.summarise("concurrency", 3, results, wall_s=4.0)
     assert (level.requests, level.ok, level.failed) == (3, 2, 1)
@@ -67,6 +68,8 @@ def test_summary_counts_failures_and_throughput():
     assert level.rtf_mean == pytest.approx(0.75)
     assert level.ttfa_p50_ms == pytest.approx(200.0)
     assert level.headers_p50_ms == pytest.approx(30.0)  # of the requests that succeeded
+    assert level.sent_p50_ms == pytest.approx(6.0)
+    assert level.new_connections == 1 and level.connect_p95_ms == pytest.approx(5.0)  # the other reused one
     assert level.underrun_requests == 1 and level.stall_s_total == pytest.approx(0.2)
     assert level.errors == ["503: overloaded"]
 
