@@ -269,17 +269,47 @@ class LoadRunner:
         self.rng = random.Random(args.seed)
         self.counter = 0
         self.extra = json.loads(args.extra_body) if args.extra_body else {}
-        # Idle connections expire well before a server's keep-alive timeout (uvicorn's is 5 s, the
-        # same as httpx's default expiry), so the client never reuses one the server is closing.
+        # Idle connections expire before a server's keep-alive timeout (uvicorn's is 5 s, the same
+        # as httpx's default expiry), so the client never reuses one the server is closing.
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(args.timeout, connect=30.0),
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=512,
-                                                            keepalive_expiry=2.0))
+                                                            keepalive_expiry=4.0))
 
     def next_body(self, frames: int | None) -> dict:
         self.counter += 1
         text = self.rng.choice(self.prompts)
         return request_body(self.args.system, text, self.args.voice, self.args.language, frames,
                             self.args.seed * 1_000_003 + self.counter, self.args.model, self.extra)
+
+    async def open_connections(self, n: int) -> None:
+        """Leave `n` fresh connections in the pool for the level about to start. Opening ~100 at
+        once while it streams took this one-process client up to 1.9 s per connection on a GPU
+        host, which "128 at once" then counted as first audio (NOTES §16); real clients each
+        bring their own. `n` requests held open together force `n` distinct connections (requests
+        one after another would reuse one); any answer keeps a connection alive, a 404 too."""
+        url = self.args.url.rstrip("/") + "/health"
+        entered = 0
+        everyone_in = asyncio.Event()
+
+        def arrived() -> None:
+            nonlocal entered
+            entered += 1
+            if entered == n:
+                everyone_in.set()
+
+        async def hold() -> None:
+            counted = False
+            try:
+                async with self.client.stream("GET", url, headers=self.headers) as r:
+                    arrived()
+                    counted = True
+                    await everyone_in.wait()
+                    await r.aread()
+            except Exception:  # the level opens what is missing
+                if not counted:
+                    arrived()
+
+        await asyncio.gather(*(hold() for _ in range(n)))
 
     async def closed_loop(self, concurrency: int, per_client: int, frames: int | None,
                           ramp_s: float = 0.0) -> tuple[list[RequestResult], float, tuple[float, float]]:
@@ -321,13 +351,14 @@ class LoadRunner:
         levels = []
         plan = [("concurrency", float(c)) for c in _numbers(a.concurrency)] + [("rate", r) for r in _numbers(a.rates)]
         for kind, value in plan:
+            n = int(value) if kind == "concurrency" else max(1, min(16, int(value)))
             if a.warmup_frames:
                 # one-time costs of new batch shapes stay out of the measurement, for every system alike
-                n = int(value) if kind == "concurrency" else max(1, min(16, int(value)))
                 # vllm-omni's forced length is server-wide (min_tokens): a shorter request would
                 # ask for max_tokens < min_tokens, which it never answers
                 warmup_frames = a.frames if (a.system == "omni" and a.frames) else a.warmup_frames
                 await self.closed_loop(n, 1, warmup_frames)
+            await self.open_connections(n)
             before = await server_metrics.scrape(self.client, a.url) if a.server_metrics else None
             cpu_before = process_cpu_s()
             lags: list[float] = []

@@ -447,6 +447,7 @@ def test_load_generator_measures_this_server(server, tmp_path):
     assert 0 < inside["server_prepare_ms"] < inside["server_ttfa_ms"]  # part of the server's first-audio time
     assert 0 < closed["client_cpu"] <= os.cpu_count()
     assert 0 < closed["sent_p50_ms"] <= closed["headers_p50_ms"] <= closed["ttfa_p50_ms"]  # in that order
+    assert closed["new_connections"] == 0  # the harness opened the level's connections before it
     assert closed["client_lag_p99_ms"] >= 0 and inside["loop_lag_ms"] >= 0  # both event loops watched
     assert "Inside the server" in (tmp_path / "load.md").read_text()
 
