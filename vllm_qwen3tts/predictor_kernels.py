@@ -175,7 +175,7 @@ def token_attention(
 # path): where it measured faster on an H200 (NOTES §16). QWEN3TTS_SMALL_BATCH_ROWS overrides it
 # (0: off); benchmarks/predictor_linear.py times both sides.
 SMALL_BATCH_ROWS = int(os.environ.get("QWEN3TTS_SMALL_BATCH_ROWS", "2"))
-_WEIGHT_TILE_ELEMENTS = 16384  # per program, held in registers as fp32: 64 KB over 8 warps
+_WEIGHT_TILE_ELEMENTS = 16384  # per program, held in registers as fp32: 64 KB over its 8 or 16 warps
 
 
 def use_small_linear(x: torch.Tensor) -> bool:
