@@ -103,6 +103,7 @@ def test_compiled_steps_sample_what_the_eager_steps_sample(trace):
         try:
             compiled = [predictor.predict(*args, params, torch.arange(len(steps))) for params in settings]
         finally:
-            predictor.token_step, predictor.sample = predictor._token_step, eager_sample
+            predictor.first_step, predictor.token_step = predictor._first_step, predictor._token_step
+            predictor.sample = eager_sample
     for e, c in zip(eager, compiled):
         assert torch.equal(e, c)

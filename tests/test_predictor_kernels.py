@@ -93,7 +93,7 @@ def reference_layer(layer, x, cos, sin, cache_k, cache_v, position, mask):
 
 def compare_layer(device: str, dtype: torch.dtype, geometry: dict, batches=(1, 3), positions=(0, 9, 15)) -> float:
     """Largest difference between `DecoderLayer.token_forward` (the small-batch kernels) and the
-    PyTorch layer, outputs and written caches, and between `small_linear` and a plain projection
+    PyTorch layer, outputs and written caches, for one and for two new tokens per row, and between `small_linear` and a plain projection
     (an output head); raises beyond `dtype`'s rounding."""
     from vllm_qwen3tts.code_predictor import DecoderLayer
     from vllm_qwen3tts.config import DecoderGeometry
@@ -114,19 +114,20 @@ def compare_layer(device: str, dtype: torch.dtype, geometry: dict, batches=(1, 3
     for batch in batches:
         cache_k = torch.randn(batch, g.num_kv_heads, slots, g.head_dim, device=device, dtype=dtype)
         cache_v = torch.randn_like(cache_k)
-        for p in positions:
-            x = torch.randn(batch, g.hidden_size, device=device, dtype=dtype) * 3
-            position = torch.full((1,), p, dtype=torch.long, device=device)
-            cos, sin = table[position].cos().to(dtype), table[position].sin().to(dtype)
-            mask = keys.unsqueeze(0) <= position.unsqueeze(-1)
+        # one new token per row, and two (the predictor's first step: positions p and p + 1 at once)
+        for p, n in [(p, 1) for p in positions] + [(0, 2), (positions[-1] - 1, 2)]:
+            x = torch.randn(batch, n, g.hidden_size, device=device, dtype=dtype) * 3
+            new_positions = torch.arange(p, p + n, dtype=torch.long, device=device)
+            cos, sin = table[new_positions].cos().to(dtype), table[new_positions].sin().to(dtype)
+            mask = keys.unsqueeze(0) <= new_positions.unsqueeze(-1)
             ref_k, ref_v = cache_k.clone(), cache_v.clone()
             with torch.no_grad():
-                ref = reference_layer(layer, x.unsqueeze(1), cos, sin, ref_k, ref_v, position, mask)[:, 0]
-                out = layer.token_forward(x, cos, sin, cache_k, cache_v, position)
-                logits, ref_logits = small_linear(out, head.weight), head(out)
+                ref = reference_layer(layer, x, cos, sin, ref_k, ref_v, new_positions, mask)
+                out = layer.token_forward(x, cos, sin, cache_k, cache_v, new_positions)
+                logits, ref_logits = small_linear(out.flatten(0, 1), head.weight), head(out.flatten(0, 1))
             pairs = (("layer output", out, ref), ("cache_k", cache_k, ref_k), ("cache_v", cache_v, ref_v),
                      ("head logits", logits, ref_logits))
-            worst = max(worst, largest_difference(pairs, atol, rtol, f"(batch {batch}, position {p}, {dtype})"))
+            worst = max(worst, largest_difference(pairs, atol, rtol, f"(batch {batch}, {n} at position {p}, {dtype})"))
     return worst
 
 
@@ -180,9 +181,9 @@ def compare_sampler(device: str, rows_per_case: int = 8, draws: int = 2) -> int:
     return compared
 
 
-def run_in_interpreter(what: str) -> str:
+def run_in_interpreter(what: str, **env_vars: str) -> str:
     pytest.importorskip("triton", reason="Triton is not installed with this build of torch")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", **env_vars)
     done = subprocess.run([sys.executable, __file__, "cpu", what], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout

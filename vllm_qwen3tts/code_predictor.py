@@ -3,6 +3,8 @@
 A small Qwen3-style decoder (5 layers released) run autoregressively over 16
 positions per frame: position 0 is the talker's final-normed hidden state,
 position 1 the embedding of code 0, position j the embedding of code j-1.
+Positions 0 and 1 go in one pass (both are known once code 0 is drawn), then
+one token per step: 14 steps after the first for the 15 codes.
 Each frame starts from an empty 16-slot KV cache, so there is no re-prefill
 and the shapes are fixed (graph capturable). Batched over requests; each row
 samples with its own temperature / top-k / top-p / seed.
@@ -51,14 +53,19 @@ class Attention(nn.Module):
         positions: torch.Tensor,  # [n] int64: where the new tokens sit (and are written)
         mask: torch.Tensor,  # [n, S] bool: which cache entries each new token sees
     ) -> torch.Tensor:
-        b, n, _ = x.shape
         qkv = self.qkv_proj(x)
-        if n == 1 and use_kernel(qkv, self.head_dim, cache_k.shape[2]):
-            out = token_attention(qkv.view(b, -1), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
-                                  positions, cache_k, cache_v, self.heads)
+        if use_kernel(qkv, self.head_dim, cache_k.shape[2]):
+            out = self.attend_tokens(qkv, cos, sin, cache_k, cache_v, positions)
         else:
             out = self.attend(qkv, cos, sin, cache_k, cache_v, positions, mask)
-        return self.o_proj(out.view(b, n, -1))
+        return self.o_proj(out)
+
+    def attend_tokens(self, qkv, cos, sin, cache_k, cache_v, positions) -> torch.Tensor:
+        """`attend` as the Triton kernel (`predictor_kernels.token_attention`), one launch per new
+        token in order, so each sees the cache entries of the ones before it; [B, n, H * D]."""
+        outs = [token_attention(qkv[:, i], self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos[i], sin[i],
+                                positions[i : i + 1], cache_k, cache_v, self.heads) for i in range(qkv.shape[1])]
+        return outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(outs, dim=1)
 
     def attend(self, qkv, cos, sin, cache_k, cache_v, positions, mask) -> torch.Tensor:
         """The attention in PyTorch, from the new tokens' projections qkv [B, n, (H + 2 KV) * D] to
@@ -108,22 +115,25 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, cache_k, cache_v, positions, mask) -> torch.Tensor:
         attn = self.self_attn
-        if x.shape[1] == 1 and use_small_linear(x) and use_kernel(x, attn.head_dim, cache_k.shape[2]):
-            return self.token_forward(x[:, 0], cos, sin, cache_k, cache_v, positions).unsqueeze(1)
+        b, n, _ = x.shape
+        if use_small_linear(x, rows=b * n) and use_kernel(x, attn.head_dim, cache_k.shape[2]):
+            return self.token_forward(x, cos, sin, cache_k, cache_v, positions)
         x = x + attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def token_forward(self, x, cos, sin, cache_k, cache_v, positions) -> torch.Tensor:
-        """`forward` of one token per row (x [B, hidden]) for a few rows, as five kernels: the norms,
-        the gate and the residual adds ride in the projections (`predictor_kernels.small_linear`)."""
+        """`forward` of a few new tokens (x [B, n, hidden], B * n rows in all) as 4 + n kernels: the
+        norms, the gate and the residual adds ride in the projections (`predictor_kernels.
+        small_linear`), which take all B * n rows at once."""
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        b, n, h = x.shape
+        x = x.reshape(b * n, h)
         qkv = small_linear(x, attn.qkv_proj.weight, norm_weight=norm1.weight, eps=norm1.eps)
-        out = token_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin, positions,
-                              cache_k, cache_v, attn.heads)
-        x = small_linear(out, attn.o_proj.weight, residual=x)
+        out = attn.attend_tokens(qkv.view(b, n, -1), cos, sin, cache_k, cache_v, positions)
+        x = small_linear(out.reshape(b * n, -1), attn.o_proj.weight, residual=x)
         gate_up = small_linear(x, mlp.gate_up_proj.weight, norm_weight=norm2.weight, eps=norm2.eps)
-        return small_linear(gate_up, mlp.down_proj.weight, silu_mul=True, residual=x)
+        return small_linear(gate_up, mlp.down_proj.weight, silu_mul=True, residual=x).view(b, n, h)
 
 
 class CodePredictor(nn.Module):
@@ -149,13 +159,15 @@ class CodePredictor(nn.Module):
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
         self.register_buffer("key_positions", torch.arange(self.seq_len), persistent=False)
         self._position_ids: list[torch.Tensor] | None = None
-        # The per-token step and the sampler, eager here; `compile_steps()` swaps in compiled versions.
-        # Neither depends on the codebook index, so each compiles once for all 15 sub-steps.
+        # The steps and the sampler, eager here; `compile_steps()` swaps in compiled versions. None
+        # depends on the codebook index, so each compiles once for all 15 sub-steps.
+        self.first_step = self._first_step
         self.token_step = self._token_step
         self.sample = _sample
 
     def compile_steps(self) -> None:
-        """torch.compile the per-token step and the sampler (dynamic batch size)."""
+        """torch.compile the steps and the sampler (dynamic batch size)."""
+        self.first_step = torch.compile(self._first_step, dynamic=True)
         self.token_step = torch.compile(self._token_step, dynamic=True)
         self.sample = torch.compile(_sample, dynamic=True)
 
@@ -178,6 +190,14 @@ class CodePredictor(nn.Module):
         """One token per row, x [B, H], at `position` ([1] int64) -> final-normed output [B, H]."""
         return self._run(x.unsqueeze(1), cache, position)[:, -1]
 
+    def _first_step(self, hidden: torch.Tensor, code0_embed: torch.Tensor, cache) -> torch.Tensor:
+        """Positions 0 and 1 (the talker's state, code 0's embedding; [B, H] each) in one pass ->
+        position 1's final-normed output [B, H]. Both are known once code 0 is drawn, and one pass
+        over 2B rows costs about what one over B rows does (the weights are read once), where two
+        token steps read them twice."""
+        x = torch.stack((hidden, code0_embed), dim=1)
+        return self._run(x, cache, self.key_positions[:2])[:, -1]
+
     def _positions(self, device) -> list[torch.Tensor]:
         # one persistent [1] tensor per position: compiled code sees the same kind of input at
         # every sub-step (no recompilation per position) and CUDA graphs see fixed addresses
@@ -198,8 +218,7 @@ class CodePredictor(nn.Module):
         cache = self._new_cache(b, hidden.dtype, hidden.device)
         pos = self._positions(hidden.device)
         project = self.small_to_mtp_projection
-        self.token_step(project(hidden), pos[0], cache)
-        out = self.token_step(project(code0_embed), pos[1], cache)
+        out = self.first_step(project(hidden), project(code0_embed), cache)
         # the sampler as one Triton kernel where it runs (on CUDA), else PyTorch's (compiled if
         # `compile_steps` ran): the same draws either way
         draw = fused_sample if kernels_enabled(hidden, "sampler") else self.sample

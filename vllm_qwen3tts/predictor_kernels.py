@@ -178,9 +178,9 @@ SMALL_BATCH_ROWS = int(os.environ.get("QWEN3TTS_SMALL_BATCH_ROWS", "2"))
 _WEIGHT_TILE_ELEMENTS = 16384  # per program, held in registers as fp32: 64 KB over its 8 or 16 warps
 
 
-def use_small_linear(x: torch.Tensor) -> bool:
-    """Whether the projections of rows x [B, ...] run as `small_linear`."""
-    return kernels_enabled(x, "linear") and x.shape[0] <= SMALL_BATCH_ROWS
+def use_small_linear(x: torch.Tensor, rows: int | None = None) -> bool:
+    """Whether the projections of `rows` rows like x (default: x [rows, ...]) run as `small_linear`."""
+    return kernels_enabled(x, "linear") and (x.shape[0] if rows is None else rows) <= SMALL_BATCH_ROWS
 
 
 if triton is not None:

@@ -9,7 +9,7 @@ are padding that reads and writes only the null slot.
 
 A graph of the eager code still replays ~7,000 tiny kernels per step (RMSNorms, RoPE,
 the sampler's hash noise and sorts, 16 times over), ~20 ms on an H100 whatever the batch
-(benchmarks/NOTES.md). So before capture the predictor's per-token step and its sampler
+(benchmarks/NOTES.md). So before capture the predictor's steps and its sampler
 are compiled with torch.compile (Inductor fuses the elementwise chains into a few Triton
 kernels; both are independent of the sub-step, so each compiles once), and the compiled
 kernels are what the graphs hold. `QWEN3TTS_COMPILE=0` turns compilation off.
@@ -113,7 +113,7 @@ class FrameCompleter:
     def _compile_predictor(self) -> None:
         """Compile the predictor's step and sampler (by one run on the null slot); keep the eager
         ones if compilation fails (graphs of eager kernels are slower, not wrong)."""
-        token_step, sample = self.predictor.token_step, self.predictor.sample
+        steps = self.predictor.first_step, self.predictor.token_step, self.predictor.sample
         t0 = time.perf_counter()
         try:
             self.predictor.compile_steps()
@@ -121,7 +121,7 @@ class FrameCompleter:
             self._complete(self.slots[:n], self.last_positions[:n], self.code0[:n], self.hidden[:n], self.sampled[:n])
         except Exception as e:  # noqa: BLE001 - any compiler failure: keep serving without it
             logger.warning("torch.compile of the code predictor failed, using eager kernels: %s", e)
-            self.predictor.token_step, self.predictor.sample = token_step, sample
+            self.predictor.first_step, self.predictor.token_step, self.predictor.sample = steps
             return
         self.compiled = True
         logger.info("code predictor compiled in %.1f s", time.perf_counter() - t0)
