@@ -27,6 +27,7 @@ from ..config import parse_tts_config
 from ..talker_io import CodecHead, TalkerEmbeddings
 from .compat import check_vllm_version, uses_model_runner_v2
 from .frame_graphs import FrameCompleter
+from .projections import small_batch_projections_enabled, use_small_batch_projections
 from .state import TalkerState
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Qwen3TTSTalkerForVLLM(nn.Module):
         self.tts_config = parse_tts_config(hf.to_dict())
         talker = self.tts_config.talker
         self.model = Qwen3Model(vllm_config=vllm_config, prefix=f"{prefix}model" if prefix else "model")
+        if small_batch_projections_enabled():
+            use_small_batch_projections(self.model)
         self.embeddings = TalkerEmbeddings(talker)
         self.head = CodecHead(talker)
         self.code_predictor = CodePredictor(talker)

@@ -1,0 +1,148 @@
+"""The talker decoder's projections at a few rows: `small_linear` instead of cuBLAS.
+
+One stream decodes one row per step through 28 layers of four projections each. At one row a
+projection is a matrix-vector product, and cuBLAS takes 5-13 us for what streaming the weight needs
+~1-3 us (benchmarks/NOTES.md §15-§16: the o projection's split-K kernel 12.6 us against 3.9 for
+`small_linear`). The predictor already uses `small_linear` at up to `SMALL_BATCH_ROWS` rows; here
+the talker's decoder (vLLM's own `Qwen3Model`) does too, without touching vLLM's layer code: each
+linear layer's `quant_method` becomes `SmallBatchLinearMethod`, whose `apply` calls one custom op.
+The op chooses by rows at run time, inside itself, because a Python branch on the batch size in the
+traced forward would put a guard on it and vLLM compiles one graph for every batch size. Each CUDA
+graph size runs its own choice: sizes up to `SMALL_BATCH_ROWS` the Triton kernel, larger ones
+cuBLAS, as before. The MLP's SiLU gate moves into its down projection's op (`small_linear` applies
+it as it loads its input; larger batches run vLLM's `silu_and_mul` kernel, then cuBLAS), which
+saves a kernel per layer at a few rows; the MLP's `act_fn` becomes a pass-through. vLLM's norms and
+residual adds stay as they are. Numerics: the projections differ from cuBLAS's by summation order;
+the gate rounds SiLU's output to the activation dtype before the product, as PyTorch's eager
+`silu(gate) * up` does (Inductor's fused version rounds once, after the product).
+
+On by default where `QWEN3TTS_PREDICTOR_KERNELS` is 1 or names "talker_linear", and
+`QWEN3TTS_SMALL_BATCH_ROWS` > 0; on CUDA only (the CPU build packs its weights for oneDNN).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..predictor_kernels import SMALL_BATCH_ROWS, small_linear, triton
+
+logger = logging.getLogger(__name__)
+
+_LIBRARY = torch.library.Library("vllm_qwen3tts", "FRAGMENT")
+
+
+def _rows_take_small_linear(x: torch.Tensor) -> bool:
+    # Triton's interpreter (TRITON_INTERPRET=1, tests only) runs the kernel on CPU tensors
+    runs_here = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton is not None and runs_here and 0 < x.shape[0] <= SMALL_BATCH_ROWS
+
+
+def small_batch_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T: `small_linear` for up to SMALL_BATCH_ROWS rows, else F.linear."""
+    if _rows_take_small_linear(x):
+        return small_linear(x, weight)
+    return F.linear(x, weight)
+
+
+def small_batch_silu_down(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up @ weight.T for gate_up [M, 2I] (gate, then up) and weight [N, I]."""
+    if _rows_take_small_linear(gate_up):
+        return small_linear(gate_up, weight, silu_mul=True)
+    return F.linear(_silu_and_mul(gate_up), weight)
+
+
+def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    d = gate_up.shape[-1] // 2
+    if gate_up.is_cuda and hasattr(torch.ops._C, "silu_and_mul"):  # vLLM's kernel: one launch
+        out = gate_up.new_empty((gate_up.shape[0], d))
+        torch.ops._C.silu_and_mul(out, gate_up)
+        return out
+    return F.silu(gate_up[:, :d]) * gate_up[:, d:]
+
+
+def _projection_shape(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _register_ops() -> None:
+    from vllm.utils.torch_utils import direct_register_custom_op  # 0.26 and 0.32 alike
+
+    for op in (small_batch_projection, small_batch_silu_down):
+        direct_register_custom_op(op.__name__, op, mutates_args=[], fake_impl=_projection_shape, target_lib=_LIBRARY)
+
+
+_register_ops()
+
+
+def _small_batch_methods():
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    class SmallBatchLinearMethod(UnquantizedLinearMethod):
+        """vLLM's unquantized method (weights created and loaded as before) whose product goes
+        through `vllm_qwen3tts::small_batch_projection`."""
+
+        def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            if bias is not None or x.dim() != 2:
+                return super().apply(layer, x, bias)
+            return torch.ops.vllm_qwen3tts.small_batch_projection(x, layer.weight)
+
+    class SiluDownLinearMethod(UnquantizedLinearMethod):
+        """The down projection of an MLP whose `act_fn` passes gate_up [M, 2I] through: the SiLU
+        gate happens here (`vllm_qwen3tts::small_batch_silu_down`)."""
+
+        def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            if bias is not None or x.dim() != 2:
+                raise ValueError("the fused SiLU down projection takes 2-D input without a bias")
+            return torch.ops.vllm_qwen3tts.small_batch_silu_down(x, layer.weight)
+
+    return SmallBatchLinearMethod, SiluDownLinearMethod
+
+
+class PassThrough(nn.Module):
+    """An MLP's activation once its down projection applies it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def small_batch_projections_enabled() -> bool:
+    """Whether this process's talker takes the small-batch projections (CUDA, Triton, the knobs)."""
+    import vllm.envs as envs
+    from vllm.platforms import current_platform
+
+    if envs.VLLM_BATCH_INVARIANT:  # vLLM's own batch-invariant GEMMs win
+        return False
+    chosen = os.environ.get("QWEN3TTS_PREDICTOR_KERNELS", "1").replace(" ", "")
+    wanted = chosen == "1" or "talker_linear" in chosen.split(",")
+    return wanted and SMALL_BATCH_ROWS > 0 and triton is not None and current_platform.is_cuda()
+
+
+def use_small_batch_projections(decoder: nn.Module) -> tuple[int, int]:
+    """Gives every unquantized linear layer of `decoder` the small-batch method, and every SiLU MLP
+    (vLLM's `gate_up_proj`, `act_fn`, `down_proj`) the fused gate; returns how many of each.
+    Layers with another (quantized) method keep theirs."""
+    from vllm.model_executor.layers.activation import SiluAndMul
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+    linear_method, silu_down_method = _small_batch_methods()
+    mlps = 0
+    for module in decoder.modules():
+        down = getattr(module, "down_proj", None)
+        if (isinstance(getattr(module, "act_fn", None), SiluAndMul) and isinstance(down, LinearBase)
+                and type(down.quant_method) is UnquantizedLinearMethod and not down.skip_bias_add and down.bias is None):
+            down.quant_method = silu_down_method()
+            module.act_fn = PassThrough()
+            mlps += 1
+    projections = 0
+    for module in decoder.modules():
+        if isinstance(module, LinearBase) and type(module.quant_method) is UnquantizedLinearMethod:
+            module.quant_method = linear_method()
+            projections += 1
+    logger.info("talker: %d projections and %d MLP gates take small_linear at <= %d rows", projections, mlps,
+                SMALL_BATCH_ROWS)
+    return projections, mlps
