@@ -223,11 +223,8 @@ def compare_broken_layer() -> str:
     raise AssertionError("the comparison passed a layer without its MLP residual")
 
 
-@pytest.mark.parametrize("fanout", ["16", "2", "8"])
-def test_fused_sampler_draws_the_tokens_of_the_pytorch_sampler_in_triton_interpreter(fanout):
-    """At the default fan-out of its searches (16), at 2 (a bisection) and at 8 (rounds that do not
-    divide 32 bits evenly)."""
-    assert "sampler: 288 draws identical" in run_in_interpreter("sampler", QWEN3TTS_SAMPLER_FANOUT=fanout)
+def test_fused_sampler_draws_the_tokens_of_the_pytorch_sampler_in_triton_interpreter():
+    assert "sampler: 288 draws identical" in run_in_interpreter("sampler")
 
 
 def test_sampler_comparison_notices_a_different_draw():

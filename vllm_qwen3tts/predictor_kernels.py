@@ -18,9 +18,8 @@ also do), so bf16 results differ from eager PyTorch by rounding only.
 `sampling.sample` for one row per program. In PyTorch that is a sort of the 2,048 logits,
 gathers, a scatter, a softmax, a cumsum and the hash noise: ~10 kernels and ~50 us per sub-step
 at batch 128, 15 times per talker step (benchmarks/NOTES.md §12). Here the row stays in
-registers and the k-th largest value and the top-p cut are found by searching the values' bit
-patterns instead of sorting: 16-ary, 8 rounds, each a count or a sum over the row at 15 thresholds
-at once (a bisection took 32 rounds, one threshold each: 10.5 us a draw at batch 1, NOTES §17).
+registers and the k-th largest value and the top-p cut are found by bisection on the values'
+bit patterns (32 rounds of a count or a sum over the row) instead of sorting.
 Same result as `sampling.sample`: identical noise bits (the same integer hash), IEEE division by
 the temperature, top-k ties kept. Top-p keeps an entry when the probability of the entries
 above it is < top_p, which is the reference's cumulative-sum rule evaluated by a sum in another
@@ -269,10 +268,6 @@ def small_linear(
 
 # ---------------------------------------------------------------------------------- sampler
 
-# The searches' fan-out (a power of two >= 2; 2 is a bisection, 32 rounds; 16 takes 8). Chosen on an
-# H200 with benchmarks/predictor_sampler.py (NOTES §17).
-SAMPLER_FANOUT = int(os.environ.get("QWEN3TTS_SAMPLER_FANOUT", "16"))
-
 if triton is not None:
 
     @triton.jit
@@ -296,7 +291,6 @@ if triton is not None:
         temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr, counter_ptr,  # [B] each
         out_ptr,  # [B] int64
         V, BLOCK: tl.constexpr, LIBDEVICE_LOG: tl.constexpr,
-        FANOUT: tl.constexpr, ROUNDS: tl.constexpr,  # the searches: FANOUT-ary, ROUNDS rounds cover 2^32 keys
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -307,25 +301,16 @@ if triton is not None:
         x = tl.math.div_rn(x, tl.where(greedy, 1.0, t))
         key = tl.where(valid, _ordered_key(x), -2147483647 - 1)
 
-        # Both searches below narrow an interval [lo, hi] of int32 keys by FANOUT per round: each
-        # round evaluates FANOUT - 1 thresholds side by side (one pass over the row), where a
-        # bisection evaluates one per round and needs 32 rounds. At one row per program the rounds'
-        # reductions are the kernel's latency (NOTES §17).
-        j = tl.arange(0, FANOUT).to(tl.int64)
-
         # top-k: the k-th largest value is the largest key K with count(key >= K) >= k
         k = tl.load(top_k_ptr + row)
         k = tl.where((k <= 0) | (k >= V), V, k)
-        lo = tl.full((), -2147483647 - 1, tl.int64)  # count(key >= lo) >= k holds throughout
+        lo = tl.full((), -2147483647 - 1, tl.int64)
         hi = tl.full((), 2147483647, tl.int64)
-        for _ in range(ROUNDS):
-            step = (hi - lo + FANOUT) // FANOUT  # ceil((hi - lo + 1) / FANOUT)
-            candidate = lo + j * step  # candidate[0] = lo
-            threshold = tl.minimum(candidate, hi).to(tl.int32)
-            count = tl.sum(tl.where(valid[None, :] & (key[None, :] >= threshold[:, None]), 1, 0), axis=1)
-            passing = tl.sum(tl.where((candidate <= hi) & (count >= k), 1, 0), axis=0)  # a prefix of j
-            lo = lo + (passing - 1) * step
-            hi = tl.minimum(hi, lo + step - 1)
+        for _ in range(32):
+            mid = lo + (hi - lo + 1) // 2
+            count = tl.sum(tl.where(valid & (key >= mid), 1, 0), axis=0)
+            lo = tl.where(count >= k, mid, lo)
+            hi = tl.where(count >= k, hi, mid - 1)
         keep = valid & (key >= lo)
 
         # top-p over the top-k renormalised: keep an entry while the mass above it is < top_p;
@@ -335,16 +320,12 @@ if triton is not None:
             e = tl.where(keep, tl.exp(x - tl.max(tl.where(keep, x, float("-inf")), axis=0)), 0.0)
             prob = e / tl.sum(e, axis=0)
             lo = tl.full((), -2147483647 - 1, tl.int64)
-            hi = tl.full((), 2147483647, tl.int64)  # mass(key > hi) < top_p holds throughout
-            for _ in range(ROUNDS):
-                step = (hi - lo + FANOUT) // FANOUT
-                candidate = lo + j * step
-                threshold = tl.minimum(candidate, hi).to(tl.int32)
-                above = tl.sum(tl.where(keep[None, :] & (key[None, :] > threshold[:, None]), prob[None, :], 0.0), axis=1)
-                failing = tl.sum(tl.where((candidate <= hi) & (above >= top_p), 1, 0), axis=0)  # a prefix of j
-                # the answer lies after the last failing candidate, up to the first passing one
-                hi = tl.where(failing == 0, lo, tl.minimum(hi, lo + failing * step))
-                lo = tl.where(failing == 0, lo, lo + (failing - 1) * step + 1)
+            hi = tl.full((), 2147483647, tl.int64)
+            for _ in range(32):
+                mid = lo + (hi - lo) // 2
+                above = tl.sum(tl.where(keep & (key > mid), prob, 0.0), axis=0)
+                hi = tl.where(above < top_p, mid, hi)
+                lo = tl.where(above < top_p, lo, mid + 1)
             keep = keep & (key >= lo)
 
         # Gumbel-max with the noise of `sampling.uniform_noise`
@@ -364,7 +345,7 @@ if triton is not None:
 
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 seed: torch.Tensor, counter: torch.Tensor, num_warps: int = 8, fanout: int = SAMPLER_FANOUT) -> torch.Tensor:
+                 seed: torch.Tensor, counter: torch.Tensor, num_warps: int = 8) -> torch.Tensor:
     """`sampling.sample` as one kernel: a token id per row of logits [B, V]. (`num_warps`: 8 was
     fastest on an H200 at batches 1-128, 10.5-10.8 us a draw, and as fast as 4 at 256;
     benchmarks/predictor_sampler.py.)"""
@@ -374,5 +355,5 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
     _sample_kernel[(b,)](logits, logits.stride(0), temperature, top_k, top_p, seed, counter, out, vocab,
                          BLOCK=triton.next_power_of_2(vocab), LIBDEVICE_LOG=os.environ.get("TRITON_INTERPRET") != "1",
-                         FANOUT=fanout, ROUNDS=-(-32 // (fanout.bit_length() - 1)), num_warps=num_warps)
+                         num_warps=num_warps)
     return out
