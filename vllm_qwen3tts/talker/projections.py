@@ -36,10 +36,21 @@ logger = logging.getLogger(__name__)
 _LIBRARY = torch.library.Library("vllm_qwen3tts", "FRAGMENT")
 
 
+def talker_kernels_wanted() -> bool:
+    """QWEN3TTS_PREDICTOR_KERNELS is 1 (default) or names "talker_linear"."""
+    chosen = os.environ.get("QWEN3TTS_PREDICTOR_KERNELS", "1").replace(" ", "")
+    return chosen == "1" or "talker_linear" in chosen.split(",")
+
+
+_WANTED = talker_kernels_wanted()
+
+
 def _rows_take_small_linear(x: torch.Tensor) -> bool:
-    # Triton's interpreter (TRITON_INTERPRET=1, tests only) runs the kernel on CPU tensors
+    # The knobs are checked here too, not only where the methods are swapped in: vLLM's compile
+    # cache replays a graph traced with these ops whatever the environment says now (NOTES §17).
+    # Triton's interpreter (TRITON_INTERPRET=1, tests only) runs the kernel on CPU tensors.
     runs_here = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return triton is not None and runs_here and 0 < x.shape[0] <= SMALL_BATCH_ROWS
+    return _WANTED and triton is not None and runs_here and 0 < x.shape[0] <= SMALL_BATCH_ROWS
 
 
 def small_batch_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -117,9 +128,7 @@ def small_batch_projections_enabled() -> bool:
 
     if envs.VLLM_BATCH_INVARIANT:  # vLLM's own batch-invariant GEMMs win
         return False
-    chosen = os.environ.get("QWEN3TTS_PREDICTOR_KERNELS", "1").replace(" ", "")
-    wanted = chosen == "1" or "talker_linear" in chosen.split(",")
-    return wanted and SMALL_BATCH_ROWS > 0 and triton is not None and current_platform.is_cuda()
+    return _WANTED and SMALL_BATCH_ROWS > 0 and triton is not None and current_platform.is_cuda()
 
 
 def use_small_batch_projections(decoder: nn.Module) -> tuple[int, int]:
