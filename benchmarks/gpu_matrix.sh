@@ -25,6 +25,8 @@
 # MPS control daemon private to it; no GPU setting changes), so its engine's and codec worker's
 # kernels share the SMs while the other servers time-slice as usual: an A/B of MPS on one machine.
 # With vllm-omni too, four servers: OURS17=0 leaves ours 1.7B out.
+# CLIENT_PROCS (measure, default 8): the load generator's client processes for closed loops
+# (`http_load.py --client-procs`; one process took ~0.4 s to write 128 requests at once, NOTES §17).
 # FM17=1 (start): ours17fm (1.7B, port 8768) with `--mps` and vLLM's cudagraph_mode FULL (CUDA graphs
 # for steps that prefill too): the low-latency configuration against ours17's defaults.
 set -uo pipefail
@@ -59,7 +61,7 @@ diagnose() {  # name url label out
   monitor=$!
   [ -d "$stacks" ] && { sleep 6; cp -r "$stacks" "$4/$1_stacks_before"; rm -f "$stacks/PAUSED"; }
   # shellcheck disable=SC2086
-  python3 benchmarks/http_load.py --url "$2" --label "$3, diagnosed" --frames "$frames" --timeout 120 $DIAG \
+  python3 benchmarks/http_load.py --url "$2" --client-procs "${CLIENT_PROCS:-8}" --label "$3, diagnosed" --frames "$frames" --timeout 120 $DIAG \
     --out "$4/$1_diag.json" 2>&1 | grep -v '^{' | tail -8
   kill $monitor
   python3 benchmarks/proc_monitor.py --summary "$4/$1_diag_monitor.jsonl" | tee "$4/$1_diag_cpu.txt"
@@ -110,18 +112,18 @@ measure)
     fi
     url="http://127.0.0.1:${PORT[$name]}"
     # shellcheck disable=SC2086
-    python3 benchmarks/http_load.py --url "$url" --label "$label" --frames "$frames" "${dialect[@]}" $levels \
+    python3 benchmarks/http_load.py --url "$url" --client-procs "${CLIENT_PROCS:-8}" --label "$label" --frames "$frames" "${dialect[@]}" $levels \
       --out "$out/$name$tag.json" 2>&1 | grep -v '^{' | tail -14
     if [ "${RAMP_S:-2}" != 0 ]; then
       # the concurrency levels above 1 again, clients started over the ramp
       ramped=$(python3 -c "import sys; a = sys.argv[1].split(); c = a[a.index('--concurrency') + 1].split(',') if '--concurrency' in a else []; print(','.join(x for x in c if int(x) > 1))" "$levels")
-      [ -n "$ramped" ] && python3 benchmarks/http_load.py --url "$url" --label "$label, ramped" --frames "$frames" \
+      [ -n "$ramped" ] && python3 benchmarks/http_load.py --url "$url" --client-procs "${CLIENT_PROCS:-8}" --label "$label, ramped" --frames "$frames" \
         "${dialect[@]}" --concurrency "$ramped" --rounds 4 --ramp-s "${RAMP_S:-2}" --out "$out/${name}_ramped$tag.json" \
         2>&1 | grep -v '^{' | tail -16
     fi
     if [ -n "${FIRST1:-}" ] && [ "$name" != omni ]; then
       # shellcheck disable=SC2086
-      python3 benchmarks/http_load.py --url "$url" --label "$label, first chunk 1 frame" --frames "$frames" \
+      python3 benchmarks/http_load.py --url "$url" --client-procs "${CLIENT_PROCS:-8}" --label "$label, first chunk 1 frame" --frames "$frames" \
         "${dialect[@]}" --extra-body '{"initial_codec_chunk_frames": 1}' $FIRST1 --out "$out/${name}_first1$tag.json" \
         2>&1 | grep -v '^{' | tail -14
     fi

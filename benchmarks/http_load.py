@@ -12,6 +12,11 @@ Two kinds of load level:
 - `--rates 1,20`: open loop, Poisson arrivals at that many requests per second for
   `--duration` seconds, whatever the server's state.
 
+`--client-procs P` spreads a closed loop's clients over P processes (each with its own event loop
+and connection pool; one clock, since `time.perf_counter` is the system's monotonic clock). One
+process writing 128 requests at once took ~0.4 s to send the last of them on a GPU host, which
+"128 at once" counted as first audio (NOTES §17); real clients do not share one event loop.
+
 Per request it records when every audio chunk arrived and plays them back through a simulated
 player that starts at the first chunk: an *underrun* is the player running out of audio before
 the next chunk is there. Per level it reports time to first audio (p50/p95/p99), end-to-end
@@ -31,12 +36,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import platform
 import random
 import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -258,10 +265,90 @@ def steady_state(results: list[RequestResult], window: tuple[float, float]) -> S
                        **ttfa_percentiles_ms(ok), underrun_requests=sum(1 for r in ok if r.underruns))
 
 
+def new_client(timeout_s: float):
+    import httpx
+
+    # Idle connections expire before a server's keep-alive timeout (uvicorn's is 5 s, the same
+    # as httpx's default expiry), so the client never reuses one the server is closing.
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0),
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=512,
+                                                 keepalive_expiry=4.0))
+
+
+async def open_connections(client, base_url: str, headers: dict, n: int) -> None:
+    """Leave `n` fresh connections in the client's pool for the level about to start. Opening ~100
+    at once while it streams took a one-process client up to 1.9 s per connection on a GPU host,
+    which "128 at once" then counted as first audio (NOTES §16); real clients each bring their
+    own. `n` requests held open together force `n` distinct connections (requests one after
+    another would reuse one); any answer keeps a connection alive, a 404 too."""
+    url = base_url.rstrip("/") + "/health"
+    entered = 0
+    everyone_in = asyncio.Event()
+
+    def arrived() -> None:
+        nonlocal entered
+        entered += 1
+        if entered >= n:
+            everyone_in.set()
+
+    async def hold() -> None:
+        try:
+            async with client.stream("GET", url, headers=headers) as r:
+                arrived()
+                await everyone_in.wait()
+                await r.aread()
+        except Exception:  # the level opens what is missing; counted so nobody waits for this one
+            arrived()  # (after a failure past the wait, when all are in already: a no-op)
+
+    await asyncio.gather(*(hold() for _ in range(n)))
+
+
+@dataclass
+class ClientShare:
+    """What one client process of a closed loop runs: its clients' request bodies, in order."""
+    base_url: str
+    headers: dict
+    clients: dict[int, list[dict]]  # client index -> its requests' bodies
+    concurrency: int  # of the whole level (a client's ramp offset is ramp_s * index / concurrency)
+    ramp_s: float
+    start_at: float  # time.perf_counter() at which the level starts, the same clock in every process
+    prebuffer_s: float
+    timeout_s: float
+
+
+def run_client_share(share: ClientShare) -> dict:
+    """A process pool's task: one share of a closed loop, in this process's own event loop."""
+    return asyncio.run(_client_share(share))
+
+
+async def _client_share(share: ClientShare) -> dict:
+    client = new_client(share.timeout_s)
+    await open_connections(client, share.base_url, share.headers, len(share.clients))
+    url = share.base_url.rstrip("/") + "/v1/audio/speech"
+    late_s = max(0.0, time.perf_counter() - share.start_at)  # connections not ready by the start
+    cpu_before = process_cpu_s()
+    lags: list[float] = []
+    lag_sampler = asyncio.create_task(sample_loop_lag(lags))
+    results: list[RequestResult] = []
+    first_sent: list[float] = []
+    last_done: list[float] = []
+
+    async def one_client(i: int, bodies: list[dict]) -> None:
+        await asyncio.sleep(max(0.0, share.start_at + share.ramp_s * i / share.concurrency - time.perf_counter()))
+        first_sent.append(time.perf_counter() - share.start_at)
+        for body in bodies:
+            results.append(await one_request(client, url, share.headers, body, share.start_at, share.prebuffer_s))
+        last_done.append(time.perf_counter() - share.start_at)
+
+    await asyncio.gather(*(one_client(i, bodies) for i, bodies in share.clients.items()))
+    lag_sampler.cancel()
+    await client.aclose()
+    return dict(results=[asdict(r) for r in results], first_sent=first_sent, last_done=last_done,
+                cpu_s=process_cpu_s() - cpu_before, lags=lags, late_s=late_s)
+
+
 class LoadRunner:
     def __init__(self, args: argparse.Namespace):
-        import httpx
-
         self.args = args
         self.url = args.url.rstrip("/") + "/v1/audio/speech"
         self.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -269,11 +356,9 @@ class LoadRunner:
         self.rng = random.Random(args.seed)
         self.counter = 0
         self.extra = json.loads(args.extra_body) if args.extra_body else {}
-        # Idle connections expire before a server's keep-alive timeout (uvicorn's is 5 s, the same
-        # as httpx's default expiry), so the client never reuses one the server is closing.
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(args.timeout, connect=30.0),
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512,
-                                                            keepalive_expiry=4.0))
+        self.client = new_client(args.timeout)
+        self.pool: ProcessPoolExecutor | None = None  # --client-procs > 1: the client processes
+        self.share_cpu_s, self.share_lags = 0.0, []  # what they used and saw in the last level
 
     def next_body(self, frames: int | None) -> dict:
         self.counter += 1
@@ -282,35 +367,40 @@ class LoadRunner:
                             self.args.seed * 1_000_003 + self.counter, self.args.model, self.extra)
 
     async def open_connections(self, n: int) -> None:
-        """Leave `n` fresh connections in the pool for the level about to start. Opening ~100 at
-        once while it streams took this one-process client up to 1.9 s per connection on a GPU
-        host, which "128 at once" then counted as first audio (NOTES §16); real clients each
-        bring their own. `n` requests held open together force `n` distinct connections (requests
-        one after another would reuse one); any answer keeps a connection alive, a 404 too."""
-        url = self.args.url.rstrip("/") + "/health"
-        entered = 0
-        everyone_in = asyncio.Event()
+        await open_connections(self.client, self.args.url, self.headers, n)
 
-        def arrived() -> None:
-            nonlocal entered
-            entered += 1
-            if entered >= n:
-                everyone_in.set()
-
-        async def hold() -> None:
-            try:
-                async with self.client.stream("GET", url, headers=self.headers) as r:
-                    arrived()
-                    await everyone_in.wait()
-                    await r.aread()
-            except Exception:  # the level opens what is missing; counted so nobody waits for this one
-                arrived()  # (after a failure past the wait, when all are in already: a no-op)
-
-        await asyncio.gather(*(hold() for _ in range(n)))
+    async def closed_loop_in_processes(self, concurrency: int, per_client: int, frames: int | None,
+                                       ramp_s: float) -> tuple[list[RequestResult], float, tuple[float, float]]:
+        """`closed_loop` with the clients dealt round-robin to --client-procs processes, which
+        open their connections first and start together at one moment of the shared clock."""
+        procs = min(self.args.client_procs, concurrency)
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+            # the processes start (and import httpx) before any level counts on them
+            await asyncio.gather(*(asyncio.get_running_loop().run_in_executor(self.pool, time.sleep, 0.5)
+                                   for _ in range(procs)))
+        bodies = {i: [self.next_body(frames) for _ in range(per_client)] for i in range(concurrency)}
+        start_at = time.perf_counter() + 1.0 + 0.01 * concurrency  # time to open the connections
+        shares = [ClientShare(self.args.url, self.headers, {i: bodies[i] for i in range(p, concurrency, procs)},
+                              concurrency, ramp_s, start_at, self.args.prebuffer_ms / 1000, self.args.timeout)
+                  for p in range(procs)]
+        loop = asyncio.get_running_loop()
+        done = await asyncio.gather(*(loop.run_in_executor(self.pool, run_client_share, sh) for sh in shares))
+        late = max(d["late_s"] for d in done)
+        if late > 0:
+            print(f"warning: a client process was {late:.2f} s late to the level's start", file=sys.stderr)
+        results = [RequestResult(**{**r, "arrivals": [tuple(a) for a in r["arrivals"]]}) for d in done for r in d["results"]]
+        self.share_cpu_s = sum(d["cpu_s"] for d in done)
+        self.share_lags = [lag for d in done for lag in d["lags"]]
+        first_sent = [t for d in done for t in d["first_sent"]]
+        last_done = [t for d in done for t in d["last_done"]]
+        return results, max(last_done), (max(first_sent), min(last_done))
 
     async def closed_loop(self, concurrency: int, per_client: int, frames: int | None,
                           ramp_s: float = 0.0) -> tuple[list[RequestResult], float, tuple[float, float]]:
         """Results, wall time, and the window (seconds since the start) in which every client was active."""
+        if self.args.client_procs > 1 and concurrency > 1:
+            return await self.closed_loop_in_processes(concurrency, per_client, frames, ramp_s)
         results: list[RequestResult] = []
         first_sent: list[float] = []
         last_done: list[float] = []
@@ -355,21 +445,26 @@ class LoadRunner:
                 # ask for max_tokens < min_tokens, which it never answers
                 warmup_frames = a.frames if (a.system == "omni" and a.frames) else a.warmup_frames
                 await self.closed_loop(n, 1, warmup_frames)
-            await self.open_connections(n)
+            if kind != "concurrency" or a.client_procs <= 1 or n <= 1:  # client processes open their own
+                await self.open_connections(n)
             before = await server_metrics.scrape(self.client, a.url) if a.server_metrics else None
             cpu_before = process_cpu_s()
             lags: list[float] = []
             lag_sampler = asyncio.create_task(sample_loop_lag(lags))
+            self.share_cpu_s, self.share_lags = 0.0, []
             if kind == "concurrency":
                 ramp = a.ramp_s if value > 1 else 0.0
                 results, wall, window = await self.closed_loop(int(value), a.rounds, a.frames, ramp)
             else:
                 results, wall = await self.open_loop(value, a.duration, a.frames)
             lag_sampler.cancel()
+            lags += self.share_lags
             level = summarise(kind, value, results, wall)
             level.client_lag_p99_ms = round(1000 * percentile(lags, 99), 1) if lags else None
             # A saturated load generator delays what it measures (first audio above all): say so.
-            level.client_cpu = round((process_cpu_s() - cpu_before) / wall, 2) if wall else None
+            # (With client processes: their CPU summed, so up to the number of processes.)
+            cpu_s = process_cpu_s() - cpu_before + self.share_cpu_s
+            level.client_cpu = round(cpu_s / wall, 2) if wall else None
             if kind == "concurrency" and ramp > 0:
                 level.ramp_s = ramp
                 steady = steady_state(results, window)
@@ -383,6 +478,8 @@ class LoadRunner:
             levels.append(level)
             print(json.dumps(asdict(level)), flush=True)
         await self.client.aclose()
+        if self.pool is not None:
+            self.pool.shutdown()
         return levels
 
 
@@ -499,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ramp-s", type=float, default=0.0,
                     help="start a closed loop's clients evenly over this many seconds (0: all at once) and "
                          "report its steady state; ~one request's duration keeps them out of lockstep")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="spread a closed loop's clients over this many processes (each its own event loop)")
     ap.add_argument("--rates", default=None, help="open-loop Poisson levels in requests/s, e.g. 1,20")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per rate level")
     ap.add_argument("--frames", type=int, default=None, help="force every request to this many frames")
