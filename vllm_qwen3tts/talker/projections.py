@@ -37,9 +37,12 @@ _LIBRARY = torch.library.Library("vllm_qwen3tts", "FRAGMENT")
 
 
 def talker_kernels_wanted() -> bool:
-    """QWEN3TTS_PREDICTOR_KERNELS is 1 (default) or names "talker_linear"."""
+    """QWEN3TTS_PREDICTOR_KERNELS is 1 (default) or names "talker_linear", and vLLM's batch-invariant
+    mode (its own GEMMs, the same result at every batch size) is off."""
+    import vllm.envs as envs
+
     chosen = os.environ.get("QWEN3TTS_PREDICTOR_KERNELS", "1").replace(" ", "")
-    return chosen == "1" or "talker_linear" in chosen.split(",")
+    return (chosen == "1" or "talker_linear" in chosen.split(",")) and not envs.VLLM_BATCH_INVARIANT
 
 
 _WANTED = talker_kernels_wanted()
@@ -123,11 +126,8 @@ class PassThrough(nn.Module):
 
 def small_batch_projections_enabled() -> bool:
     """Whether this process's talker takes the small-batch projections (CUDA, Triton, the knobs)."""
-    import vllm.envs as envs
     from vllm.platforms import current_platform
 
-    if envs.VLLM_BATCH_INVARIANT:  # vLLM's own batch-invariant GEMMs win
-        return False
     return _WANTED and SMALL_BATCH_ROWS > 0 and triton is not None and current_platform.is_cuda()
 
 
