@@ -46,6 +46,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 sys.path.insert(0, str(Path(__file__).parent))
 import server_metrics  # noqa: E402
@@ -303,6 +304,27 @@ async def open_connections(client, base_url: str, headers: dict, n: int) -> None
     await asyncio.gather(*(hold() for _ in range(n)))
 
 
+async def run_clients(client, url: str, headers: dict, indices: Iterable[int], bodies: Callable[[int], Iterable[dict]],
+                      concurrency: int, ramp_s: float, t0: float, prebuffer_s: float
+                      ) -> tuple[list[RequestResult], list[float], list[float]]:
+    """Closed-loop clients `indices` of a level that started at `t0` (time.perf_counter): client i
+    starts ramp_s * i / concurrency later and sends `bodies(i)` one after another. Returns the
+    results, and when each client sent its first request and got its last reply (s since t0)."""
+    results: list[RequestResult] = []
+    first_sent: list[float] = []
+    last_done: list[float] = []
+
+    async def one_client(i: int) -> None:
+        await asyncio.sleep(max(0.0, t0 + ramp_s * i / concurrency - time.perf_counter()))
+        first_sent.append(time.perf_counter() - t0)
+        for body in bodies(i):
+            results.append(await one_request(client, url, headers, body, t0, prebuffer_s))
+        last_done.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(one_client(i) for i in indices))
+    return results, first_sent, last_done
+
+
 @dataclass
 class ClientShare:
     """What one client process of a closed loop runs: its clients' request bodies, in order."""
@@ -329,18 +351,8 @@ async def _client_share(share: ClientShare) -> dict:
     cpu_before = process_cpu_s()
     lags: list[float] = []
     lag_sampler = asyncio.create_task(sample_loop_lag(lags))
-    results: list[RequestResult] = []
-    first_sent: list[float] = []
-    last_done: list[float] = []
-
-    async def one_client(i: int, bodies: list[dict]) -> None:
-        await asyncio.sleep(max(0.0, share.start_at + share.ramp_s * i / share.concurrency - time.perf_counter()))
-        first_sent.append(time.perf_counter() - share.start_at)
-        for body in bodies:
-            results.append(await one_request(client, url, share.headers, body, share.start_at, share.prebuffer_s))
-        last_done.append(time.perf_counter() - share.start_at)
-
-    await asyncio.gather(*(one_client(i, bodies) for i, bodies in share.clients.items()))
+    results, first_sent, last_done = await run_clients(client, url, share.headers, share.clients, share.clients.__getitem__,
+                                                       share.concurrency, share.ramp_s, share.start_at, share.prebuffer_s)
     lag_sampler.cancel()
     await client.aclose()
     return dict(results=[asdict(r) for r in results], first_sent=first_sent, last_done=last_done,
@@ -366,8 +378,9 @@ class LoadRunner:
         return request_body(self.args.system, text, self.args.voice, self.args.language, frames,
                             self.args.seed * 1_000_003 + self.counter, self.args.model, self.extra)
 
-    async def open_connections(self, n: int) -> None:
-        await open_connections(self.client, self.args.url, self.headers, n)
+    def in_processes(self, concurrency: int) -> bool:
+        """Whether a closed loop of this many clients runs in --client-procs processes."""
+        return self.args.client_procs > 1 and concurrency > 1
 
     async def closed_loop_in_processes(self, concurrency: int, per_client: int, frames: int | None,
                                        ramp_s: float) -> tuple[list[RequestResult], float, tuple[float, float]]:
@@ -399,22 +412,13 @@ class LoadRunner:
     async def closed_loop(self, concurrency: int, per_client: int, frames: int | None,
                           ramp_s: float = 0.0) -> tuple[list[RequestResult], float, tuple[float, float]]:
         """Results, wall time, and the window (seconds since the start) in which every client was active."""
-        if self.args.client_procs > 1 and concurrency > 1:
+        if self.in_processes(concurrency):
             return await self.closed_loop_in_processes(concurrency, per_client, frames, ramp_s)
-        results: list[RequestResult] = []
-        first_sent: list[float] = []
-        last_done: list[float] = []
         t0 = time.perf_counter()
-
-        async def client(i: int):
-            await asyncio.sleep(ramp_s * i / concurrency)
-            first_sent.append(time.perf_counter() - t0)
-            for _ in range(per_client):
-                results.append(await one_request(self.client, self.url, self.headers, self.next_body(frames), t0,
-                                                 self.args.prebuffer_ms / 1000))
-            last_done.append(time.perf_counter() - t0)
-
-        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        results, first_sent, last_done = await run_clients(
+            self.client, self.url, self.headers, range(concurrency),
+            lambda i: (self.next_body(frames) for _ in range(per_client)),  # made as sent, as they come
+            concurrency, ramp_s, t0, self.args.prebuffer_ms / 1000)
         return results, time.perf_counter() - t0, (max(first_sent), min(last_done))
 
     async def open_loop(self, rate: float, duration_s: float, frames: int | None) -> tuple[list[RequestResult], float]:
@@ -445,8 +449,8 @@ class LoadRunner:
                 # ask for max_tokens < min_tokens, which it never answers
                 warmup_frames = a.frames if (a.system == "omni" and a.frames) else a.warmup_frames
                 await self.closed_loop(n, 1, warmup_frames)
-            if kind != "concurrency" or a.client_procs <= 1 or n <= 1:  # client processes open their own
-                await self.open_connections(n)
+            if kind != "concurrency" or not self.in_processes(n):  # client processes open their own
+                await open_connections(self.client, a.url, self.headers, n)
             before = await server_metrics.scrape(self.client, a.url) if a.server_metrics else None
             cpu_before = process_cpu_s()
             lags: list[float] = []

@@ -60,11 +60,16 @@ except ImportError:  # the CPU build of vLLM may come without Triton; the PyTorc
     triton = None
 
 
-def kernels_enabled(x: torch.Tensor, kernel: str) -> bool:
-    """Whether `kernel` ("attention", "sampler" or "linear") runs as Triton for tensors like x:
-    QWEN3TTS_PREDICTOR_KERNELS is 1 (default: all), 0 (none) or a comma list of names."""
+def kernel_chosen(kernel: str) -> bool:
+    """Whether QWEN3TTS_PREDICTOR_KERNELS, 1 (default: all), 0 (none) or a comma list of names,
+    chooses `kernel` ("attention", "sampler", "linear" or "talker_linear")."""
     chosen = os.environ.get("QWEN3TTS_PREDICTOR_KERNELS", "1").replace(" ", "")
-    return triton is not None and x.is_cuda and (chosen == "1" or kernel in chosen.split(","))
+    return chosen == "1" or kernel in chosen.split(",")
+
+
+def kernels_enabled(x: torch.Tensor, kernel: str) -> bool:
+    """Whether `kernel` runs as Triton for tensors like x (`kernel_chosen`, CUDA, Triton)."""
+    return triton is not None and x.is_cuda and kernel_chosen(kernel)
 
 
 def use_kernel(x: torch.Tensor, head_dim: int, slots: int) -> bool:

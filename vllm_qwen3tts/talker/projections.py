@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..predictor_kernels import SMALL_BATCH_ROWS, small_linear, triton
+from ..predictor_kernels import SMALL_BATCH_ROWS, kernel_chosen, small_linear, triton
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ def talker_kernels_wanted() -> bool:
     mode (its own GEMMs, the same result at every batch size) is off."""
     import vllm.envs as envs
 
-    chosen = os.environ.get("QWEN3TTS_PREDICTOR_KERNELS", "1").replace(" ", "")
-    return (chosen == "1" or "talker_linear" in chosen.split(",")) and not envs.VLLM_BATCH_INVARIANT
+    return kernel_chosen("talker_linear") and not envs.VLLM_BATCH_INVARIANT
 
 
 _WANTED = talker_kernels_wanted()
