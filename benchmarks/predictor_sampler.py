@@ -1,6 +1,8 @@
 """The code predictor's sampler alone on a GPU: microseconds per draw (one sub-step, a row of
 2,048 bf16 logits per request) by batch size, for the fused Triton kernel at each launch shape
-and for the PyTorch sampler it replaces, eager and compiled (what the frame graphs held before).
+with its searches as they are (16-bit keys, ending at a count of exactly k) and as they were
+(`full_search`: 32 rounds of 32-bit keys), and for the PyTorch sampler it replaces, eager and
+compiled (what the frame graphs held before).
 Timed inside a CUDA graph, as the engine runs them. Settings are the released defaults
 (temperature 0.9, top-k 50, top-p 1.0) unless `--top-p` says otherwise.
 
@@ -43,12 +45,15 @@ def main() -> None:
         counter = torch.arange(b, device=dev, dtype=torch.long)
         flat = (logits, p.temperature, p.top_k, p.top_p, p.seed, counter)
         same = bool((fused_sample(*flat) == compiled(*flat)).float().mean() > 0.99)
-        impls = [(f"triton num_warps={w}", lambda w=w: fused_sample(*flat, num_warps=w))
-                 for w in [int(x) for x in args.warps.split(",")]]
+        same_searches = torch.equal(fused_sample(*flat), fused_sample(*flat, full_search=True))
+        impls = [(f"triton{' full_search' if full else ''} num_warps={w}",
+                  lambda w=w, full=full: fused_sample(*flat, num_warps=w, full_search=full))
+                 for full in (False, True) for w in [int(x) for x in args.warps.split(",")]]
         impls += [("pytorch eager", lambda: _sample(*flat)), ("pytorch compiled", lambda: compiled(*flat))]
         for name, fn in impls:
             us = 1000 * cuda_graph_ms_per_call(fn)
-            rows.append(dict(batch=b, impl=name, us=round(us, 2), top_p=args.top_p, agrees_with_compiled=same))
+            rows.append(dict(batch=b, impl=name, us=round(us, 2), top_p=args.top_p, agrees_with_compiled=same,
+                             searches_draw_alike=same_searches))
             print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)

@@ -178,6 +178,20 @@ def compare_sampler(device: str, rows_per_case: int = 8, draws: int = 2) -> int:
                 raise AssertionError(f"{len(bad)} of {n} draws differ ({dtype}, draw {draw}); first rows {bad[:5]}, "
                                      f"cases {[SAMPLER_CASES[i // rows_per_case] for i in bad[:5]]}")
             compared += n
+    # -0.0 and +0.0 are one value: top-k 1 keeps both, so both indices get drawn
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = torch.full((n, 2048), -20.0, dtype=dtype)
+        logits[:, 0], logits[:, 1] = 0.0, -0.0
+        logits = logits.to(device)
+        zeros = SamplingTensors(torch.ones(n, device=device), torch.ones(n, dtype=torch.long, device=device),
+                                torch.ones(n, device=device), params.seed)
+        counter = torch.arange(n, device=device)
+        expected = sample_keeping_ties_at_the_cut(logits, zeros, counter)
+        got = fused_sample(logits, zeros.temperature, zeros.top_k, zeros.top_p, zeros.seed, counter)
+        assert set(expected.tolist()) == {0, 1}, "the reference should draw both signed zeros"
+        if not torch.equal(got, expected):
+            raise AssertionError(f"signed zeros ({dtype}): drew {got.tolist()[:8]}, expected {expected.tolist()[:8]}")
+        compared += n
     return compared
 
 
@@ -224,7 +238,7 @@ def compare_broken_layer() -> str:
 
 
 def test_fused_sampler_draws_the_tokens_of_the_pytorch_sampler_in_triton_interpreter():
-    assert "sampler: 288 draws identical" in run_in_interpreter("sampler")
+    assert "sampler: 432 draws identical" in run_in_interpreter("sampler")
 
 
 def test_sampler_comparison_notices_a_different_draw():

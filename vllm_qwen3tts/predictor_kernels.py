@@ -19,7 +19,10 @@ also do), so bf16 results differ from eager PyTorch by rounding only.
 gathers, a scatter, a softmax, a cumsum and the hash noise: ~10 kernels and ~50 us per sub-step
 at batch 128, 15 times per talker step (benchmarks/NOTES.md §12). Here the row stays in
 registers and the k-th largest value and the top-p cut are found by bisection on the values'
-bit patterns (32 rounds of a count or a sum over the row) instead of sorting.
+bit patterns (a count or a sum over the row per round) instead of sorting. The predictor's
+logits are bf16, so the keys are their 16 bits (16 rounds at most, where fp32 needs 32), and the
+top-k search stops as soon as a count is exactly k, which at 2,048 logits usually comes before
+the last round (bf16 logits often tie at the k-th value, and then it runs all 16).
 Same result as `sampling.sample`: identical noise bits (the same integer hash), IEEE division by
 the temperature, top-k ties kept. Top-p keeps an entry when the probability of the entries
 above it is < top_p, which is the reference's cumulative-sum rule evaluated by a sum in another
@@ -291,31 +294,57 @@ if triton is not None:
         return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
     @triton.jit
+    def _ordered_key16(raw):
+        """int32 keys in [-32768, 32767] that order like the 16-bit floats `raw` (bf16 or fp16;
+        -0.0 counted as +0.0). Dividing two distinct 16-bit values by one positive temperature
+        in fp32 cannot make them equal or swap them, so these keys order the scaled logits too."""
+        bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
+        bits = tl.where((bits & 0x7FFF) == 0, 0, bits)
+        return tl.where(bits < 0, bits ^ 0x7FFF, bits)
+
+    @triton.jit
     def _sample_kernel(
         logits_ptr, row_stride,  # [B, V]
         temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr, counter_ptr,  # [B] each
         out_ptr,  # [B] int64
-        V, BLOCK: tl.constexpr, LIBDEVICE_LOG: tl.constexpr,
+        V, BLOCK: tl.constexpr, LIBDEVICE_LOG: tl.constexpr, KEY16: tl.constexpr, EARLY_EXIT: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         valid = cols < V
-        x = tl.load(logits_ptr + row * row_stride + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        raw = tl.load(logits_ptr + row * row_stride + cols, mask=valid, other=float("-inf"))
         t = tl.load(temperature_ptr + row)
         greedy = t <= 0.0
-        x = tl.math.div_rn(x, tl.where(greedy, 1.0, t))
-        key = tl.where(valid, _ordered_key(x), -2147483647 - 1)
+        x = tl.math.div_rn(raw.to(tl.float32), tl.where(greedy, 1.0, t))
+        # The searches below bisect on keys: 16 bits for bf16/fp16 logits (16 rounds at most),
+        # 32 for fp32 ones.
+        if KEY16:
+            key = tl.where(valid, _ordered_key16(raw), -2147483647 - 1)
+            key_min = -32768
+            key_max = 32767
+        else:
+            key = tl.where(valid, _ordered_key(x), -2147483647 - 1)
+            key_min = -2147483647 - 1
+            key_max = 2147483647
 
-        # top-k: the k-th largest value is the largest key K with count(key >= K) >= k
+        # top-k: the k-th largest value is the largest key K with count(key >= K) >= k. A count
+        # of exactly k ends the search early: the keys >= mid are then the top k themselves.
+        # Greedy draws skip it (the largest value survives any cut), as does top-k off.
+        # (EARLY_EXIT off: the search as it was, for benchmarks/predictor_sampler.py.)
         k = tl.load(top_k_ptr + row)
         k = tl.where((k <= 0) | (k >= V), V, k)
-        lo = tl.full((), -2147483647 - 1, tl.int64)
-        hi = tl.full((), 2147483647, tl.int64)
-        for _ in range(32):
+        lo = tl.full((), key_min, tl.int64)
+        hi = tl.full((), key_max, tl.int64)
+        if EARLY_EXIT:
+            hi = tl.where(greedy | (k == V), lo, hi)
+        while lo < hi:
             mid = lo + (hi - lo + 1) // 2
             count = tl.sum(tl.where(valid & (key >= mid), 1, 0), axis=0)
             lo = tl.where(count >= k, mid, lo)
-            hi = tl.where(count >= k, hi, mid - 1)
+            if EARLY_EXIT:
+                hi = tl.where(count > k, hi, tl.where(count == k, mid, mid - 1))
+            else:
+                hi = tl.where(count >= k, hi, mid - 1)
         keep = valid & (key >= lo)
 
         # top-p over the top-k renormalised: keep an entry while the mass above it is < top_p;
@@ -324,9 +353,9 @@ if triton is not None:
         if (top_p < 1.0) & (t > 0.0):
             e = tl.where(keep, tl.exp(x - tl.max(tl.where(keep, x, float("-inf")), axis=0)), 0.0)
             prob = e / tl.sum(e, axis=0)
-            lo = tl.full((), -2147483647 - 1, tl.int64)
-            hi = tl.full((), 2147483647, tl.int64)
-            for _ in range(32):
+            lo = tl.full((), key_min, tl.int64)
+            hi = tl.full((), key_max, tl.int64)
+            while lo < hi:
                 mid = lo + (hi - lo) // 2
                 above = tl.sum(tl.where(keep & (key > mid), prob, 0.0), axis=0)
                 hi = tl.where(above < top_p, mid, hi)
@@ -350,15 +379,17 @@ if triton is not None:
 
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 seed: torch.Tensor, counter: torch.Tensor, num_warps: int = 8) -> torch.Tensor:
+                 seed: torch.Tensor, counter: torch.Tensor, num_warps: int = 8, full_search: bool = False) -> torch.Tensor:
     """`sampling.sample` as one kernel: a token id per row of logits [B, V]. (`num_warps`: 8 was
     fastest on an H200 at batches 1-128, 10.5-10.8 us a draw, and as fast as 4 at 256;
-    benchmarks/predictor_sampler.py.)"""
+    benchmarks/predictor_sampler.py.) `full_search`: the searches as they were before they ended
+    early and took 16-bit keys (32 rounds each), for that benchmark; the same draws."""
     b, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
     _sample_kernel[(b,)](logits, logits.stride(0), temperature, top_k, top_p, seed, counter, out, vocab,
                          BLOCK=triton.next_power_of_2(vocab), LIBDEVICE_LOG=os.environ.get("TRITON_INTERPRET") != "1",
-                         num_warps=num_warps)
+                         KEY16=logits.dtype in (torch.bfloat16, torch.float16) and not full_search,
+                         EARLY_EXIT=not full_search, num_warps=num_warps)
     return out
