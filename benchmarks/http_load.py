@@ -200,6 +200,15 @@ class Level:
     engine: dict | None = None  # server_metrics.EngineView of the level, when the server has /metrics
     client_cpu: float | None = None  # this load generator's CPU time over the level's wall time (1.0: a core)
     client_lag_p99_ms: float | None = None  # how late this load generator's own event loop ran (sample_loop_lag)
+    per_request: list[dict] = field(default_factory=list)  # `request_record` of each request, in order sent
+
+
+def request_record(r: RequestResult) -> dict:
+    """One request of a level, for reading its tail: when it was sent, what it waited for."""
+    ms = lambda x: None if x is None else round(1000 * x, 2)  # noqa: E731
+    return dict(sent_s=round(r.sent_s, 4), ok=r.ok, ttfa_ms=ms(r.ttfa_s), e2e_s=None if r.e2e_s is None else round(r.e2e_s, 4),
+                audio_s=round(r.audio_s, 3), connect_ms=ms(r.connect_s), request_sent_ms=ms(r.request_sent_s),
+                headers_ms=ms(r.headers_s), underruns=r.underruns)
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -237,6 +246,7 @@ def summarise(kind: str, value: float, results: list[RequestResult], wall_s: flo
         underrun_requests=sum(1 for r in ok if r.underruns), underruns=sum(r.underruns for r in ok),
         stall_s_total=round(sum(r.stall_s for r in ok), 3),
         errors=sorted({f"{r.status}: {r.error}" for r in results if not r.ok})[:5],
+        per_request=[request_record(r) for r in sorted(results, key=lambda r: r.sent_s)],
     )
 
 
@@ -480,7 +490,7 @@ class LoadRunner:
                 view = server_metrics.engine_view(before, await server_metrics.scrape(self.client, a.url), wall)
                 level.engine = asdict(view) if view else None
             levels.append(level)
-            print(json.dumps(asdict(level)), flush=True)
+            print(json.dumps({k: v for k, v in asdict(level).items() if k != "per_request"}), flush=True)
         await self.client.aclose()
         if self.pool is not None:
             self.pool.shutdown()

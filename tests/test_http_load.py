@@ -74,6 +74,16 @@ def test_summary_counts_failures_and_throughput():
     assert level.errors == ["503: overloaded"]
 
 
+def test_summary_keeps_each_request_in_the_order_sent():
+    R = http_load.RequestResult
+    results = [R(sent_s=0.5, status=200, ttfa_s=0.03, e2e_s=1.0, audio_s=2.0, connect_s=0.002),
+               R(sent_s=0.1, status=200, ttfa_s=0.02, e2e_s=1.0, audio_s=2.0)]
+    level = http_load.summarise("rate", 1, results, wall_s=1.0)
+    assert [r["sent_s"] for r in level.per_request] == [0.1, 0.5]
+    assert [r["ttfa_ms"] for r in level.per_request] == [20.0, 30.0]
+    assert [r["connect_ms"] for r in level.per_request] == [None, 2.0]  # the first reused a connection
+
+
 def test_plot_of_two_reports_is_a_png(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need matplotlib (the test extra installs it)")
     R = http_load.RequestResult
