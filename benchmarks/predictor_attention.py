@@ -3,6 +3,9 @@ size and launch shape (`num_warps`), against the PyTorch attention it replaces, 
 time reading and writing its cache needs at the GPU's memory bandwidth. NOTES §9 found it at
 ~28 us per call at batch 128, ~10x that bound. Calls are timed inside a CUDA graph, as the engine
 runs them: timed as back-to-back launches they measured the launches (30-60 us at every batch).
+`--flush-mb N` writes N MB before every call, as the engine's weight streaming does between two
+calls (the L2 cache then holds none of the kernel's inputs), and reports the call's time net of
+the writes alone.
 
     python benchmarks/predictor_attention.py --batches 1,64,128 --warps 1,2,4,8 --out attn.json
 """
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64,128")
     ap.add_argument("--warps", default="1,2,4,8")
     ap.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="H100 SXM HBM3")
+    ap.add_argument("--flush-mb", type=int, default=0, help="MB written before every call (0: L2 stays warm)")
     ap.add_argument("--out", default="predictor_attention.json")
     args = ap.parse_args()
     g = DecoderGeometry(**RELEASED)
@@ -39,6 +43,14 @@ def main() -> None:
     cos = torch.rand(1, g.head_dim, device=dev, dtype=dt)
     sin = torch.rand(1, g.head_dim, device=dev, dtype=dt)
     mask = torch.arange(SLOTS, device=dev).unsqueeze(0) <= position.unsqueeze(-1)
+    flush = torch.empty(args.flush_mb * 2**20, dtype=torch.uint8, device=dev) if args.flush_mb else None
+    flush_us = 1000 * cuda_graph_ms_per_call(flush.zero_) if flush is not None else 0.0
+
+    def timed_us(fn) -> float:
+        if flush is None:
+            return 1000 * cuda_graph_ms_per_call(fn)
+        return 1000 * cuda_graph_ms_per_call(lambda: (flush.zero_(), fn())) - flush_us
+
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         qkv = torch.randn(b, (g.num_heads + 2 * g.num_kv_heads) * g.head_dim, device=dev, dtype=dt)
@@ -52,12 +64,13 @@ def main() -> None:
                 return token_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin, position,
                                        ck, cv, g.num_heads, num_warps=w)
 
-            us = 1000 * cuda_graph_ms_per_call(kernel)
-            rows.append(dict(batch=b, impl=f"triton num_warps={w}", us=round(us, 2), bandwidth_bound_us=round(bound_us, 2)))
+            us = timed_us(kernel)
+            rows.append(dict(batch=b, impl=f"triton num_warps={w}", us=round(us, 2), bandwidth_bound_us=round(bound_us, 2),
+                             flush_mb=args.flush_mb))
             print(json.dumps(rows[-1]), flush=True)
-        us = 1000 * cuda_graph_ms_per_call(lambda: attn.attend(qkv3, cos, sin, ck, cv, position, mask))
+        us = timed_us(lambda: attn.attend(qkv3, cos, sin, ck, cv, position, mask))
         rows.append(dict(batch=b, impl="pytorch eager (Attention.attend)", us=round(us, 2),
-                         bandwidth_bound_us=round(bound_us, 2)))
+                         bandwidth_bound_us=round(bound_us, 2), flush_mb=args.flush_mb))
         print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)

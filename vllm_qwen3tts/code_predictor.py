@@ -54,7 +54,7 @@ class Attention(nn.Module):
         mask: torch.Tensor,  # [n, S] bool: which cache entries each new token sees
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if use_kernel(qkv, self.head_dim, cache_k.shape[2]):
+        if use_kernel(qkv, self.head_dim, cache_k.shape[2], self.heads // self.kv_heads):
             out = self.attend_tokens(qkv, cos, sin, cache_k, cache_v, positions)
         else:
             out = self.attend(qkv, cos, sin, cache_k, cache_v, positions, mask)
@@ -116,7 +116,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache_k, cache_v, positions, mask) -> torch.Tensor:
         attn = self.self_attn
         b, n, _ = x.shape
-        if use_small_linear(x, rows=b * n) and use_kernel(x, attn.head_dim, cache_k.shape[2]):
+        fused = use_kernel(x, attn.head_dim, cache_k.shape[2], attn.heads // attn.kv_heads)
+        if fused and use_small_linear(x, rows=b * n):
             return self.token_forward(x, cos, sin, cache_k, cache_v, positions)
         x = x + attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
