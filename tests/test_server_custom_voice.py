@@ -212,6 +212,14 @@ def test_serve_starts_the_codec_workers_before_vllm_and_provisions_them_after_th
     assert "codec workers provisioned for 64 streams" in log
 
 
+def test_the_engine_process_logs_the_talker_it_built(server, tmp_path_factory):
+    """Our INFO lines print in vLLM's engine process too, under its prefix (vLLM gives a handler to
+    its own logger only; the talker plugin routes ours through it)."""
+    log = next(tmp_path_factory.getbasetemp().glob("server-cv*/server.log")).read_text()
+    assert re.search(r"\((?:EngineCore|Worker)[^)]*\) INFO .*Qwen3-TTS talker: \d+ layers of \d+, code predictor "
+                     r"\d+ layers of \d+, \d+ slots; Model Runner V1; frame completion eager", log), log[-3000:]
+
+
 def test_min_new_tokens_equal_to_max_forces_the_length(server):
     # random weights may say EOS at any frame; a forced length is how benchmarks compare servers
     for frames in (3, 17):

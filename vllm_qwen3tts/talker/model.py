@@ -83,10 +83,17 @@ class Qwen3TTSTalkerForVLLM(nn.Module):
         self.row_slots: torch.Tensor | None = None  # slot of each logits row of the current step
         self.sample_hidden: torch.Tensor | None = None  # hidden states handed to compute_logits
         self.v1_driver = None
-        if not uses_model_runner_v2(vllm_config):
+        runner_v2 = uses_model_runner_v2(vllm_config)
+        if not runner_v2:
             from .runner_v1 import attach_v1_driver
 
             self.v1_driver = attach_v1_driver(self, vllm_config)
+        predictor = talker.code_predictor
+        logger.info("Qwen3-TTS talker: %d layers of %d, code predictor %d layers of %d, %d slots; Model Runner %s; "
+                    "frame completion %s", talker.decoder.num_layers, talker.decoder.hidden_size,
+                    predictor.decoder.num_layers, predictor.decoder.hidden_size,
+                    vllm_config.scheduler_config.max_num_seqs, "V2" if runner_v2 else "V1",
+                    "in CUDA graphs" if self.frame_completer.use_graphs else "eager")
 
     # Model Runner V2 asks the model for its per-request state class.
     def get_model_state_cls(self):

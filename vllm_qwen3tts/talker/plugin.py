@@ -7,6 +7,8 @@ CUDA-free.
 
 from __future__ import annotations
 
+import logging
+
 RELEASED_ARCH = "Qwen3TTSForConditionalGeneration"  # what released config.json files name
 PLUGIN_ARCH = "Qwen3TTSPluginTalker"  # always ours: --hf-overrides '{"architectures": ["Qwen3TTSPluginTalker"]}'
 MODEL_MODULE = "vllm_qwen3tts.talker.model"
@@ -21,9 +23,24 @@ def register() -> None:
     from .hf_config import Qwen3TTSConfig
 
     start_from_env()  # diagnostics, off unless QWEN3TTS_STACK_SAMPLES_DIR is set
+    log_through_vllm()
     AutoConfig.register("qwen3_tts", Qwen3TTSConfig, exist_ok=True)
     ModelRegistry.register_model(PLUGIN_ARCH, MODEL_CLASS)
     # vllm-omni registers the released name too; never take it from another plugin.
     existing = getattr(ModelRegistry, "models", {}).get(RELEASED_ARCH)
     if existing is None or getattr(existing, "module_name", MODEL_MODULE) == MODEL_MODULE:
         ModelRegistry.register_model(RELEASED_ARCH, MODEL_CLASS)
+
+
+def log_through_vllm() -> None:
+    """Our modules' log lines (`vllm_qwen3tts.*`) go where vLLM's go, at vLLM's level. vLLM gives
+    only its own `vllm` logger a handler, so in its engine process our INFO lines (the talker's
+    set-up, the frame graphs' capture) were dropped. Left alone when vLLM's logging is off
+    (VLLM_CONFIGURE_LOGGING=0: the application's own configuration applies) or already routed."""
+    ours, theirs = logging.getLogger("vllm_qwen3tts"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
