@@ -84,7 +84,6 @@ def use_kernel(x: torch.Tensor, head_dim: int, slots: int, group: int) -> bool:
     return kernels_enabled(x, "attention") and power_of_two(head_dim) and power_of_two(slots) and power_of_two(group)
 
 
-
 if triton is not None:
 
     @triton.jit
@@ -313,7 +312,9 @@ if triton is not None:
     def _ordered_key16(raw):
         """int32 keys in [-32768, 32767] that order like the 16-bit floats `raw` (bf16 or fp16;
         -0.0 counted as +0.0). Dividing two distinct 16-bit values by one positive temperature
-        in fp32 cannot make them equal or swap them, so these keys order the scaled logits too."""
+        in fp32 cannot swap them, nor make them equal unless the quotients overflow or turn
+        subnormal (|logit / temperature| beyond ~1e38 or below ~1e-38, far from any top-k cut),
+        so these keys order the scaled logits too."""
         bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
         bits = tl.where((bits & 0x7FFF) == 0, 0, bits)
         return tl.where(bits < 0, bits ^ 0x7FFF, bits)
