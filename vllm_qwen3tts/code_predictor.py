@@ -54,11 +54,15 @@ class Attention(nn.Module):
         mask: torch.Tensor,  # [n, S] bool: which cache entries each new token sees
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if use_kernel(qkv, self.head_dim, cache_k.shape[2], self.heads // self.kv_heads):
+        if self.kernel_fits(qkv, cache_k):
             out = self.attend_tokens(qkv, cos, sin, cache_k, cache_v, positions)
         else:
             out = self.attend(qkv, cos, sin, cache_k, cache_v, positions, mask)
         return self.o_proj(out)
+
+    def kernel_fits(self, x: torch.Tensor, cache_k: torch.Tensor) -> bool:
+        """Whether this attention runs as the Triton kernel for activations like x and this cache."""
+        return use_kernel(x, self.head_dim, cache_k.shape[2], self.heads // self.kv_heads)
 
     def attend_tokens(self, qkv, cos, sin, cache_k, cache_v, positions) -> torch.Tensor:
         """`attend` as the Triton kernel (`predictor_kernels.token_attention`), one launch per new
@@ -116,8 +120,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache_k, cache_v, positions, mask) -> torch.Tensor:
         attn = self.self_attn
         b, n, _ = x.shape
-        fused = use_kernel(x, attn.head_dim, cache_k.shape[2], attn.heads // attn.kv_heads)
-        if fused and use_small_linear(x, rows=b * n):
+        if use_small_linear(x, rows=b * n) and attn.kernel_fits(x, cache_k):
             return self.token_forward(x, cos, sin, cache_k, cache_v, positions)
         x = x + attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
