@@ -10,10 +10,18 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+# The keys of the shared speech server (`speech_server` in conftest.py): two ordinary tenants and
+# one tightly limited.
+KEYS = [
+    {"key": "alice-key", "name": "alice", "max_concurrency": 16, "requests_per_minute": 100000},
+    {"key": "bob-key", "name": "bob", "max_concurrency": 8, "requests_per_minute": 100000},
+    {"key": "tight-key", "name": "tight", "max_concurrency": 1, "requests_per_minute": 2},
+]
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,8 +42,8 @@ PLAIN_VLLM_SERVE = (
 
 @contextmanager
 def running_server(tmp: Path, args: list[str], keys: list[dict] | None = None, env: dict | None = None,
-                   timeout_s: float = 300, plain_vllm: bool = False):
-    """Yields (base_url, log_path). Arguments go to `vllm-qwen3tts serve`; with `plain_vllm`, to
+                   timeout_s: float = 300, plain_vllm: bool = False, as_server: bool = False):
+    """Yields (base_url, log_path), or a `Server` with `as_server`. Arguments go to `vllm-qwen3tts serve`; with `plain_vllm`, to
     vLLM's server as that command sets it up, but with no codec worker started before it."""
     port = free_port()
     log = tmp / "server.log"
@@ -62,7 +70,7 @@ def running_server(tmp: Path, args: list[str], keys: list[dict] | None = None, e
             if time.time() > deadline:
                 raise RuntimeError(f"server not ready after {timeout_s} s:\n{log.read_text()[-4000:]}")
             time.sleep(1)
-        yield base, log
+        yield Server(base, log, proc.pid) if as_server else (base, log)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -73,6 +81,13 @@ def running_server(tmp: Path, args: list[str], keys: list[dict] | None = None, e
             except ProcessLookupError:
                 pass
             proc.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class Server:
+    base: str  # http://127.0.0.1:PORT
+    log: Path  # everything the server's processes print
+    pid: int  # the API server's process (the process group's leader)
 
 
 def metric(base: str, name: str, labels: dict | None = None) -> float:

@@ -27,30 +27,18 @@ import pytest
 import soundfile as sf
 import websockets
 
-from server_harness import metric, running_server
+from server_harness import KEYS, metric  # noqa: F401 (KEYS: the keys the tests use)
 
 pytestmark = pytest.mark.engine
 
-KEYS = [
-    {"key": "alice-key", "name": "alice", "max_concurrency": 16, "requests_per_minute": 100000},
-    {"key": "bob-key", "name": "bob", "max_concurrency": 8, "requests_per_minute": 100000},
-    {"key": "tight-key", "name": "tight", "max_concurrency": 1, "requests_per_minute": 2},
-]
 GREEDY = {"temperature": 0, "language": "English"}
 FRAMES = 10
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server-cv")
-    # no --model: the embedded default checkpoint is generated into this cache
-    env = {"VLLM_QWEN3TTS_CACHE": str(tmp / "cache")}
-    # two codec workers, as with two GPUs: streams are spread over them
-    with running_server(tmp, ["--max-queued-requests", "12", "--max-frames", "40", "--max-num-seqs", "4",
-                              "--max-model-len", "512", "--codec-device", "cpu", "--codec-device", "cpu"],
-                        keys=KEYS, env=env) as (base, log):
-        yield base
+def server(speech_server):
+    return speech_server.base
 
 
 def client(server, key="alice-key") -> openai.OpenAI:
