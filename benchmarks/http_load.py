@@ -461,7 +461,7 @@ class LoadRunner:
                 await self.closed_loop(n, 1, warmup_frames)
             if kind != "concurrency" or not self.in_processes(n):  # client processes open their own
                 await open_connections(self.client, a.url, self.headers, n)
-            before = await server_metrics.scrape(self.client, a.url) if a.server_metrics else None
+            before = await server_metrics.scrape(self.client, a.url, self.headers) if a.server_metrics else None
             cpu_before = process_cpu_s()
             lags: list[float] = []
             lag_sampler = asyncio.create_task(sample_loop_lag(lags))
@@ -487,7 +487,7 @@ class LoadRunner:
                 if any(k.startswith("qwen3tts_codec") for k in before):
                     # the server polls its codec workers every 5 s: let the level's last calls arrive
                     await asyncio.sleep(CODEC_POLL_SETTLE_S)
-                view = server_metrics.engine_view(before, await server_metrics.scrape(self.client, a.url), wall)
+                view = server_metrics.engine_view(before, await server_metrics.scrape(self.client, a.url, self.headers), wall)
                 level.engine = asdict(view) if view else None
             levels.append(level)
             print(json.dumps({k: v for k, v in asdict(level).items() if k != "per_request"}), flush=True)

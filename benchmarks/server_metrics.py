@@ -19,6 +19,7 @@ without these metrics (or without `/metrics`) just gets no engine columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 HISTOGRAMS = {  # prefix of the *_sum / *_count series -> field name
     "vllm:inter_token_latency_seconds": "itl",
@@ -33,9 +34,10 @@ COUNTERS = ("vllm:iteration_tokens_total_count", "vllm:iteration_tokens_total_su
             "qwen3tts_codec_decode_seconds_total", "qwen3tts_codec_batches_total", "qwen3tts_codec_frames_total")
 
 
-def parse(text: str) -> dict[str, float]:
-    """Prometheus text format -> {series name: value summed over its labels}, for the series above."""
-    wanted = set(COUNTERS) | {f"{h}_{s}" for h in HISTOGRAMS for s in ("sum", "count")}
+def parse(text: str, names: Iterable[str] | None = None) -> dict[str, float]:
+    """Prometheus text format -> {series name: value summed over its labels}, for `names` (default:
+    the series above)."""
+    wanted = set(names) if names is not None else set(COUNTERS) | {f"{h}_{s}" for h in HISTOGRAMS for s in ("sum", "count")}
     totals: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -51,10 +53,11 @@ def parse(text: str) -> dict[str, float]:
     return totals
 
 
-async def scrape(client, base_url: str) -> dict[str, float] | None:
-    """The series above from `base_url/metrics`, or None when the server has none."""
+async def scrape(client, base_url: str, headers: dict[str, str] | None = None) -> dict[str, float] | None:
+    """The series above from `base_url/metrics`, or None when the server has none. `headers`:
+    the load's own (its API key: with keys configured, /metrics takes one)."""
     try:
-        response = await client.get(base_url.rstrip("/") + "/metrics", timeout=10.0)
+        response = await client.get(base_url.rstrip("/") + "/metrics", timeout=10.0, headers=headers)
     except Exception:  # noqa: BLE001 - a server without metrics is not an error of the load
         return None
     if response.status_code != 200:
