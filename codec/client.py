@@ -54,7 +54,13 @@ class CodecError(RuntimeError):
     """The codec worker refused or failed a request, or could not be reached; the message says which."""
 
 
-class CodecTimeoutError(CodecError, TimeoutError):
+class CodecUnavailableError(CodecError):
+    """The worker cannot serve at all (not reachable, went away, or no worker is up), as opposed
+    to refusing one request: the request may succeed later, on this worker once it is back or
+    on another."""
+
+
+class CodecTimeoutError(CodecUnavailableError, TimeoutError):
     """No reply within the request's timeout."""
 
 
@@ -78,6 +84,7 @@ class CodecClient:
         self._seq = itertools.count()
         self._connected = False
         self._lost_connection = False  # connected once, then disconnected, not yet reconnected
+        self._disconnected: asyncio.Event | None = None  # set with _lost_connection; made in the loop
 
     def connect(self, address: str) -> None:
         if self._socket is not None:
@@ -92,14 +99,15 @@ class CodecClient:
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._socket.connect(address)
 
-    def close(self) -> None:
-        """Fail whatever is pending and release the socket. Open streams are not closed on the
-        worker; close them first (or let the worker's idle timeout reclaim them)."""
+    def close(self, reason: str = "the codec client was closed") -> None:
+        """Fail whatever is pending (`CodecUnavailableError(reason)`) and release the socket. Open
+        streams are not closed on the worker; close them first (or let the worker's idle timeout
+        reclaim them)."""
         for task in self._tasks:
             if not task.done():
                 task.cancel()
         self._tasks.clear()
-        self._fail_pending(CodecError("the codec client was closed"))
+        self._fail_pending(CodecUnavailableError(reason))
         if self._socket is not None:
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
@@ -176,9 +184,9 @@ class CodecClient:
         self, request: Request, frames: list, expected: type, timeout_s: float | None
     ) -> tuple[Reply, list[bytes]]:
         if self._socket is None:
-            raise CodecError("the codec client is not connected")
+            raise CodecUnavailableError("the codec client is not connected")
         if self._lost_connection:
-            raise CodecError(f"the codec worker at {self.address} is not reachable (connection lost)")
+            raise CodecUnavailableError(f"the codec worker at {self.address} is not reachable (connection lost)")
         self._start_tasks()
         future = asyncio.get_running_loop().create_future()
         self._pending[request.seq] = future
@@ -200,8 +208,23 @@ class CodecClient:
             raise CodecError(f"the codec worker answered {type(request).__name__} with {type(reply).__name__}")
         return reply, reply_frames
 
+    async def wait_disconnected(self) -> None:
+        """Return once the connection to the worker is lost (it exited or closed its socket)."""
+        if self._socket is None:
+            return
+        self._start_tasks()
+        await self._disconnected.wait()
+
+    @property
+    def connection_lost(self) -> bool:
+        """Connected once, then disconnected (and not reconnected since)."""
+        return self._lost_connection
+
     def _start_tasks(self) -> None:
         if not self._tasks:
+            self._disconnected = asyncio.Event()
+            if self._lost_connection:
+                self._disconnected.set()
             self._tasks = [asyncio.create_task(self._read_replies()), asyncio.create_task(self._watch_connection())]
 
     async def _read_replies(self) -> None:
@@ -211,7 +234,7 @@ class CodecClient:
             raise
         except Exception as e:  # the socket broke under us: nothing pending can complete now
             logger.exception("codec client reader stopped")
-            self._fail_pending(CodecError(f"codec client reader stopped: {type(e).__name__}: {e}"))
+            self._fail_pending(CodecUnavailableError(f"codec client reader stopped: {type(e).__name__}: {e}"))
 
     async def _dispatch_replies(self) -> None:
         while True:
@@ -233,10 +256,12 @@ class CodecClient:
             event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._connected, self._lost_connection = True, False
+                self._disconnected.clear()
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected, self._lost_connection = False, True
+                self._disconnected.set()
                 self._fail_pending(
-                    CodecError(f"lost the connection to the codec worker at {self.address} (did it exit?)")
+                    CodecUnavailableError(f"lost the connection to the codec worker at {self.address} (did it exit?)")
                 )
 
     def _fail_pending(self, error: CodecError) -> None:

@@ -635,17 +635,19 @@ def _drain(socket: zmq.Socket) -> Iterator[IncomingMessage]:
 
 
 def _spawned_worker_main(
-    config: CodecWorkerConfig, address: str, parent_pid: int, ready: Connection, socket_dir: str | None
+    config: CodecWorkerConfig, address: str, parent_pid: int, ready: Connection | None, socket_dir: str | None
 ) -> None:
     _configure_logging()
+    on_ready = None if ready is None else (lambda: ready.send(("ready", None)))
     try:
-        serve(config, address, parent_pid=parent_pid, on_ready=lambda: ready.send(("ready", None)))
+        serve(config, address, parent_pid=parent_pid, on_ready=on_ready)
     except BaseException as e:
         # Before `ready` this is what start_codec_worker reports; after it nobody reads it.
-        try:
-            ready.send(("failed", f"{type(e).__name__}: {e}"))
-        except OSError:
-            pass
+        if ready is not None:
+            try:
+                ready.send(("failed", f"{type(e).__name__}: {e}"))
+            except OSError:
+                pass
         raise
     finally:
         if socket_dir is not None:  # the parent removes it too, unless it died first
@@ -659,37 +661,110 @@ def _configure_logging() -> None:
         )
 
 
-class CodecWorkerHandle:
-    """A worker process started by `start_codec_worker`. Stopped by `stop()`, or at the latest
-    when the handle is garbage-collected or the interpreter exits."""
+# ----------------------------------------------------------------------------------------------
+# handles of worker processes
+#
+# Two kinds, one interface (pid, address, device, is_alive, exitcode, stop, replacement):
+# `CodecWorkerHandle` for a worker spawned by this Python process, `LaunchedCodecWorker` for one
+# `vllm-qwen3tts serve` started before it exec'd vLLM (only its pid survives the exec).
 
-    def __init__(self, process: BaseProcess, address: str, socket_dir: str | None):
+
+def _stop_process(pid: int, is_alive: Callable[[], bool], socket_dir: str | None) -> None:
+    """SIGTERM, wait up to STOP_GRACE_S, then SIGKILL; returns once the process is gone (`is_alive`
+    must reap it) and its socket directory is removed. Idempotent."""
+    try:
+        if is_alive():
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if is_alive():
+                logger.warning("codec worker %d ignored SIGTERM for %.0f s; killing it", pid, STOP_GRACE_S)
+                os.kill(pid, signal.SIGKILL)
+                while is_alive():
+                    time.sleep(0.05)
+    except ProcessLookupError:
+        pass
+    if socket_dir is not None:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """How a worker ended, from an exit code in `multiprocessing`'s convention (-N: signal N)."""
+    if exitcode is None:
+        return "exited"
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
+
+
+class CodecWorkerHandle:
+    """A worker process spawned by `start_codec_worker` or `spawn_codec_worker`. Stopped by
+    `stop()`, or at the latest when the handle is garbage-collected or the interpreter exits."""
+
+    def __init__(self, process: BaseProcess, address: str, socket_dir: str | None, config: CodecWorkerConfig):
         self.process = process
         self.address = address
-        self._finalizer = weakref.finalize(self, _shut_down, process, socket_dir)
+        self.socket_dir = socket_dir
+        self.config = config
+        self._finalizer = weakref.finalize(self, _stop_process, process.pid, process.is_alive, socket_dir)
 
     @property
     def pid(self) -> int | None:
         return self.process.pid
 
+    @property
+    def device(self) -> str:
+        return self.config.device
+
     def is_alive(self) -> bool:
         return self.process.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; negative: the signal that ended it."""
+        return self.process.exitcode
 
     def stop(self) -> None:
         """SIGTERM, wait up to STOP_GRACE_S, then SIGKILL; removes the socket directory. Idempotent."""
         self._finalizer()
 
+    def replacement(self) -> "CodecWorkerHandle":
+        """A new worker like this one (same configuration, hence the same provisioning), started
+        now; returns at once. It serves once loaded: `provision` it to wait for that."""
+        return spawn_codec_worker(self.config, address=None if self.socket_dir is not None else self.address)
 
-def _shut_down(process: BaseProcess, socket_dir: str | None) -> None:
-    if process.is_alive():
-        process.terminate()
-        process.join(STOP_GRACE_S)
-        if process.is_alive():
-            logger.warning("codec worker %d ignored SIGTERM for %.0f s; killing it", process.pid, STOP_GRACE_S)
-            process.kill()
-    process.join()
-    if socket_dir is not None:
-        shutil.rmtree(socket_dir, ignore_errors=True)
+
+def _spawn(config: CodecWorkerConfig, address: str | None, ready: Connection | None) -> CodecWorkerHandle:
+    socket_dir = None
+    if address is None:
+        socket_dir = tempfile.mkdtemp(prefix="qwen3tts-codec-")
+        address = f"ipc://{socket_dir}/codec.sock"
+    # spawn, not fork: the parent may hold CUDA state or threads, and vLLM requires it.
+    process = multiprocessing.get_context("spawn").Process(
+        target=_spawned_worker_main,
+        args=(config, address, os.getpid(), ready, socket_dir),
+        name="qwen3tts-codec-worker",
+        # multiprocessing terminates daemonic children at interpreter exit (and would instead
+        # wait forever for a non-daemonic one that our finalizer has not yet stopped).
+        daemon=True,
+    )
+    try:
+        process.start()
+    except BaseException:
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        raise
+    return CodecWorkerHandle(process, address, socket_dir, config)
+
+
+def spawn_codec_worker(config: CodecWorkerConfig, *, address: str | None = None) -> CodecWorkerHandle:
+    """Spawn a worker process and return at once, while it loads; requests sent meanwhile wait
+    for it (`CodecClient.provision` is the way to wait until it serves)."""
+    return _spawn(config, address, None)
 
 
 def start_codec_worker(
@@ -704,31 +779,16 @@ def start_codec_worker(
     Raises `CodecWorkerStartError` with the child's error (e.g. a bad checkpoint path) if it
     fails to load, or if it is not ready within `startup_timeout_s`.
     """
-    socket_dir = None
-    if address is None:
-        socket_dir = tempfile.mkdtemp(prefix="qwen3tts-codec-")
-        address = f"ipc://{socket_dir}/codec.sock"
-    # spawn, not fork: the parent may hold CUDA state or threads, and vLLM requires it.
-    context = multiprocessing.get_context("spawn")
-    ready_recv, ready_send = context.Pipe(duplex=False)
-    process = context.Process(
-        target=_spawned_worker_main,
-        args=(config, address, os.getpid(), ready_send, socket_dir),
-        name="qwen3tts-codec-worker",
-        # multiprocessing terminates daemonic children at interpreter exit (and would instead
-        # wait forever for a non-daemonic one that our finalizer has not yet stopped).
-        daemon=True,
-    )
+    ready_recv, ready_send = multiprocessing.get_context("spawn").Pipe(duplex=False)
     try:
-        process.start()
+        handle = _spawn(config, address, ready_send)
     except BaseException:
-        if socket_dir is not None:
-            shutil.rmtree(socket_dir, ignore_errors=True)
+        ready_recv.close()
         raise
-    ready_send.close()  # so that the child's death shows up as EOF on our end
-    handle = CodecWorkerHandle(process, address, socket_dir)
+    finally:
+        ready_send.close()  # so that the child's death shows up as EOF on our end
     try:
-        _wait_until_ready(process, ready_recv, startup_timeout_s)
+        _wait_until_ready(handle.process, ready_recv, startup_timeout_s)
     except BaseException:
         handle.stop()
         raise
@@ -764,22 +824,25 @@ def _wait_until_ready(process: BaseProcess, ready: Connection, timeout_s: float)
 LAUNCHED_WORKERS_ENV = "QWEN3TTS_CODEC_WORKERS"
 
 
-@dataclass(frozen=True)
+@dataclass
 class LaunchedCodecWorker:
     """A worker started by `launch_codec_worker` as a child of this process. `vllm-qwen3tts
     serve` launches workers and then execs vLLM's API server, which keeps the process id, so
-    the server is still their parent: it can provision them, watch them, stop and reap them.
-    Same interface as `CodecWorkerHandle` (pid, address, is_alive, stop)."""
+    the server is still their parent: it can provision them, watch them, stop, reap and replace
+    them. Same interface as `CodecWorkerHandle`."""
 
     pid: int
     address: str
     device: str
     socket_dir: str | None = None
+    model_dir: str | None = None  # the checkpoint, for `replacement`
+    _exitcode: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def is_alive(self) -> bool:
+        if self._exitcode is not None:  # reaped: the pid may belong to another process by now
+            return False
         try:
-            done, _ = os.waitpid(self.pid, os.WNOHANG)  # also reaps it once it has exited
-            return done == 0
+            done, status = os.waitpid(self.pid, os.WNOHANG)  # also reaps it once it has exited
         except ChildProcessError:  # reaped already, or not our child
             try:
                 os.kill(self.pid, 0)
@@ -788,29 +851,35 @@ class LaunchedCodecWorker:
                 return False
             except PermissionError:
                 return True
+        if done == 0:
+            return True
+        self._exitcode = os.waitstatus_to_exitcode(status)
+        return False
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs (or when it was not our child); negative: the signal that ended it."""
+        return self._exitcode
 
     def stop(self) -> None:
         """SIGTERM, wait up to STOP_GRACE_S, then SIGKILL; removes the socket directory. Idempotent."""
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_S
-            while self.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self.is_alive():
-                logger.warning("codec worker %d ignored SIGTERM for %.0f s; killing it", self.pid, STOP_GRACE_S)
-                os.kill(self.pid, signal.SIGKILL)
-                while self.is_alive():
-                    time.sleep(0.05)
-        except ProcessLookupError:
-            pass
-        if self.socket_dir is not None:
-            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        _stop_process(self.pid, self.is_alive, self.socket_dir)
+
+    def replacement(self) -> "LaunchedCodecWorker":
+        """A new worker like this one (same checkpoint and device), launched now; returns at once.
+        It waits to be provisioned like the first. Call it from a thread that lives as long as the
+        server (the event loop's): the worker exits when the thread that started it ends."""
+        if not self.model_dir:
+            raise CodecWorkerStartError(f"codec worker {self.pid} was launched without its checkpoint directory; "
+                                        "it cannot be started again")
+        return launch_codec_worker(self.model_dir, self.device)
 
 
 def launch_codec_worker(model_dir: str, device: str, env: dict[str, str] | None = None) -> LaunchedCodecWorker:
     """Start a worker as a subprocess and return at once. It loads the models and compiles the
     decoder while whatever else starts; it allocates its stream pool only when provisioned
-    (`CodecClient.provision`). It exits when this process dies."""
+    (`CodecClient.provision`). It exits when this process (strictly: the thread that called
+    this) dies."""
     socket_dir = tempfile.mkdtemp(prefix="qwen3tts-codec-")
     address = f"ipc://{socket_dir}/codec.sock"
     argv = [sys.executable, "-m", "vllm_qwen3tts.codec.worker", "--model", model_dir, "--address", address,
@@ -820,11 +889,11 @@ def launch_codec_worker(model_dir: str, device: str, env: dict[str, str] | None 
     except BaseException:
         shutil.rmtree(socket_dir, ignore_errors=True)
         raise
-    return LaunchedCodecWorker(process.pid, address, device, socket_dir)
+    return LaunchedCodecWorker(process.pid, address, device, socket_dir, model_dir)
 
 
 def launched_workers_to_env(workers: list[LaunchedCodecWorker]) -> str:
-    return json.dumps([dataclasses.asdict(w) for w in workers])
+    return json.dumps([{f.name: getattr(w, f.name) for f in dataclasses.fields(w) if f.init} for w in workers])
 
 
 def launched_workers_from_env(environ: dict[str, str] | None = None) -> list[LaunchedCodecWorker]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -64,14 +65,28 @@ async def watch_event_loop(lag: Histogram, tick_s: float = LOOP_TICK_S) -> None:
 class CodecStatsCollector:
     """The codec workers' counters as last polled (they are other processes, and a Prometheus
     collector cannot wait for a reply), labelled by worker index: decoder calls, chunks,
-    frames, busy time, open streams."""
+    frames, busy time, open streams; and when they were polled."""
 
     def __init__(self) -> None:
-        self.latest: list = []  # protocol.CodecWorkerStats per worker
+        self._latest: list = []  # protocol.CodecWorkerStats per worker
+        self.polled_at: float | None = None  # time.time() of the last poll
+
+    @property
+    def latest(self) -> list:
+        return self._latest
+
+    @latest.setter
+    def latest(self, per_worker: list) -> None:
+        self._latest = per_worker
+        self.polled_at = time.time()
 
     def collect(self):
         if not self.latest:
             return
+        polled = GaugeMetricFamily("qwen3tts_codec_stats_timestamp_seconds",
+                                   "When the codec workers' counters below were polled (Unix time)")
+        polled.add_metric([], self.polled_at)
+        yield polled
         families = [
             (CounterMetricFamily, "qwen3tts_codec_decode_seconds", "Time a codec worker spent in decoder calls",
              "decode_seconds"),

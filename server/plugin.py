@@ -12,12 +12,16 @@ QWEN3TTS_* environment variables (see `service.ServerSettings`).
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import logging
 import time
 from argparse import Namespace
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 logger = logging.getLogger("vllm.qwen3tts.server")  # under vLLM's logger: its handler and level apply
 
@@ -44,10 +48,20 @@ class SpeechEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        """Our routes (replacing vLLM's of the same path and method, as vLLM 0.32 does itself and
+        0.26 does not), behind `guard.SpeechGuard`, which serves no other route, and which takes
+        over vLLM's own API-key check (`seal_app`)."""
+        from .guard import SpeechGuard
         from .routes import router
+        from .validation import install as install_validation
 
+        replace_routes(app, router)
+        install_validation(app)  # errors in our shape, an OpenAPI document of this server (validation.py)
+        replace_routes(app, models_router)
+        app.add_middleware(SpeechGuard, state=app.state)
         app.add_middleware(ArrivalTime)
-        app.include_router(router)
+        seal_app(app)
+        self._app = app
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:  # vLLM's CPU-only render server: no engine, no speech
@@ -55,6 +69,7 @@ class SpeechEndpointPlugin:
         from vllm.platforms import current_platform
 
         from ..codec.pool import CodecPool
+        from ..codec.supervisor import CodecSupervisor
         from ..codec.worker import launched_workers_from_env
         from ..engine import ChunkSchedule, TTSEngine
         from .metrics import speech_metrics, watch_event_loop
@@ -63,7 +78,7 @@ class SpeechEndpointPlugin:
         model_dir = Path(args.model)
         if not model_dir.is_dir():
             raise ValueError(f"vllm-qwen3tts serves local checkpoint directories; {args.model!r} is not one")
-        settings = ServerSettings.from_env()
+        settings = with_vllm_api_keys(ServerSettings.from_env(), vllm_api_keys(getattr(self, "_app", None), state))
         vllm_config = engine_client.vllm_config
         on_gpu = current_platform.device_type == "cuda"
         max_streams = max(64, 2 * vllm_config.scheduler_config.max_num_seqs)
@@ -77,16 +92,21 @@ class SpeechEndpointPlugin:
         else:
             devices = list(settings.codec_devices) or codec_devices_for(vllm_config.parallel_config, on_gpu)
             workers, clients = await start_workers(model_dir, devices, max_streams, chunk_lengths)
-        engine = TTSEngine(engine_client, CodecPool(clients), model_dir, max_model_len=vllm_config.model_config.max_model_len,
+        pool = CodecPool(clients, max_streams=max_streams)
+        # restarts a worker that dies, like the first: same device, stream slots and chunk lengths
+        supervisor = CodecSupervisor(pool, workers, max_streams, chunk_lengths)
+        engine = TTSEngine(engine_client, pool, model_dir, max_model_len=vllm_config.model_config.max_model_len,
                            chunk_schedule=ChunkSchedule(light_load_streams=settings.light_load_streams))
         names = args.served_model_name or [args.model]
         served = [names] if isinstance(names, str) else list(names)
-        service = SpeechService(engine, settings, served, codec_workers=workers,
+        service = SpeechService(engine, settings, served, codec_supervisor=supervisor,
                                 llm_priority=vllm_config.scheduler_config.policy == "priority")
         state.qwen3tts = service
         # keep a reference: a bare task could be garbage-collected mid-flight
         state.qwen3tts_warmup = asyncio.create_task(service.warm_up())
         state.qwen3tts_codec_watch = asyncio.create_task(service.watch_codec())
+        state.qwen3tts_codec_supervisor = asyncio.create_task(supervisor.run())
+        state.qwen3tts_engine_watch = asyncio.create_task(service.watch_engine())
         state.qwen3tts_loop_watch = asyncio.create_task(watch_event_loop(speech_metrics().event_loop_lag))
         logger.info("speech endpoints ready to warm up on %s (codec workers %s on %s)", model_dir,
                     [w.pid for w in workers], devices)
@@ -123,8 +143,9 @@ async def provision_launched_workers(workers: list, max_streams: int, chunk_leng
                                      timeout_s: float | None = None):
     """Connect to workers `vllm-qwen3tts serve` launched and provision them, waiting for any still
     compiling; fails at once, not at the timeout, if one exits. Stops them all on failure."""
-    from ..codec.client import CodecClient, CodecError
-    from ..codec.worker import DEFAULT_STARTUP_TIMEOUT_S, CodecWorkerStartError
+    from ..codec.client import CodecClient
+    from ..codec.supervisor import provision_worker
+    from ..codec.worker import DEFAULT_STARTUP_TIMEOUT_S
 
     timeout_s = DEFAULT_STARTUP_TIMEOUT_S if timeout_s is None else timeout_s
     clients = []
@@ -133,24 +154,10 @@ async def provision_launched_workers(workers: list, max_streams: int, chunk_leng
         client.connect(worker.address)
         clients.append(client)
 
-    async def provision(worker, client) -> None:
-        call = asyncio.ensure_future(client.provision(max_streams, chunk_lengths, timeout_s=timeout_s))
-        try:
-            while not call.done():
-                await asyncio.wait({call}, timeout=0.5)
-                if not call.done() and not worker.is_alive():
-                    raise CodecWorkerStartError(f"the codec worker (pid {worker.pid}) exited before it was "
-                                                "ready; its log is above")
-            try:
-                call.result()
-            except CodecError as e:
-                raise CodecWorkerStartError(f"the codec worker (pid {worker.pid}) failed to start: {e}") from None
-        finally:
-            call.cancel()
-
     t0 = time.perf_counter()
     try:
-        await asyncio.gather(*(provision(w, c) for w, c in zip(workers, clients)))
+        await asyncio.gather(*(provision_worker(w, c, max_streams, chunk_lengths, timeout_s)
+                               for w, c in zip(workers, clients)))
     except BaseException:
         for client in clients:
             client.close()
@@ -173,3 +180,88 @@ def codec_devices_for(parallel_config, on_gpu: bool) -> list[str]:
         return ["cuda"]
     tp = int(getattr(parallel_config, "tensor_parallel_size", 1) or 1)
     return [f"cuda:{rank * tp}" for rank in range(ranks)]
+
+
+# ---------------------------------------------------------------------------------- routes and keys
+
+models_router = APIRouter()
+_STARTED = int(time.time())
+
+
+@models_router.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    """OpenAI's model list: the served model names, and no file path (vLLM's own list gives the
+    checkpoint's absolute path as `root`)."""
+    svc = getattr(request.app.state, "qwen3tts", None)
+    if svc is None:
+        return JSONResponse({"error": {"message": "the speech service is not initialised", "type": "server_error",
+                                       "param": None, "code": "not_ready"}}, status_code=503)
+    return JSONResponse({"object": "list", "data": [
+        {"id": name, "object": "model", "created": _STARTED, "owned_by": "vllm-qwen3tts", "root": name,
+         "parent": None} for name in svc.served_model_names]})
+
+
+def replace_routes(app: FastAPI, router: APIRouter) -> None:
+    """Include `router`, dropping the app's earlier routes of the same path and method (the
+    first match serves a request, and vLLM 0.26 adds plugin routes after its own)."""
+    ours = [r for r in router.routes if isinstance(r, APIRoute)]
+    kept = []
+    for route in app.router.routes:
+        if isinstance(route, APIRoute):
+            taken = set().union(*(r.methods for r in ours if r.path == route.path))
+            if taken & route.methods:
+                if not route.methods - taken:
+                    continue
+                route = copy.copy(route)
+                route.methods = route.methods - taken
+        kept.append(route)
+    app.router.routes[:] = kept
+    app.include_router(router)
+
+
+def seal_app(app: FastAPI) -> None:
+    """Once vLLM has added all its routes and middlewares (when the app builds its middleware
+    stack, at the end of vLLM's `build_app`):
+
+    - vLLM's `--api-key` (or VLLM_API_KEY) middleware is left out. It admits only its own keys,
+      and checks only paths under /v1, /v2, /inference and /cohere: our tenants' keys would get
+      its 401 there. Its keys are kept in `app.state.qwen3tts_vllm_api_keys`, for `init_state` to
+      make them speech keys: the guard then checks every key on every path it serves.
+    - the routes the guard does not serve leave the OpenAPI document, which then describes the
+      server as it answers."""
+    from ..talker.compat import vllm_api_key_middleware_tokens
+    from .guard import SERVED
+
+    build = app.build_middleware_stack
+    app.state.qwen3tts_vllm_api_keys = []
+
+    def build_middleware_stack():
+        kept = []
+        for middleware in app.user_middleware:
+            tokens = vllm_api_key_middleware_tokens(middleware)
+            if tokens is None:
+                kept.append(middleware)
+            else:
+                known = app.state.qwen3tts_vllm_api_keys
+                known += [t for t in tokens if t and t not in known]
+        app.user_middleware[:] = kept
+        for route in app.routes:
+            if isinstance(route, APIRoute) and not any(r.path == route.path for r in SERVED):
+                route.include_in_schema = False
+        app.openapi_schema = None
+        return build()
+
+    app.build_middleware_stack = build_middleware_stack
+
+
+def vllm_api_keys(app: FastAPI | None, state) -> list[str]:
+    """The keys of vLLM's own `--api-key` / VLLM_API_KEY (`seal_app`)."""
+    if app is not None and app.middleware_stack is None:
+        app.middleware_stack = app.build_middleware_stack()  # vLLM builds it in build_app; if not, now
+    return list(getattr(state, "qwen3tts_vllm_api_keys", []))
+
+
+def with_vllm_api_keys(settings, keys: list[str]):
+    """`settings` whose speech keys include vLLM's (each a tenant of its own, default limits)."""
+    extra = tuple(k for k in keys if k not in settings.api_keys)
+    return dataclasses.replace(settings, api_keys=settings.api_keys + extra) if extra else settings

@@ -5,7 +5,7 @@ WS     /v1/audio/speech/stream   text in incrementally, audio out per sentence
 GET    /v1/audio/voices          built-in speakers and this key's saved voices
 POST   /v1/audio/voices          save a cloned voice (multipart: audio_sample + ref_text, or speaker_embedding)
 DELETE /v1/audio/voices/{name}   delete a saved voice
-GET    /ready                    200 once warmed up
+GET    /ready                    200 once warmed up while a request can start (503 with the reason otherwise)
 GET    /health                   200 while the codec worker lives
 """
 
@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -23,15 +24,19 @@ import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine import SAMPLE_RATE
+from ..engine import SAMPLE_RATE, run_to_completion
+from ..params import (MAX_CONSENT_CHARS, MAX_DESCRIPTION_CHARS, MAX_EMBEDDING_CHARS, MAX_NAME_CHARS, MAX_REF_TEXT_CHARS,
+                      quoted)
 from .audio_output import StreamingEncoder, content_type, encode_audio
-from .schemas import APIError, ErrorBody, SpeechBody, Usage, bad_request
+from .schemas import EMBEDDING_PATTERN, APIError, ErrorBody, SpeechBody, Usage, bad_request, session_config
 from .service import SpeechJob, SpeechService
 from .text_split import IncrementalSplitter
-from .voices import (InvalidVoiceName, InvalidVoiceProfile, VoiceExists, VoiceMetadata, VoiceNotFound,
-                     VoiceQuotaExceeded)
+from .validation import SpeechRoute
+from .voices import (VOICE_NAME_PATTERN, InvalidVoiceMetadata, InvalidVoiceName, InvalidVoiceProfile, VoiceExists,
+                     VoiceMetadata, VoiceNotFound, VoiceQuotaExceeded)
 
-router = APIRouter()
+router = APIRouter(route_class=SpeechRoute)  # every refusal in our error shape (validation.py)
+logger = logging.getLogger("vllm.qwen3tts.server")  # under vLLM's logger: its handler and level apply
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": desc}
@@ -86,28 +91,107 @@ async def create_speech(body: SpeechBody, request: Request) -> Response:
         async with stack:
             try:
                 pcm = await _collect_unless_disconnected(svc, job, request_id, request)
-            except asyncio.CancelledError:
-                svc.metrics.requests.labels(tenant.name, "speech", "499").inc()
-                raise
-            data = encode_audio(pcm, body.response_format, SAMPLE_RATE)
+            except APIError as e:
+                svc.metrics.requests.labels(tenant.name, "speech", str(e.status)).inc()
+                return error_response(e)
+        if pcm is None:  # the client has gone: nobody reads an answer (the server sends none)
+            svc.metrics.requests.labels(tenant.name, "speech", "499").inc()
+            return Response(status_code=499)
+        data = encode_audio(pcm, body.response_format, SAMPLE_RATE)
         svc.metrics.requests.labels(tenant.name, "speech", "200").inc()
         return Response(data, media_type=content_type(body.response_format), headers=_usage_headers(job, pcm.size))
 
     generator = _sse_events(svc, job, request_id, body) if body.streaming == "sse" else _audio_bytes(svc, job, request_id, body)
     media = "text/event-stream" if body.streaming == "sse" else content_type(body.response_format)
-    return StreamingResponse(_holding(stack, generator, svc, tenant), media_type=media,
-                             headers={"X-Input-Tokens": str(job.input_tokens), "Cache-Control": "no-cache"})
+    return SpeechStreamingResponse(_holding(stack, generator, svc, tenant), media_type=media,
+                                   headers={"X-Input-Tokens": str(job.input_tokens), "Cache-Control": "no-cache"},
+                                   stall_timeout_s=svc.settings.write_stall_timeout_s, request_id=request_id)
+
+
+class SpeechStreamingResponse(StreamingResponse):
+    """A streamed speech response that frees what its request holds as soon as it ends, however it ends.
+
+    - Its headers go out with the first piece of the body, so that a failure before any audio
+      (an `APIError`: 503 while the codec restarts, say) is an ordinary error response.
+    - A write that waits more than `stall_timeout_s` (a client that stopped reading) ends it:
+      the connection is closed and synthesis stopped.
+    - Its body is closed (`aclose`, and with it every generator under it) before it returns,
+      in a task of its own: not when it is garbage-collected, and not cut short by the
+      cancellation that a client's disconnect delivers at every await of the response.
+    """
+
+    def __init__(self, content, *, stall_timeout_s: float, request_id: str, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.stall_timeout_s = stall_timeout_s
+        self.request_id = request_id
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await run_to_completion(_close_quietly(self.body_iterator))
+
+    async def stream_response(self, send) -> None:
+        try:
+            first = await anext(self.body_iterator, None)
+        except APIError as e:
+            await self._send_error(send, e)
+            return
+        except Exception:
+            logger.exception("speech request %s failed before its first audio", self.request_id)
+            await self._send_error(send, APIError(500, "speech synthesis failed", type="server_error"))
+            return
+        try:
+            await self._write(send, {"type": "http.response.start", "status": self.status_code,
+                                     "headers": self.raw_headers})
+            if first is not None:
+                await self._write(send, {"type": "http.response.body", "body": first, "more_body": True})
+                async for chunk in self.body_iterator:
+                    await self._write(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+            await self._write(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        except _ClientStalled:
+            logger.warning("speech request %s: the client took no audio for %g s; stream ended",
+                           self.request_id, self.stall_timeout_s)
+        except APIError as e:  # after the headers: a raw audio stream can only end early
+            logger.warning("speech request %s ended early: %s", self.request_id, e)
+
+    async def _write(self, send, message: dict) -> None:
+        try:
+            async with asyncio.timeout(self.stall_timeout_s):
+                await send(message)
+        except TimeoutError:
+            raise _ClientStalled from None
+
+    async def _send_error(self, send, e: APIError) -> None:
+        response = error_response(e)
+        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+
+class _ClientStalled(Exception):
+    """A write to the client waited longer than the stall timeout."""
+
+
+async def _close_quietly(stream) -> None:
+    try:
+        await stream.aclose()
+    except Exception:  # noqa: BLE001 - its failure was reported where it happened
+        logger.debug("closing a speech stream failed", exc_info=True)
 
 
 async def _holding(stack: contextlib.AsyncExitStack, generator, svc: SpeechService, tenant):
-    """Stream `generator` while holding the admission ticket; a disconnect cancels both."""
+    """Stream `generator` while holding the admission ticket; closing this closes both (the
+    generator first)."""
     status = "200"
     try:
-        async with stack:
+        async with stack, contextlib.aclosing(generator):
             async for piece in generator:
                 yield piece
     except (asyncio.CancelledError, GeneratorExit):
         status = "499"
+        raise
+    except APIError as e:
+        status = str(e.status)
         raise
     except Exception:
         status = "500"
@@ -116,25 +200,38 @@ async def _holding(stack: contextlib.AsyncExitStack, generator, svc: SpeechServi
         svc.metrics.requests.labels(tenant.name, "speech", status).inc()
 
 
-async def _collect_unless_disconnected(svc: SpeechService, job: SpeechJob, request_id: str, request: Request) -> np.ndarray:
+async def _collect_unless_disconnected(svc: SpeechService, job: SpeechJob, request_id: str,
+                                       request: Request) -> np.ndarray | None:
+    """The whole request's PCM, or None as soon as the client disconnects: the ASGI receive
+    channel says so (`http.disconnect`) at once, and the synthesis is then stopped and all it
+    held freed before this returns."""
     async def collect() -> np.ndarray:
-        pieces = [pcm async for pcm in svc.pcm_stream(job, request_id)]
+        async with contextlib.aclosing(svc.pcm_stream(job, request_id)) as stream:
+            pieces = [pcm async for pcm in stream]
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
 
-    task = asyncio.create_task(collect())
+    collecting = asyncio.ensure_future(collect())
+    leaving = asyncio.ensure_future(_until_disconnected(request.receive))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise asyncio.CancelledError("client disconnected")
+        await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        leaving.cancel()
+        if not collecting.done():
+            collecting.cancel()
+            await run_to_completion(_settled(collecting))
+    if collecting.cancelled():
+        return None
+    return collecting.result()
+
+
+async def _until_disconnected(receive) -> None:
+    """Returns when the client disconnects (the request's body has been read: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _settled(task: asyncio.Future) -> None:
+    await asyncio.wait({task})
 
 
 def _usage_headers(job: SpeechJob, samples: int) -> dict[str, str]:
@@ -148,33 +245,47 @@ def _usage_headers(job: SpeechJob, samples: int) -> dict[str, str]:
 
 async def _audio_bytes(svc: SpeechService, job: SpeechJob, request_id: str, body: SpeechBody):
     encoder = StreamingEncoder(body.response_format, SAMPLE_RATE)
-    async for pcm in svc.pcm_stream(job, request_id):
-        data = encoder.write(pcm)
-        if data:
-            yield data
+    async with contextlib.aclosing(svc.pcm_stream(job, request_id)) as stream:
+        async for pcm in stream:
+            data = encoder.write(pcm)
+            if data:
+                yield data
     tail = encoder.finish()
     if tail:
         yield tail
 
 
 async def _sse_events(svc: SpeechService, job: SpeechJob, request_id: str, body: SpeechBody):
+    """SSE events of the request's audio. A failure before the first event propagates (the
+    response is then an HTTP error); after it, it is reported in-band, as OpenAI does."""
     def event(kind: str, payload: dict) -> bytes:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload})}\n\n".encode()
 
     encoder = StreamingEncoder(body.response_format, SAMPLE_RATE)
+    started = False
     try:
-        async for pcm in svc.pcm_stream(job, request_id):
-            data = encoder.write(pcm)
-            if data:
-                yield event("speech.audio.delta", {"audio": base64.b64encode(data).decode(),
-                                                   "response_format": body.response_format})
+        async with contextlib.aclosing(svc.pcm_stream(job, request_id)) as stream:
+            async for pcm in stream:
+                data = encoder.write(pcm)
+                if data:
+                    started = True
+                    yield event("speech.audio.delta", {"audio": base64.b64encode(data).decode(),
+                                                       "response_format": body.response_format})
         tail = encoder.finish()
         if tail:
+            started = True
             yield event("speech.audio.delta", {"audio": base64.b64encode(tail).decode(),
                                                "response_format": body.response_format})
         yield event("speech.audio.done", {"usage": usage_of(job).model_dump(), "finish_reason": job.finish_reason})
-    except Exception as e:  # headers are sent: report in-band, as OpenAI does
-        yield event("speech.audio.error", {"error": {"message": str(e), "type": "server_error"}})
+    except Exception as e:
+        if not started:
+            raise
+        if isinstance(e, APIError):
+            error = e.to_json()["error"]
+        else:
+            logger.exception("speech request %s failed", request_id)
+            error = {"message": "speech synthesis failed", "type": "server_error"}
+        yield event("speech.audio.error", {"error": error})
 
 
 # ---------------------------------------------------------------------------------- voices
@@ -192,28 +303,39 @@ async def list_voices(request: Request) -> JSONResponse:
                          "uploaded_voices": [v.to_public_dict() for v in saved]})
 
 
-@router.post("/v1/audio/voices", responses=ERROR_RESPONSES)
+@router.post("/v1/audio/voices", responses=ERROR_RESPONSES, status_code=201)
 async def create_voice(
     request: Request,
-    name: str = Form(...),
-    audio_sample: UploadFile | None = File(None),
-    ref_text: str | None = Form(None),
-    speaker_embedding: str | None = Form(None, description="JSON list of floats (x-vector) instead of audio"),
-    consent: str | None = Form(None),
-    description: str | None = Form(None),
+    name: str = Form(..., min_length=1, max_length=MAX_NAME_CHARS, pattern=f"^{VOICE_NAME_PATTERN.pattern}$",
+                     description="The voice's name: letters, digits, '_', '.' and '-' (unique per API key, "
+                     "any case)"),
+    audio_sample: UploadFile | None = File(None, description="Reference audio (wav, mp3, flac, ...); its size is "
+                                           "limited by the server (QWEN3TTS_MAX_REF_AUDIO_BYTES, default 10 MiB)"),
+    ref_text: str | None = Form(None, max_length=MAX_REF_TEXT_CHARS,
+                                description="Transcript of audio_sample (in-context cloning); without it, the "
+                                "speaker embedding only"),
+    speaker_embedding: str | None = Form(None, max_length=MAX_EMBEDDING_CHARS, pattern=EMBEDDING_PATTERN,
+                                         description="Instead of audio: the speaker embedding (x-vector), a JSON "
+                                         "list of as many numbers as the talker's hidden size"),
+    consent: str | None = Form(None, max_length=MAX_CONSENT_CHARS, description="Consent record, stored as is"),
+    description: str | None = Form(None, max_length=MAX_DESCRIPTION_CHARS, description="Free text, stored as is"),
 ) -> JSONResponse:
+    """Save a cloned voice under this API key, from exactly one of audio_sample (+ ref_text) or
+    speaker_embedding. Only Base checkpoints clone voices: elsewhere a valid upload gets 404."""
     from ..engine import VoiceProfile
 
     try:
         svc = service_of(request)
         tenant = svc.authenticate(request.headers.get("authorization"))
-        if svc.config.tts_model_type != "base":
-            raise bad_request("saved voices are cloned voices; this checkpoint is not a Base model",
-                              code="unsupported_task_type")
-        if name.lower() in {n.lower() for n in svc.config.speakers}:
-            raise bad_request(f"{name!r} is a built-in speaker name", param="name")
         if (audio_sample is None) == (speaker_embedding is None):
             raise bad_request("send exactly one of audio_sample or speaker_embedding", param="audio_sample")
+        hidden = svc.config.talker.decoder.hidden_size
+        xvector = None if speaker_embedding is None else speaker_embedding_values(speaker_embedding, hidden)
+        if svc.config.tts_model_type != "base":
+            raise APIError(404, "this server's checkpoint cannot clone voices, so it saves none (only Base "
+                           "checkpoints can)", param="name", code="unsupported_task_type")
+        if name.lower() in {n.lower() for n in svc.config.speakers}:
+            raise bad_request(f"{name!r} is a built-in speaker name", param="name", code="invalid_voice_name")
         extra: dict[str, Any] = {}
         seconds = None
         if audio_sample is not None:
@@ -222,17 +344,10 @@ async def create_voice(
                 raise APIError(413, f"audio_sample exceeds {svc.settings.max_ref_audio_bytes} bytes",
                                param="audio_sample", code="ref_audio_too_large")
             profile = await svc.clone(audio, ref_text, x_vector_only=not (ref_text or "").strip())
-            extra = {"mime_type": audio_sample.content_type, "file_size": len(audio)}
+            extra = {"mime_type": (audio_sample.content_type or "")[:100], "file_size": len(audio)}
             if profile.ref_codes:
                 seconds = len(profile.ref_codes) / 12.5
         else:
-            try:
-                xvector = [float(v) for v in json.loads(speaker_embedding)]
-            except (ValueError, TypeError) as e:
-                raise bad_request("speaker_embedding must be a JSON list of numbers", param="speaker_embedding") from e
-            hidden = svc.config.talker.decoder.hidden_size
-            if len(xvector) != hidden or not all(np.isfinite(xvector)):
-                raise bad_request(f"speaker_embedding must hold {hidden} finite numbers", param="speaker_embedding")
             profile = VoiceProfile(xvector=xvector)
         metadata = VoiceMetadata(consent=consent, description=description, source_audio_seconds=seconds,
                                  model=str(svc.engine.model_dir), extra=extra)
@@ -248,7 +363,19 @@ async def create_voice(
         return error_response(bad_request(str(e), param="name", code="invalid_voice_name"))
     except InvalidVoiceProfile as e:
         return error_response(bad_request(str(e), param="speaker_embedding", code="invalid_voice"))
+    except InvalidVoiceMetadata as e:
+        return error_response(bad_request(str(e), param=str(e).split(" ", 1)[0], code="invalid_value"))
     return JSONResponse(voice.to_public_dict(), status_code=201)
+
+
+def speaker_embedding_values(text: str, size: int) -> list[float]:
+    """The x-vector of a voice upload (`EMBEDDING_PATTERN` holds already: a JSON list of plain
+    numbers, no booleans, none infinite): exactly `size` of them, else 400."""
+    values = json.loads(text)
+    if len(values) != size:
+        raise bad_request(f"speaker_embedding must hold {size} numbers (the talker's hidden size), got "
+                          f"{len(values)}", param="speaker_embedding", code="invalid_value")
+    return [float(v) for v in values]
 
 
 @router.delete("/v1/audio/voices/{name}", responses=ERROR_RESPONSES)
@@ -260,7 +387,8 @@ async def delete_voice(name: str, request: Request) -> JSONResponse:
     except APIError as e:
         return error_response(e)
     except VoiceNotFound:
-        return error_response(APIError(404, f"no saved voice named {name!r}", param="name", code="voice_not_found"))
+        return error_response(APIError(404, f"no saved voice named {quoted(name)}", param="name",
+                                       code="voice_not_found"))
     return JSONResponse({"name": name, "deleted": True})
 
 
@@ -270,8 +398,10 @@ async def delete_voice(name: str, request: Request) -> JSONResponse:
 @router.get("/ready", responses={503: {"model": ErrorBody}})
 async def ready(request: Request) -> JSONResponse:
     svc = getattr(request.app.state, "qwen3tts", None)
-    if svc is None or not svc.ready:
-        return JSONResponse({"status": "warming_up"}, status_code=503)
+    reason = "starting" if svc is None else svc.not_ready_reason()
+    if reason is not None:
+        return error_response(APIError(503, f"not ready: {reason}", type="server_error", code="not_ready",
+                                       headers={"Retry-After": "1"}))
     return JSONResponse({"status": "ready"})
 
 
@@ -295,20 +425,24 @@ async def speech_stream(ws: WebSocket) -> None:
         key = ws.headers.get("authorization") or (
             f"Bearer {ws.query_params['api_key']}" if "api_key" in ws.query_params else None)
         tenant = svc.authenticate(key)
-        first = await ws.receive_json()
-        if first.get("type") != "session.config":
-            raise bad_request("the first message must be {\"type\": \"session.config\", ...}")
-        config = {k: v for k, v in first.items() if k != "type"}
-        template = SpeechBody(input="-", **config)
+        first = await ws.receive()
+        if first["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(first.get("code", 1000))
+        text = first.get("text")
+        if text is None and first.get("bytes") is not None:
+            text = first["bytes"].decode("utf-8", "replace")
+        template = session_config(text)  # the same checks and errors as an HTTP request's body
     except APIError as e:
         await _ws_error(ws, e)
         await ws.close(code=1008)
         return
     except WebSocketDisconnect:
         return
-    except Exception as e:  # invalid JSON / config fields
-        await _ws_error(ws, bad_request(f"invalid session.config: {e}"))
-        await ws.close(code=1008)
+    except Exception:
+        logger.exception("WebSocket session.config failed")
+        await _ws_error(ws, APIError(500, "internal error; the server log has the details", type="server_error",
+                                     code="internal_error"))
+        await ws.close(code=1011)
         return
 
     await ws.send_json({"type": "session.created", "response_format": template.response_format,
@@ -317,6 +451,16 @@ async def speech_stream(ws: WebSocket) -> None:
     sentences: asyncio.Queue[str | None] = asyncio.Queue()
     totals = {"input_tokens": 0, "output_tokens": 0, "sentences": 0}
 
+    stall_s = svc.settings.write_stall_timeout_s
+
+    async def send(message: dict | bytes) -> None:
+        """One write to the client; one that waits more than the stall timeout ends the session."""
+        try:
+            async with asyncio.timeout(stall_s):
+                await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_json(message))
+        except TimeoutError:
+            raise _ClientStalled from None
+
     async def speak() -> None:
         index = 0
         while (text := await sentences.get()) is not None:
@@ -324,31 +468,57 @@ async def speech_stream(ws: WebSocket) -> None:
             try:
                 async with svc.admit(tenant, "websocket") as ticket:
                     job = await svc.prepare(body, tenant, ticket.priority, split=False)
-                    await ws.send_json({"type": "audio.start", "sentence_index": index, "text": text})
+                    await send({"type": "audio.start", "sentence_index": index, "text": text})
                     encoder = StreamingEncoder(template.response_format, SAMPLE_RATE)
                     samples = 0
-                    async for pcm in svc.pcm_stream(job, f"ws-{uuid.uuid4().hex[:8]}-{index}"):
-                        samples += pcm.size
-                        data = encoder.write(pcm)
-                        if data:
-                            await ws.send_bytes(data)
+                    async with contextlib.aclosing(svc.pcm_stream(job, f"ws-{uuid.uuid4().hex[:8]}-{index}")) as stream:
+                        async for pcm in stream:
+                            samples += pcm.size
+                            data = encoder.write(pcm)
+                            if data:
+                                await send(data)
                     tail = encoder.finish()
                     if tail:
-                        await ws.send_bytes(tail)
+                        await send(tail)
                     totals["input_tokens"] += job.input_tokens
                     totals["output_tokens"] += job.frames
-                    await ws.send_json({"type": "audio.done", "sentence_index": index,
-                                        "audio_seconds": round(samples / SAMPLE_RATE, 3)})
+                    await send({"type": "audio.done", "sentence_index": index,
+                                "audio_seconds": round(samples / SAMPLE_RATE, 3)})
             except APIError as e:
-                await _ws_error(ws, e, sentence_index=index)
+                await send({"type": "error", **e.to_json(), "sentence_index": index})
             index += 1
             totals["sentences"] = index
 
     speaker = asyncio.create_task(speak())
+
+    async def next_message() -> dict | None:
+        """The client's next message, or None once the speaker has stopped early (`end_early`)."""
+        receiving = asyncio.ensure_future(ws.receive_json())
+        await asyncio.wait({receiving, speaker}, return_when=asyncio.FIRST_COMPLETED)
+        if receiving.done():
+            return receiving.result()
+        receiving.cancel()
+        await end_early()
+        return None
+
+    async def end_early() -> None:
+        """The speaker stopped before input.done's sentences were spoken: the client stopped
+        reading (the session is closed), went away, or synthesis failed (logged, reported)."""
+        error = speaker.exception() if not speaker.cancelled() else None
+        if isinstance(error, _ClientStalled):
+            logger.warning("speech session: the client took no audio for %g s; session ended", stall_s)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await ws.close(code=1008)
+        elif error is not None and not isinstance(error, WebSocketDisconnect):
+            logger.error("speech session failed", exc_info=error)
+            await _ws_error(ws, APIError(500, "speech synthesis failed", type="server_error"))
+            with contextlib.suppress(Exception):
+                await ws.close(code=1011)
+
     received = 0
     try:
-        while True:
-            message = await ws.receive_json()
+        while (message := await next_message()) is not None:
             kind = message.get("type")
             if kind == "input.text":
                 text = str(message.get("text", ""))
@@ -364,24 +534,44 @@ async def speech_stream(ws: WebSocket) -> None:
                 for sentence in splitter.flush():
                     await sentences.put(sentence)
                 await sentences.put(None)
-                await speaker
+                if not await _speaker_done_unless_client_leaves(ws, speaker):
+                    return  # the client left: the speaker is stopped below
+                if speaker.cancelled() or speaker.exception() is not None:
+                    await end_early()
+                    return
                 await ws.send_json({"type": "session.done", "usage": {
                     **totals, "total_tokens": totals["input_tokens"] + totals["output_tokens"]}})
                 await ws.close()
                 return
             else:
-                await _ws_error(ws, bad_request(f"unknown message type {kind!r}; expected input.text or input.done"))
+                await _ws_error(ws, bad_request(f"unknown message type {quoted(kind)}; expected input.text or "
+                                                "input.done", param="type"))
     except WebSocketDisconnect:
         pass
-    except Exception as e:
+    except Exception:
         with contextlib.suppress(Exception):
-            await _ws_error(ws, bad_request(f"invalid message: {e}"))
+            await _ws_error(ws, bad_request('invalid message: expected a JSON object {"type": "input.text", '
+                                            '"text": ...} or {"type": "input.done"}', param="type"))
             await ws.close(code=1003)
     finally:
         if not speaker.done():
-            speaker.cancel()  # the client left: abort generation and free codec state
-            with contextlib.suppress(BaseException):
-                await speaker
+            speaker.cancel()  # the client left: stop synthesis, which frees what it holds
+        with contextlib.suppress(BaseException):  # also takes its exception, if it failed
+            await speaker
+
+
+async def _speaker_done_unless_client_leaves(ws: WebSocket, speaker: asyncio.Task) -> bool:
+    """Wait for `speaker` to finish; False as soon as the client disconnects instead (a sentence
+    queued in the engine would otherwise hold its slots until its first audio fails to send).
+    Messages after input.done are ignored."""
+    while not speaker.done():
+        leaving = asyncio.ensure_future(ws.receive())
+        await asyncio.wait({speaker, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        if not leaving.done():
+            leaving.cancel()
+        elif leaving.exception() is not None or leaving.result()["type"] == "websocket.disconnect":
+            return False
+    return True
 
 
 async def _ws_error(ws: WebSocket, e: APIError, sentence_index: int | None = None) -> None:

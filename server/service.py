@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -26,12 +27,17 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ..codec.client import CodecUnavailableError
+from ..codec.pool import CodecBusyError
 from ..codec.protocol import sum_stats
 from ..engine import SAMPLE_RATE, ChunkSchedule, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
+from ..params import ParamError, PromptTooLong, is_blank, quoted
 from ..prompt import PromptError
+from ..talker.compat import engine_errored
 from .metrics import codec_stats_collector, speech_metrics
 from .schemas import OPENAI_VOICES, APIError, SpeechBody, bad_request
 from .speed import TimeStretcher
+from .validation import input_limit, instructions_limit
 from .tenants import (AdmissionController, Overloaded, RateLimited, Tenant, TenantLimits, TenantRegistry,
                       TooManyConcurrent, Unauthorized)
 from .text_split import split_sentences
@@ -42,6 +48,10 @@ logger = logging.getLogger("vllm.qwen3tts.server")  # under vLLM's logger: its h
 TASK_TYPES = {"custom_voice": "CustomVoice", "voice_design": "VoiceDesign", "base": "Base"}
 # OpenAI's speech model names, accepted as aliases of the served model (drop-in clients send them)
 OPENAI_TTS_MODELS = {"tts-1", "tts-1-hd", "gpt-4o-mini-tts"}
+# Retry-After of a 503 while no codec worker serves: about what restarting one takes once compiled.
+CODEC_RETRY_AFTER_S = 5
+# Exit status of the API server once vLLM's engine core has died (vLLM itself would exit 0).
+ENGINE_DEAD_EXIT_STATUS = 1
 
 
 def _env_list(name: str) -> list[str]:
@@ -72,6 +82,9 @@ class ServerSettings:
     # A request arriving while at most this many streams are being synthesized gets a 1-frame
     # first chunk (sooner first audio), beyond that 2 frames (ChunkSchedule.for_load); 0: always 2.
     light_load_streams: int = ChunkSchedule.light_load_streams
+    # A streamed response whose client has not taken a write for this long (it stopped reading)
+    # is ended and its synthesis stopped, so that it frees its engine and codec slots.
+    write_stall_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls) -> "ServerSettings":
@@ -91,6 +104,7 @@ class ServerSettings:
             warmup=e("QWEN3TTS_WARMUP", "1") == "1",
             max_frames_per_segment=int(e("QWEN3TTS_MAX_FRAMES")) if e("QWEN3TTS_MAX_FRAMES") else None,
             light_load_streams=int(e("QWEN3TTS_LIGHT_LOAD_STREAMS", cls.light_load_streams)),
+            write_stall_timeout_s=float(e("QWEN3TTS_WRITE_STALL_TIMEOUT_S") or cls.write_stall_timeout_s),
         )
 
 
@@ -110,12 +124,16 @@ class SpeechJob:
 
 class SpeechService:
     def __init__(self, engine: TTSEngine, settings: ServerSettings, served_model_names: list[str],
-                 codec_workers: list | None = None, llm_priority: bool = False):
+                 codec_workers: list | None = None, llm_priority: bool = False, codec_supervisor=None):
         self.engine = engine
         self.config = engine.config
         self.settings = settings
         self.served_model_names = served_model_names
-        self.codec_workers = list(codec_workers or [])
+        # A `codec.supervisor.CodecSupervisor` restarts workers that die (its list is kept current).
+        self.codec_supervisor = codec_supervisor
+        self.codec_workers = codec_supervisor.workers if codec_supervisor is not None else list(codec_workers or [])
+        self.engine_died = False  # vLLM's engine core died while serving (`watch_engine`)
+        self._engine_shut_down = False  # vLLM was told to shut its engine down
         self.llm_priority = llm_priority  # vLLM runs with --scheduling-policy priority
         # Limits apply per key; with no keys configured everyone is one anonymous tenant,
         # bounded only by the global queue bound.
@@ -184,10 +202,79 @@ class SpeechService:
                             stats.active_streams)
             logged, logged_at = stats, now
 
+    @property
+    def ready(self) -> bool:
+        """Warmed up and able to take a request now (`not_ready_reason` is None): what /ready says."""
+        return self.not_ready_reason() is None
+
+    @ready.setter
+    def ready(self, warmed_up: bool) -> None:
+        self._warmed_up = warmed_up
+
+    def unavailable_reason(self) -> str | None:
+        """Why the server cannot serve as configured right now, or None: vLLM's engine has stopped
+        (the server is exiting), or a codec worker is down (being restarted, or given up on)."""
+        if self.engine_died or engine_errored(self.engine.engine):
+            return "the vLLM engine has stopped; the server is exiting"
+        if self.codec_supervisor is not None:
+            problems = self.codec_supervisor.problems()
+        else:
+            problems = [f"codec worker {i} (pid {w.pid}) has exited" for i, w in enumerate(self.codec_workers)
+                        if not w.is_alive()]
+        return "; ".join(problems) or None
+
     def healthy(self) -> bool:
-        return all(worker.is_alive() for worker in self.codec_workers)
+        return self.unavailable_reason() is None
+
+    def check_can_synthesize(self) -> None:
+        """Raise 503 + Retry-After unless synthesis can start now (the engine runs and at least
+        one codec worker serves), so that a request is refused before any audio headers."""
+        if self.engine_died or engine_errored(self.engine.engine):
+            raise engine_unavailable("the speech engine has stopped; the server is restarting")
+        if not self.engine.codec.live_workers():
+            raise codec_unavailable(self.unavailable_reason() or "no codec worker is running")
+
+    def synthesis_error(self, error: Exception) -> APIError | None:
+        """The 503 for a synthesis that failed because the engine or the codec went away (not
+        because of the request), or None for any other failure."""
+        if isinstance(error, APIError):
+            return None
+        if self.engine_died or engine_errored(self.engine.engine):
+            return engine_unavailable("the speech engine stopped during synthesis; the server is restarting")
+        if isinstance(error, CodecUnavailableError):
+            return codec_unavailable(f"audio decoding failed: {error}")
+        return None
+
+    async def watch_engine(self, poll_s: float = 0.1, exit_after_s: float = 10.0) -> None:
+        """Once vLLM's engine core dies, exit the process with ENGINE_DEAD_EXIT_STATUS, so that a
+        supervisor restarts it: vLLM cannot restart its engine, and its own watchdog stops the HTTP
+        server within seconds but exits 0. The exit happens when vLLM's shutdown cancels this task
+        (or after `exit_after_s`, if vLLM keeps the server up). A shutdown vLLM was asked for (a
+        signal) is not a death."""
+        client = self.engine.engine
+        shut_down = client.shutdown
+
+        def shutdown(*args, **kwargs):
+            self._engine_shut_down = True
+            if self.codec_supervisor is not None:  # a worker stopping now is part of the shutdown
+                self.codec_supervisor.stop_restarting()
+            return shut_down(*args, **kwargs)
+
+        client.shutdown = shutdown
+        while not (engine_errored(client) and not self._engine_shut_down):
+            await asyncio.sleep(poll_s)
+        self.engine_died = True
+        logger.critical("the vLLM engine core has died; the server exits with status %d so that its supervisor "
+                        "restarts it", ENGINE_DEAD_EXIT_STATUS)
+        try:
+            await asyncio.sleep(exit_after_s)
+        finally:
+            raise SystemExit(ENGINE_DEAD_EXIT_STATUS)
 
     def shutdown(self) -> None:
+        if self.codec_supervisor is not None:
+            self.codec_supervisor.stop()
+            return
         try:
             self.engine.codec.close()
         finally:
@@ -209,6 +296,10 @@ class SpeechService:
 
         class _Admit:
             async def __aenter__(self):
+                if service.codec_slots_free() == 0:  # refused before any audio headers
+                    service.metrics.requests.labels(tenant.name, endpoint, "503").inc()
+                    service.check_can_synthesize()  # no worker in service is not "busy"
+                    raise codec_busy()
                 try:
                     self._cm = service.admission.admit(tenant)
                     ticket = await self._cm.__aenter__()
@@ -235,6 +326,25 @@ class SpeechService:
 
         return _Admit()
 
+    def codec_slots_free(self) -> int | None:
+        """Codec stream slots free now on the workers in service (None: not known, or no worker
+        serves, which `check_can_synthesize` refuses). Every admitted request holds at most one
+        at a time."""
+        pool = self.engine.codec
+        if not hasattr(pool, "free_slots") or not pool.live_workers():
+            return None
+        return pool.free_slots()
+
+    def not_ready_reason(self) -> str | None:
+        """Why /ready answers 503 now, or None: warming up, unable to serve
+        (`unavailable_reason`), or every codec stream slot taken."""
+        if not self._warmed_up:
+            return "warming up"
+        reason = self.unavailable_reason()
+        if reason is None and self.codec_slots_free() == 0:
+            reason = "every codec stream slot is in use"
+        return reason
+
     # ------------------------------------------------------------------ requests
 
     async def prepare(self, body: SpeechBody, tenant: Tenant, priority: int = 0, split: bool = True,
@@ -244,22 +354,40 @@ class SpeechService:
         `received`: when the request arrived (`time.perf_counter()`; default now), which the
         job's latencies (time to first audio, wall time) count from."""
         received = time.perf_counter() if received is None else received
+        self.check_can_synthesize()
         kind = self.config.tts_model_type
         if body.task_type is not None and body.task_type != TASK_TYPES[kind]:
             raise bad_request(f"task_type {body.task_type} does not match the served checkpoint "
                               f"({TASK_TYPES[kind]})", param="task_type", code="unsupported_task_type")
         if body.model and body.model not in self.served_model_names and body.model not in OPENAI_TTS_MODELS:
-            raise APIError(404, f"model {body.model!r} is not served here; available: {', '.join(self.served_model_names)}",
-                           param="model", code="model_not_found")
-        text = body.input.strip()
-        if not text:
+            raise APIError(404, f"model {quoted(body.model)} is not served here; available: "
+                           f"{', '.join(self.served_model_names)}", param="model", code="model_not_found")
+        # The schema's bounds (SpeechBody) hold already; these are the ones of this server's settings
+        # and checkpoint, which its OpenAPI document states (validation.describe_server).
+        if is_blank(body.input):
             raise bad_request("input is empty", param="input", code="empty_input")
-        if len(text) > self.settings.max_input_chars:
-            raise bad_request(f"input has {len(text)} characters; at most {self.settings.max_input_chars}",
+        if len(body.input) > input_limit(self):
+            raise bad_request(f"input must be at most {input_limit(self)} characters, got {len(body.input)}",
                               param="input", code="input_too_long")
-        if body.min_new_tokens and body.max_new_tokens and body.min_new_tokens > body.max_new_tokens:
-            raise bad_request("min_new_tokens is larger than max_new_tokens", param="min_new_tokens")
+        text = body.input.strip()
+        language = body.language
+        if language is not None and not (language.isascii() and language.lower() in self.config.languages):
+            raise bad_request(f"language must be one of {', '.join(self.config.languages)} (any case), got "
+                              f"{quoted(language)}", param="language", code="unsupported_language")
+        if body.instructions:
+            if kind == "base":
+                raise bad_request("Base checkpoints do not take instructions", param="instructions")
+            if not self.config.supports_instruct:
+                raise bad_request("this checkpoint (0.6B CustomVoice) does not take instructions",
+                                  param="instructions")
+            limit = instructions_limit(self.engine)
+            if len(body.instructions) > limit:
+                raise bad_request(f"instructions must be at most {limit} characters on this server (what its model "
+                                  f"length leaves room for), got {len(body.instructions)}", param="instructions",
+                                  code="instructions_too_long")
         speaker, voice = await self._resolve_voice(body, tenant)
+        # max_new_tokens is capped by the server's frame limit here and by the model's room in the
+        # engine; min_new_tokens by whatever maximum results (both documented in SpeechBody).
         params = SynthesisParams(
             temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
             repetition_penalty=body.repetition_penalty, subtalker_temperature=body.subtalker_temperature,
@@ -267,45 +395,58 @@ class SpeechService:
             max_frames=_capped(body.max_new_tokens, self.settings.max_frames_per_segment), seed=body.seed,
             min_frames=body.min_new_tokens or 2,
         )
-        instructions = body.instructions if kind != "base" else None
-        if kind == "base" and body.instructions:
-            raise bad_request("Base checkpoints do not take instructions", param="instructions")
-        segments = [
-            SynthesisRequest(text=piece, speaker=speaker, language=body.language or "auto", instructions=instructions,
-                             voice=voice, non_streaming_mode=body.non_streaming_mode, params=params,
-                             first_chunk_frames=body.initial_codec_chunk_frames or None)
-            for piece in (split_sentences(text, max_chars=self.settings.max_segment_chars) if split else [text])
-        ]
-        if not segments:
-            raise bad_request("input has nothing to speak", param="input", code="empty_input")
+        instructions = body.instructions or None
+
+        def segment(piece: str) -> SynthesisRequest:
+            return SynthesisRequest(text=piece, speaker=speaker, language=language or "auto", instructions=instructions,
+                                    voice=voice, non_streaming_mode=body.non_streaming_mode, params=params,
+                                    first_chunk_frames=body.initial_codec_chunk_frames or None)
+
+        # Sentences; one the model has no room for (a 2,000-character word, say) is cut in halves
+        # until each fits, so that any input within the limits is spoken.
+        pending = list(reversed(split_sentences(text, max_chars=self.settings.max_segment_chars) if split else [text]))
+        segments: list[SynthesisRequest] = []
         input_tokens = 0
-        for seg in segments:
+        while pending:
+            piece = pending.pop()
+            request = segment(piece)
             try:
-                prompt, _ = self.engine.prepare(seg)
+                prompt, _ = self.engine.prepare(request)
+            except PromptTooLong as e:
+                if len(piece) < 2:  # what leaves no room is the conditioning, not the text
+                    culprit = "instructions" if instructions else "ref_audio" if voice and voice.ref_codes else "input"
+                    raise bad_request(str(e), param=culprit, code="input_too_long") from e
+                pending += reversed(_halves(piece))
+                continue
+            except ParamError as e:
+                raise bad_request(str(e), param=e.param, code="invalid_value") from e
             except PromptError as e:
                 raise bad_request(str(e), param=_param_of(str(e))) from e
+            segments.append(request)
             input_tokens += len(prompt["prompt_token_ids"])
+        if not segments:
+            raise bad_request("input has nothing to speak", param="input", code="empty_input")
         self.metrics.prepare.observe(time.perf_counter() - received)
         return SpeechJob(segments, body.speed, input_tokens, tenant, priority if self.llm_priority else 0,
                          started=received)
 
     async def _resolve_voice(self, body: SpeechBody, tenant: Tenant) -> tuple[str | None, VoiceProfile | None]:
         kind = self.config.tts_model_type
-        name = (body.voice_name or "").strip()
+        name = body.voice_name or ""
         if kind == "custom_voice":
             if body.ref_audio:
                 raise bad_request("this checkpoint (CustomVoice) cannot clone voices; ref_audio needs a Base checkpoint",
                                   param="ref_audio", code="unsupported_task_type")
             speakers = self.config.talker.spk_id
-            key = name.lower()
+            key = name.lower() if name.isascii() else "?"  # ASCII case only, as the OpenAPI document's pattern
             if not key:
                 key = next((s for s in OPENAI_VOICES.values() if s in speakers), self.config.speakers[0])
             if key in speakers:
                 return key, None
             if key in OPENAI_VOICES and OPENAI_VOICES[key] in speakers:
                 return OPENAI_VOICES[key], None
-            raise bad_request(f"unknown voice {name!r}; available: {', '.join(self.available_voice_names(tenant))}",
-                              param="voice", code="voice_not_found")
+            raise bad_request(f"unknown voice {quoted(name)}; available: "
+                              f"{', '.join(self.available_voice_names(tenant))}", param="voice", code="voice_not_found")
         if kind == "voice_design":
             if body.ref_audio:
                 raise bad_request("VoiceDesign checkpoints cannot clone voices", param="ref_audio",
@@ -321,7 +462,7 @@ class SpeechService:
             except VoiceNotFound:
                 pass
         raise bad_request(f"Base checkpoints clone voices: pass ref_audio (+ ref_text) or the name of a saved voice"
-                          f"{' (no saved voice ' + repr(name) + ')' if name else ''}", param="voice",
+                          f"{' (no saved voice ' + quoted(name) + ')' if name else ''}", param="voice",
                           code="voice_not_found")
 
     def available_voice_names(self, tenant: Tenant) -> list[str]:
@@ -343,7 +484,9 @@ class SpeechService:
         try:
             profile = await self.engine.clone_voice(audio, None if x_vector_only else ref_text, x_vector_only)
         except PromptError as e:
-            raise bad_request(str(e), param="ref_audio", code="invalid_ref_audio") from e
+            if isinstance(e.__cause__, CodecUnavailableError):  # the codec, not the audio
+                raise codec_unavailable(f"voice cloning is unavailable: {e.__cause__}") from e
+            raise bad_request(_reference_problem(str(e)), param="ref_audio", code="invalid_ref_audio") from e
         self._clone_cache[key] = profile
         while len(self._clone_cache) > 256:
             self._clone_cache.popitem(last=False)
@@ -358,16 +501,9 @@ class SpeechService:
                                   param="ref_audio", code="url_ref_audio_disabled")
             return await fetch_public_url(ref, limit, self.settings.ref_audio_fetch_timeout_s)
         if parsed is not None and parsed.scheme in ("file", "ftp"):
-            raise bad_request(f"ref_audio scheme {parsed.scheme!r} is not accepted", param="ref_audio",
+            raise bad_request(f"ref_audio scheme {quoted(parsed.scheme)} is not accepted", param="ref_audio",
                               code="invalid_ref_audio")
-        payload = ref.split(",", 1)[1] if ref.startswith("data:") else ref
-        if len(payload) > limit * 4 // 3 + 8:
-            raise APIError(413, f"ref_audio exceeds {limit} bytes", param="ref_audio", code="ref_audio_too_large")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise bad_request("ref_audio is not valid base64 (or a data: URI)", param="ref_audio",
-                              code="invalid_ref_audio") from e
+        return decode_inline_audio(ref, limit)
 
     # ------------------------------------------------------------------ synthesis
 
@@ -381,19 +517,22 @@ class SpeechService:
         self.metrics.waiting_first_audio.inc()
         try:
             for i, seg in enumerate(job.segments):
-                async for chunk in self.engine.stream(seg, f"{request_id}-{i}", priority=job.priority):
-                    job.frames += len(chunk.codes)
-                    if chunk.finish_reason == "length":
-                        job.finish_reason = "length"
-                    pcm = stretcher.process(chunk.audio) if stretcher else chunk.audio
-                    if pcm.size:
-                        if first:
-                            first = False
-                            first_audio_s = time.perf_counter() - job.started
-                            self.metrics.waiting_first_audio.dec()
-                            self.metrics.time_to_first_audio.observe(first_audio_s)
-                        audio_samples += pcm.size
-                        yield pcm
+                # closed here and now when the consumer stops, not when the generator is collected
+                async with contextlib.aclosing(self.engine.stream(seg, f"{request_id}-{i}",
+                                                                  priority=job.priority)) as chunks:
+                    async for chunk in chunks:
+                        job.frames += len(chunk.codes)
+                        if chunk.finish_reason == "length":
+                            job.finish_reason = "length"
+                        pcm = stretcher.process(chunk.audio) if stretcher else chunk.audio
+                        if pcm.size:
+                            if first:
+                                first = False
+                                first_audio_s = time.perf_counter() - job.started
+                                self.metrics.waiting_first_audio.dec()
+                                self.metrics.time_to_first_audio.observe(first_audio_s)
+                            audio_samples += pcm.size
+                            yield pcm
             if stretcher:
                 tail = stretcher.flush()
                 if tail.size:
@@ -404,8 +543,13 @@ class SpeechService:
             if seconds > 0:
                 self.metrics.real_time_factor.observe((time.perf_counter() - job.started) / seconds)
             outcome = job.finish_reason
-        except Exception:
+        except Exception as e:
             outcome = "error"
+            if isinstance(e, CodecBusyError):  # filled up since admission
+                raise codec_busy() from e
+            unavailable = self.synthesis_error(e)  # the codec or the engine went away: 503, not 500
+            if unavailable is not None:
+                raise unavailable from e
             raise
         finally:
             if first:
@@ -420,6 +564,24 @@ class SpeechService:
             }))
 
 
+def codec_unavailable(message: str) -> APIError:
+    """503 + Retry-After while no codec worker can serve (one is restarted automatically)."""
+    return APIError(503, message, type="server_error", code="codec_unavailable",
+                    headers={"Retry-After": str(CODEC_RETRY_AFTER_S)})
+
+
+def engine_unavailable(message: str) -> APIError:
+    """503 + Retry-After once vLLM's engine has died (this server exits; its supervisor restarts it)."""
+    return APIError(503, message, type="server_error", code="engine_unavailable",
+                    headers={"Retry-After": str(CODEC_RETRY_AFTER_S)})
+
+
+def codec_busy() -> APIError:
+    """503 + Retry-After while every codec stream slot is taken."""
+    return APIError(503, "every audio decoding slot is in use; retry shortly", type="server_error",
+                    code="codec_busy", headers={"Retry-After": "1"})
+
+
 def _capped(requested: int | None, cap: int | None) -> int | None:
     if cap is None:
         return requested
@@ -427,12 +589,52 @@ def _capped(requested: int | None, cap: int | None) -> int | None:
 
 
 def _param_of(message: str) -> str | None:
-    for param in ("language", "voice", "instructions", "input", "temperature", "top_p", "top_k", "repetition_penalty"):
+    """The request parameter a PromptError without one (not a ParamError) is about."""
+    for param in ("language", "voice", "instructions", "ref_text", "input"):
         if param in message:
             return param
     if "speaker" in message:
         return "voice"
+    if "reference" in message or "x-vector" in message:
+        return "ref_audio"
     return None
+
+
+def decode_inline_audio(ref: str, limit: int) -> bytes:
+    """The bytes of reference audio sent inline: base64, or a `data:<type>;base64,<base64>` URI;
+    413 beyond `limit` bytes, 400 for anything else."""
+    payload = ref
+    if ref.startswith("data:"):
+        header, comma, payload = ref.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise bad_request("a ref_audio data: URI must read data:<media type>;base64,<base64 audio>",
+                              param="ref_audio", code="invalid_ref_audio")
+    if len(payload) > limit * 4 // 3 + 8:
+        raise APIError(413, f"ref_audio exceeds {limit} bytes", param="ref_audio", code="ref_audio_too_large")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise bad_request("ref_audio is not valid base64 (or a data: URI)", param="ref_audio",
+                          code="invalid_ref_audio") from e
+
+
+def _halves(text: str) -> list[str]:
+    """`text` (stripped, two characters or more) in two non-empty pieces: at the whitespace
+    nearest its middle when there is one in the middle half, else at the middle."""
+    middle = len(text) // 2
+    spaces = [i for i in (text.rfind(" ", len(text) // 4, middle + 1), text.find(" ", middle, 3 * len(text) // 4))
+              if i > 0]
+    cut = min(spaces, key=lambda i: abs(i - middle)) if spaces else middle
+    return [piece for piece in (text[:cut].strip(), text[cut:].strip()) if piece]
+
+
+def _reference_problem(message: str) -> str:
+    """A codec worker's reason for refusing reference audio, without the libraries' details
+    (soundfile's and PyAV's own messages, exception names): what the client can act on."""
+    reason = message.removeprefix("reference audio: ").split(" (", 1)[0]
+    if reason.startswith("codec worker error"):
+        return "ref_audio could not be encoded as a voice reference"
+    return f"ref_audio: {reason[:200]}"
 
 
 async def fetch_public_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
@@ -449,7 +651,7 @@ async def fetch_public_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as e:
-        raise bad_request(f"ref_audio URL host {host!r} does not resolve", param="ref_audio",
+        raise bad_request(f"ref_audio URL host {quoted(host)} does not resolve", param="ref_audio",
                           code="invalid_ref_audio") from e
     addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
     if not addresses or any(not a.is_global for a in addresses):

@@ -39,8 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from vllm_qwen3tts.engine import VoiceProfile
+from vllm_qwen3tts.params import MAX_CONSENT_CHARS, MAX_DESCRIPTION_CHARS, MAX_REF_TEXT_CHARS
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger, as the rest of the server: its handler, format and level apply. Outside
+# "vllm" a record finds no handler in the server, only Python's bare last-resort stderr output.
+logger = logging.getLogger("vllm.qwen3tts.server.voices")
 
 FILE_FORMAT_VERSION = 1
 NUM_CODEBOOKS = 16  # every 12 Hz Qwen3-TTS codec: reference codes are [T, 16]
@@ -58,6 +61,10 @@ class InvalidVoiceName(VoiceStoreError, ValueError):
 
 
 class InvalidVoiceProfile(VoiceStoreError, ValueError):
+    pass
+
+
+class InvalidVoiceMetadata(VoiceStoreError, ValueError):
     pass
 
 
@@ -163,6 +170,15 @@ class Voice:
         }
 
 
+def validate_metadata(metadata: VoiceMetadata) -> None:
+    """Raise `InvalidVoiceMetadata` unless the caller's texts are strings within their limits
+    (the voice upload's form states the same limits)."""
+    for field_name, limit in (("consent", MAX_CONSENT_CHARS), ("description", MAX_DESCRIPTION_CHARS)):
+        value = getattr(metadata, field_name)
+        if value is not None and (not isinstance(value, str) or len(value) > limit):
+            raise InvalidVoiceMetadata(f"{field_name} must be a string of at most {limit} characters")
+
+
 def validate_voice_name(name: str) -> None:
     """Raise `InvalidVoiceName` unless `name` is 1-64 characters of [A-Za-z0-9_.-]."""
     if not isinstance(name, str) or VOICE_NAME_PATTERN.fullmatch(name) is None:
@@ -219,13 +235,16 @@ class VoiceStore:
     def create(
         self, owner: str, name: str, profile: VoiceProfile, metadata: VoiceMetadata | None = None
     ) -> Voice:
-        """Store a new voice; raises `InvalidVoiceName`, `InvalidVoiceProfile`, `VoiceExists`,
-        `VoiceQuotaExceeded`, or the write's own error (then nothing is stored)."""
+        """Store a new voice; raises `InvalidVoiceName`, `InvalidVoiceProfile`, `InvalidVoiceMetadata`,
+        `VoiceExists`, `VoiceQuotaExceeded`, or the write's own error (then nothing is stored)."""
         validate_voice_name(name)
         profile = normalized_profile(profile)
+        if profile.ref_text is not None and len(profile.ref_text) > MAX_REF_TEXT_CHARS:
+            raise InvalidVoiceProfile(f"ref_text must be at most {MAX_REF_TEXT_CHARS} characters")
         metadata = metadata or VoiceMetadata()
         if not isinstance(metadata, VoiceMetadata):
             raise TypeError(f"metadata must be a VoiceMetadata, not {type(metadata).__name__}")
+        validate_metadata(metadata)
         if metadata.created_at is None:
             metadata = replace(metadata, created_at=self._clock())
         voice = Voice(name=name, owner=owner, profile=profile, metadata=metadata)
@@ -241,7 +260,9 @@ class VoiceStore:
                     f"at most {self.max_voices_per_owner} saved voices per API key; delete one first"
                 )
             directory = self.root / owner_directory_name(owner)
-            directory.mkdir(exist_ok=True)
+            if not directory.is_dir():
+                directory.mkdir(exist_ok=True)
+                _fsync_directory(self.root)  # the new directory's entry, before a voice goes in it
             _write_atomically(directory / f"{_key(name)}.json", payload)
             # Only a voice that reached the disk becomes visible.
             self._voices.setdefault(owner, {})[_key(name)] = voice
@@ -269,7 +290,10 @@ class VoiceStore:
         for directory in sorted(p for p in self.root.iterdir() if p.is_dir()):
             for path in sorted(directory.iterdir()):
                 if path.name.startswith(_TEMP_PREFIX) and path.name.endswith(_TEMP_SUFFIX):
+                    if _writer_alive(path):
+                        continue  # another process sharing the directory is writing it now
                     # Left by a write that crashed before its rename: never a complete voice.
+                    logger.info("removing %s, left by a voice write that did not finish", path)
                     _unlink_quietly(path)
                     continue
                 if path.suffix != ".json" or not path.is_file():
@@ -362,10 +386,26 @@ def _optional_number(obj: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process that named temp file `temp` (`_write_atomically`: the prefix, its
+    pid, a dash) is another live process: API servers sharing a voices directory
+    (`--api-server-count`) must not remove each other's writes in progress at start-up."""
+    pid = temp.name[len(_TEMP_PREFIX):].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write_atomically(path: Path, text: str) -> None:
     """Temp file in the same directory + fsync + rename: readers (and a restart after a
     crash) see the old file or the complete new one, never a prefix of it."""
-    fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=path.parent)
+    fd, temp_name = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -400,6 +440,7 @@ def _unlink_quietly(path: Path) -> None:
 
 
 __all__ = [
+    "InvalidVoiceMetadata",
     "InvalidVoiceName",
     "InvalidVoiceProfile",
     "NUM_CODEBOOKS",
@@ -413,5 +454,6 @@ __all__ = [
     "VoiceStoreError",
     "normalized_profile",
     "owner_directory_name",
+    "validate_metadata",
     "validate_voice_name",
 ]

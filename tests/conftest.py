@@ -63,13 +63,15 @@ ALL_VARIANTS = VARIANTS
 def speech_server(tmp_path_factory):
     """The README's server (`vllm-qwen3tts serve`, embedded default CustomVoice checkpoint) with
     the three keys of `server_harness.KEYS`, 4 sequences at a time, a global bound of 12 requests
-    in flight and two codec workers (as with two GPUs). Started once and shared by the server
+    in flight, two codec workers (as with two GPUs) and a
+    5 s write stall bound (a client that stops reading is cut off sooner than by default). Started once and shared by the server
     tests and the reliability suite: a test that disturbs it (kills a worker) leaves it serving."""
     from server_harness import KEYS, running_server
 
     tmp = tmp_path_factory.mktemp("server-cv")
     env = {"VLLM_QWEN3TTS_CACHE": str(tmp / "cache")}  # no --model: the default checkpoint is generated here
     with running_server(tmp, ["--max-queued-requests", "12", "--max-frames", "40", "--max-num-seqs", "4",
-                              "--max-model-len", "512", "--codec-device", "cpu", "--codec-device", "cpu"],
+                              "--max-model-len", "512", "--codec-device", "cpu", "--codec-device", "cpu",
+                              "--write-stall-timeout", "5"],
                         keys=KEYS, env=env, as_server=True) as server:
         yield server

@@ -90,10 +90,13 @@ class Server:
     pid: int  # the API server's process (the process group's leader)
 
 
-def metric(base: str, name: str, labels: dict | None = None) -> float:
-    """Sum of a Prometheus sample (matching the given labels) from /metrics."""
+def metric(base: str, name: str, labels: dict | None = None, key: str = "alice-key") -> float:
+    """Sum of a Prometheus sample (matching the given labels) from /metrics, read with `key`
+    (/metrics takes a key when the server has keys; a server without keys ignores it)."""
     total = 0.0
-    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+    response = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    response.raise_for_status()
+    for line in response.text.splitlines():
         if not line.startswith(name) or line.startswith("#"):
             continue
         head, value = line.rsplit(" ", 1)

@@ -138,3 +138,15 @@ def test_a_private_mps_daemon_quits_when_the_server_process_is_gone(tmp_path):
 
     with pytest.raises(MPSError, match="nvidia-cuda-mps-control"):
         start_private_mps({**os.environ, "PATH": str(tmp_path / "nowhere")}, owner_pid=os.getpid())
+
+
+def test_serve_api_keys_reach_the_server_in_its_environment_not_its_command_line(tiny_checkpoint):
+    """`--api-key` is the server's key option (vLLM's `--api-key` under plain `vllm serve` is a
+    speech key too): the keys travel in the environment, out of sight of `ps`."""
+    from vllm_qwen3tts.cli import build_parser, serve_command
+
+    args, rest = build_parser().parse_known_args(["serve", "--model", str(tiny_checkpoint("0.6b-custom_voice")),
+                                                  "--device", "cpu", "--api-key", "k-one", "--api-key", "k-two"])
+    plan = serve_command(args, rest)
+    assert plan.env["QWEN3TTS_API_KEYS"] == "k-one,k-two"
+    assert not any("k-one" in a or "k-two" in a for a in plan.argv)

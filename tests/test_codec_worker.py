@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,13 +22,16 @@ import soundfile as sf
 import torch
 import zmq
 
-from vllm_qwen3tts.codec.client import CodecClient, CodecError
+from vllm_qwen3tts.codec.client import CodecClient, CodecError, CodecUnavailableError
 from vllm_qwen3tts.codec.decoder import CodecDecoder
+from vllm_qwen3tts.codec.pool import CodecPool
+from vllm_qwen3tts.codec.supervisor import CodecSupervisor, RestartPolicy, provision_worker
 from vllm_qwen3tts.codec.voice_clone import create_voice_clone_profile, load_voice_clone_encoders
 from vllm_qwen3tts.codec.worker import (
     CodecWorkerConfig,
     CodecWorkerHandle,
     CodecWorkerStartError,
+    LaunchedCodecWorker,
     launch_codec_worker,
     start_codec_worker,
 )
@@ -602,3 +606,141 @@ def test_launched_worker_samples_its_stacks_when_asked(base_checkpoint, tmp_path
         launched.stop()
     (folded,) = tmp_path.glob(f"codec-worker-{launched.pid}.folded")
     assert "MainThread;" in folded.read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# supervision: a worker that dies is replaced like the first
+
+FAST_RESTARTS = RestartPolicy(first_delay_s=0.1, max_delay_s=0.5, max_restarts=3, window_s=600, startup_timeout_s=120)
+
+
+async def eventually(condition: Callable[[], object], what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:g} s"
+        await asyncio.sleep(0.05)
+
+
+def connected_client(address: str) -> CodecClient:
+    client = CodecClient(timeout_s=30)
+    client.connect(address)
+    return client
+
+
+def test_a_killed_worker_fails_its_streams_at_once_and_is_replaced_while_the_other_serves(base_checkpoint, decoder):
+    config = CodecWorkerConfig(str(base_checkpoint), max_streams=MAX_STREAMS, num_threads=1)
+    workers = [start_codec_worker(config, startup_timeout_s=60) for _ in range(2)]
+    first_pid = workers[0].pid
+    codes = random_codes(12, seed=70)
+
+    async def scenario():
+        pool = CodecPool([connected_client(w.address) for w in workers])
+        supervisor = CodecSupervisor(pool, workers, MAX_STREAMS, config.graph_chunk_lengths, FAST_RESTARTS)
+        watching = asyncio.create_task(supervisor.run())
+        try:
+            await pool.open_stream("doomed")  # the fewest open streams, ties to the first: one on each
+            await pool.open_stream("survivor")
+            await pool.decode("doomed", codes[:2])
+            await pool.decode("survivor", codes[:2])
+            os.kill(first_pid, signal.SIGSTOP)  # so that the next decode is in flight when it dies
+            in_flight = asyncio.create_task(pool.decode("doomed", codes[2:4]))
+            await asyncio.sleep(0.2)
+            os.kill(first_pid, signal.SIGKILL)
+            with pytest.raises(CodecUnavailableError):  # at once, not at the client's 30 s timeout
+                await asyncio.wait_for(in_flight, 10)
+            await eventually(lambda: pool.down, "death noticed", 5)
+            down = supervisor.problems()
+            with pytest.raises(CodecUnavailableError, match="is gone"):
+                await pool.decode("doomed", codes[4:6])
+            await pool.close_stream("doomed")  # nothing to close: the stream died with its worker
+            survivor = await pool.decode("survivor", codes[2:4])  # the other worker serves on
+            await pool.open_stream("meanwhile")
+            placed_meanwhile = pool.open_streams
+            await eventually(lambda: not supervisor.problems(), "restart")
+            replacement = supervisor.workers[0]
+            stats = await pool.clients[0].stats()
+            await pool.open_stream("after")
+            placed_after = pool.open_streams
+            after = await stream_through(pool, "after", codes, [2, 4, 6])
+            return down, survivor, placed_meanwhile, replacement, stats, placed_after, after, supervisor.restarts
+        finally:
+            watching.cancel()
+            supervisor.stop()
+
+    try:
+        down, survivor, placed_meanwhile, replacement, stats, placed_after, after, restarts = asyncio.run(scenario())
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert len(down) == 1 and down[0].startswith("codec worker 0 (cpu) was killed by SIGKILL"), down
+    assert survivor.shape == (2 * SAMPLES_PER_FRAME,)
+    assert placed_meanwhile == [0, 2]  # new streams went to the live worker only
+    assert replacement.pid != first_pid and not running(first_pid) and restarts == 1
+    assert stats.max_streams == MAX_STREAMS and stats.active_streams == 0  # provisioned like the first
+    assert placed_after == [1, 2]
+    assert max_err(after, whole_decode(decoder, codes)) < FP32_TOL
+    assert not replacement.is_alive()  # stopped with the supervisor
+
+
+def test_a_launched_worker_is_replaced_by_one_launched_and_provisioned_like_it(base_checkpoint, decoder):
+    launched = launch_codec_worker(str(base_checkpoint), "cpu")
+    codes = random_codes(6, seed=71)
+
+    async def scenario():
+        client = connected_client(launched.address)
+        await provision_worker(launched, client, MAX_STREAMS, (2, 4), timeout_s=120)
+        pool = CodecPool([client])
+        supervisor = CodecSupervisor(pool, [launched], MAX_STREAMS, (2, 4), FAST_RESTARTS)
+        watching = asyncio.create_task(supervisor.run())
+        try:
+            os.kill(launched.pid, signal.SIGKILL)
+            await eventually(lambda: pool.down, "death noticed", 5)
+            with pytest.raises(CodecUnavailableError, match="no codec worker is available"):
+                await pool.open_stream("too-early")
+            await eventually(lambda: not supervisor.problems(), "restart")
+            replacement = supervisor.workers[0]
+            stats = await pool.clients[0].stats()
+            await pool.open_stream("s")
+            return replacement, stats, await stream_through(pool, "s", codes, [2, 4])
+        finally:
+            watching.cancel()
+            supervisor.stop()
+
+    try:
+        replacement, stats, audio = asyncio.run(scenario())
+    finally:
+        launched.stop()
+    assert isinstance(replacement, LaunchedCodecWorker) and replacement.pid != launched.pid
+    assert replacement.device == "cpu" and replacement.model_dir == str(base_checkpoint)
+    assert launched.exitcode == -signal.SIGKILL and not running(launched.pid)
+    assert stats.max_streams == MAX_STREAMS
+    assert max_err(audio, whole_decode(decoder, codes)) < FP32_TOL
+    assert not running(replacement.pid) and not Path(replacement.socket_dir).exists()
+
+
+def test_a_worker_that_cannot_start_again_is_given_up_after_the_restart_bound(tiny_checkpoint, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint("0.6b-custom_voice"), checkpoint)
+    launched = launch_codec_worker(str(checkpoint), "cpu")
+    policy = RestartPolicy(first_delay_s=0.05, max_delay_s=0.1, max_restarts=2, window_s=600, startup_timeout_s=120)
+
+    async def scenario():
+        client = connected_client(launched.address)
+        await provision_worker(launched, client, 2, (2,), timeout_s=120)
+        supervisor = CodecSupervisor(CodecPool([client]), [launched], 2, (2,), policy)
+        watching = asyncio.create_task(supervisor.run())
+        try:
+            shutil.rmtree(checkpoint)  # its replacements fail to load
+            os.kill(launched.pid, signal.SIGKILL)
+            await asyncio.wait_for(watching, 120)  # run() returns once no worker is left to watch
+            return supervisor.problems(), supervisor.restarts
+        finally:
+            watching.cancel()
+            supervisor.stop()
+
+    try:
+        problems, restarts = asyncio.run(scenario())
+    finally:
+        launched.stop()
+    assert restarts == 0
+    assert len(problems) == 1 and "not restarted again: 2 restarts within 600 s" in problems[0], problems

@@ -231,7 +231,6 @@ def test_openai_voice_names_map_to_builtin_speakers(server):
     ({"input": "hi", "voice": "ryan", "ref_audio": "aGVsbG8=", "ref_text": "x"}, 400, "ref_audio"),
     ({"input": "hi", "voice": "ryan", "model": "someone-else"}, 404, "model"),
     ({"input": "hi", "voice": "ryan", "unknown_field": 1}, 400, None),
-    ({"input": "hi", "voice": "ryan", "min_new_tokens": 9, "max_new_tokens": 5}, 400, "min_new_tokens"),
     ({"input": "hi", "voice": "ryan", "initial_codec_chunk_frames": 26}, 400, None),
 ])
 def test_bad_input_gets_an_openai_style_error(server, body, status, param):
@@ -365,9 +364,9 @@ def test_concurrent_load_loses_nothing(server):
 def test_health_ready_models_and_metrics(server):
     assert httpx.get(f"{server}/health").status_code == 200
     assert httpx.get(f"{server}/ready").json()["status"] == "ready"
-    assert httpx.get(f"{server}/v1/models").json()["data"]
+    assert httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer bob-key"}).json()["data"]
     speak(server, key="bob-key")
-    text = httpx.get(f"{server}/metrics").text
+    text = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer bob-key"}).text
     for name in ("qwen3tts_time_to_first_audio_seconds_bucket", "qwen3tts_real_time_factor_bucket",
                  "qwen3tts_audio_seconds_total", "qwen3tts_queue_depth", "qwen3tts_requests_in_flight"):
         assert name in text
@@ -391,17 +390,6 @@ def test_health_ready_models_and_metrics(server):
         time.sleep(1)
     for worker in ("0", "1"):
         assert metric(server, "qwen3tts_codec_frames_total", {"worker": worker}) > 0, worker
-
-
-def test_openapi_schema_fuzzing_finds_no_server_errors(server, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json",
-         "--include-path-regex", "^/(v1/audio|ready|health)", "--checks", "not_a_server_error",
-         "--max-examples", "15", "-H", "Authorization: Bearer alice-key", "--request-timeout", "120",
-         "--generation-deterministic", "--phases", "examples,coverage,fuzzing"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
 def test_examples_produce_audio(server, tmp_path):

@@ -3,9 +3,14 @@ persistence across restarts, atomic writes, and startup that survives bad files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import random
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -313,7 +318,7 @@ def test_a_write_that_fails_midway_leaves_no_partial_file_and_no_voice(store, mo
     assert [v.name for v in VoiceStore(store.root).list(ALICE)] == ["kept"]
 
 
-def test_startup_skips_corrupt_files_with_a_warning_and_loads_the_rest(tmp_path, caplog):
+def test_startup_skips_corrupt_files_with_a_warning_and_loads_the_rest(tmp_path):
     good = VoiceStore(tmp_path)
     good.create(ALICE, "good", icl_profile())
     alice_dir = tmp_path / owner_directory_name(ALICE)
@@ -331,12 +336,12 @@ def test_startup_skips_corrupt_files_with_a_warning_and_loads_the_rest(tmp_path,
     (tmp_path / owner_directory_name(BOB) / "misplaced.json").write_text(json.dumps(misplaced))
     (alice_dir / "notes.txt").write_text("ignored: not a voice file")
 
-    with caplog.at_level(logging.WARNING, logger="vllm_qwen3tts.server.voices"):
+    with vllm_log_records() as records:
         restored = VoiceStore(tmp_path)
 
     assert [v.name for v in restored.list(ALICE)] == ["good"]
     assert restored.list(BOB) == []
-    warned = " ".join(r.getMessage() for r in caplog.records)
+    warned = " ".join(r.getMessage() for r in records if r.levelno >= logging.WARNING)
     for name in ["truncated.json", "binary.json", "wrong-shape.json", "bad-profile.json", "misplaced.json"]:
         assert name in warned
     assert "notes.txt" not in warned
@@ -351,3 +356,131 @@ def test_a_temp_file_left_by_a_crash_is_removed_at_startup_and_never_loaded(tmp_
     restored = VoiceStore(tmp_path)
     assert not leftover.exists()
     assert [v.name for v in restored.list(ALICE)] == ["good"]
+
+
+# ---- crashes and the server's log ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def vllm_log_records():
+    """Records that reach the "vllm" logger, where vLLM's log handler sits in the server (vLLM
+    configures it not to propagate to the root logger)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler, vllm_logger = Keep(logging.INFO), logging.getLogger("vllm")
+    level = vllm_logger.level
+    vllm_logger.addHandler(handler)
+    vllm_logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        vllm_logger.removeHandler(handler)
+        vllm_logger.setLevel(level)
+
+
+def test_warnings_about_unreadable_saved_voices_reach_the_servers_log_handler(tmp_path):
+    VoiceStore(tmp_path).create(ALICE, "good", xvector_profile())
+    (tmp_path / owner_directory_name(ALICE) / "broken.json").write_text("{")
+    with vllm_log_records() as records:
+        VoiceStore(tmp_path)
+    assert [r.levelno for r in records if "broken.json" in r.getMessage()] == [logging.WARNING]
+
+
+WRITER = """
+import sys
+from pathlib import Path
+import numpy as np
+from vllm_qwen3tts.engine import VoiceProfile
+from vllm_qwen3tts.server.voices import VoiceStore
+
+def profile(i):
+    rng = np.random.default_rng(i)
+    return VoiceProfile(xvector=rng.standard_normal(64).tolist(), ref_codes=rng.integers(0, 2048, (400, 16)).tolist(),
+                        ref_text=f"voice {i}")
+
+store, owner = VoiceStore(Path(sys.argv[1])), sys.argv[2]
+i = 0
+while True:  # create v<i>, then delete v<i-2>: at most three voices at any time
+    store.create(owner, f"v{i}", profile(i))
+    print(f"create {i}", flush=True)
+    if i >= 2:
+        store.delete(owner, f"v{i - 2}")
+        print(f"delete {i - 2}", flush=True)
+    i += 1
+"""
+WRITERS = 4  # at once, each in a directory of its own, killed together
+
+
+def writer_profile(i: int) -> VoiceProfile:
+    rng = np.random.default_rng(i)
+    return VoiceProfile(xvector=rng.standard_normal(64).tolist(), ref_codes=rng.integers(0, 2048, (400, 16)).tolist(),
+                        ref_text=f"voice {i}")
+
+
+def voices_after(operations: list[str]) -> set[str]:
+    names: set[str] = set()
+    for line in operations:
+        op, i = line.split()
+        (names.add if op == "create" else names.discard)(f"v{i}")
+    return names
+
+
+@pytest.mark.parametrize("round_", range(6))
+def test_voices_written_while_the_process_is_killed_are_whole_or_absent_after_restart(tmp_path, round_):
+    """Processes creating and deleting voices in a loop, SIGKILLed at a random moment: a fresh
+    store holds exactly the voices of the operations that had returned, give or take the one in
+    progress, each one whole, and there is nothing to warn about."""
+    owners = [f"tenant-{k}" for k in range(WRITERS)]
+    roots = {owner: tmp_path / owner for owner in owners}  # a store's startup tidies its whole directory
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(roots[owner]), owner], stdout=subprocess.PIPE,
+                                text=True) for owner in owners]
+    acknowledged: dict[str, list[str]] = {}
+    try:
+        for owner, writer in zip(owners, writers):
+            acknowledged[owner] = [writer.stdout.readline().strip() for _ in range(6)]  # in its loop
+        threading.Event().wait(random.Random(round_).uniform(0.0, 0.2))
+    finally:
+        for writer in writers:
+            writer.send_signal(signal.SIGKILL)
+        for owner, writer in zip(owners, writers):
+            acknowledged.setdefault(owner, []).extend(writer.stdout.read().split("\n"))
+            writer.wait()
+
+    with vllm_log_records() as records:
+        restored = {owner: VoiceStore(roots[owner]) for owner in owners}
+
+    for owner in owners:
+        done = [line for line in acknowledged[owner] if line]
+        op, n = done[-1].split()
+        in_progress = f"delete {int(n) - 2}" if op == "create" else f"create {int(n) + 3}"  # the writer's next step
+        names = {v.name for v in restored[owner].list(owner)}
+        assert names in (voices_after(done), voices_after([*done, in_progress])), (owner, done[-3:], names)
+        for voice in restored[owner].list(owner):
+            assert voice.profile == writer_profile(int(voice.name[1:])), (owner, voice.name)
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert not [p for p in files_under(tmp_path) if p.suffix != ".json"]  # no temp file left behind
+
+
+def test_a_starting_store_leaves_the_writes_of_live_processes_sharing_its_directory_alone(tmp_path):
+    """API server processes may share one voices directory: a store starting in one removes the
+    temp files of crashed writes, not the write another live process is making right now."""
+    VoiceStore(tmp_path).create("alice", "kept", VoiceProfile(xvector=[0.5] * 8))
+    directory = next(p for p in tmp_path.iterdir() if p.is_dir())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        in_progress = directory / f".voice-{live.pid}-abc.tmp"
+        crashed = directory / f".voice-{dead.pid}-def.tmp"
+        for path in (in_progress, crashed):
+            path.write_text("{partial")
+        store = VoiceStore(tmp_path)
+        assert in_progress.exists() and not crashed.exists()
+        assert [v.name for v in store.list("alice")] == ["kept"]
+    finally:
+        live.kill()
+        live.wait()

@@ -140,6 +140,7 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
         "QWEN3TTS_MAX_FRAMES": str(args.max_frames) if args.max_frames else "",
         "QWEN3TTS_CODEC_DEVICES": ",".join(codec_devices),
         "QWEN3TTS_LIGHT_LOAD_STREAMS": "" if args.light_load_streams is None else str(args.light_load_streams),
+        "QWEN3TTS_WRITE_STALL_TIMEOUT_S": "" if args.write_stall_timeout is None else f"{args.write_stall_timeout:g}",
     }
     env.update({k: v for k, v in settings.items() if v})
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -269,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory (default: a generated tiny CustomVoice checkpoint)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", action="append", help="an API key (repeat for several tenants); none: no auth")
+    p.add_argument("--api-key", action="append",
+                   help="an API key (repeat for several tenants), required on every route the server serves but "
+                        "/health, /ready and the docs (vLLM's own routes are not served); it also stands for "
+                        "vLLM's --api-key, which this option takes the place of. None: no auth")
     p.add_argument("--api-keys-file", help="JSON list of {key, name, max_concurrency, requests_per_minute}")
     p.add_argument("--voices-dir", help="where saved voices are kept (default ~/.cache/vllm_qwen3tts/voices)")
     p.add_argument("--allow-url-ref-audio", action="store_true", help="let requests fetch ref_audio from public URLs")
@@ -281,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a request arriving while at most this many streams are being synthesized gets a first "
                         "audio chunk of 1 frame instead of 2 (one talker step sooner); default 32, 0: always 2. A request's "
                         "initial_codec_chunk_frames overrides it")
+    p.add_argument("--write-stall-timeout", type=float, metavar="SECONDS",
+                   help="end a streamed response (and its synthesis) whose client has taken no audio for this long; "
+                        "default 30")
     p.add_argument("--codec-device", action="append",
                    help="run a codec worker on this device (repeat for several; streams are spread over them). "
                         "Default: the talker's device, or one per data-parallel rank's GPU "

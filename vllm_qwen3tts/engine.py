@@ -14,13 +14,14 @@ loop, a vLLM `AsyncLLM` and a codec worker process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import logging
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from .config import TTSConfig, load_tts_config
+from .params import (MAX_NEW_TOKENS, MIN_NEW_TOKENS, REPETITION_PENALTY, SEED, SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K,
+                     SUBTALKER_TOP_P, TEMPERATURE, TOP_K, TOP_P, ParamError, PromptTooLong)
 from .prompt import PromptError, SpeechRequest, build_prompt
 from .talker.protocol import Code0Params, SubtalkerParams, TalkerRequest, frames_from_output, talker_sampling_params
 
@@ -39,6 +42,24 @@ MAX_PROMPT_POSITIONS = 4096  # the talker's per-request buffers (talker.model.MA
 # Frame budget of a request that sets none: generous for real speech, a bound on runaways.
 FRAMES_PER_TEXT_TOKEN_BUDGET = 16
 DEFAULT_MIN_FRAME_BUDGET = 100
+# The request parameters `resolve_params` checks, as `SynthesisParams` fields (`Bound.engine_name`).
+ENGINE_BOUNDS = (TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY, SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K,
+                 SUBTALKER_TOP_P, MAX_NEW_TOKENS, MIN_NEW_TOKENS, SEED)
+
+
+# Releases of ended streams still running (`run_to_completion`): referenced until they finish,
+# since the event loop keeps only weak references to tasks.
+_RELEASING: set[asyncio.Task] = set()
+
+
+async def run_to_completion(release: Coroutine[Any, Any, None]) -> None:
+    """Run `release` to its end in a task of its own and wait for it. A cancellation of the
+    caller ends the wait, not the release: under Starlette, a client's disconnect cancels the
+    response again at every await, which would cut an inline cleanup short at its first one."""
+    task = asyncio.ensure_future(release)
+    _RELEASING.add(task)
+    task.add_done_callback(_RELEASING.discard)
+    await asyncio.shield(task)
 
 
 @dataclass(frozen=True)
@@ -159,33 +180,38 @@ class TTSEngine:
     # ------------------------------------------------------------------ requests
 
     def prepare(self, req: SynthesisRequest):
-        """(TokensPrompt, SamplingParams) for the talker; raises PromptError on bad input."""
+        """(TokensPrompt, SamplingParams) for the talker; raises PromptError on bad input: `ParamError`
+        for a parameter out of its bounds (`params.BOUNDS`), `PromptTooLong` for a prompt that leaves
+        the model no room for a frame."""
         from vllm.inputs import TokensPrompt
 
         cfg = self.config
         try:
             self.chunk_schedule.starting_at(req.first_chunk_frames)
         except ValueError as e:
-            raise PromptError(str(e)) from None
+            raise ParamError(str(e), param="initial_codec_chunk_frames") from None
+        code0, sub, max_frames = self.resolve_params(req.params)
         voice = req.voice
         recipe = build_prompt(cfg, self.tokenizer, SpeechRequest(
             text=req.text, language=req.language or "auto", speaker=req.speaker, instructions=req.instructions,
             ref_text=voice.ref_text if voice else None, ref_codes=voice.ref_codes if voice else None,
             xvector=voice.xvector if voice else None, non_streaming_mode=req.non_streaming_mode,
         ))
-        if len(recipe) > MAX_PROMPT_POSITIONS:
-            raise PromptError(f"input too long: the prompt needs {len(recipe)} positions, at most {MAX_PROMPT_POSITIONS}")
+        # The talker's prompt buffers hold MAX_PROMPT_POSITIONS; every frame takes one more position.
+        most = min(self.max_model_len - 1, MAX_PROMPT_POSITIONS)
+        if len(recipe) > most:
+            raise PromptTooLong(f"input too long: the prompt needs {len(recipe)} positions, at most {most} leave "
+                                "room for audio; shorten the input (or the instructions or the reference)",
+                                positions=len(recipe), most=most)
         room = self.max_model_len - len(recipe)
-        code0, sub, max_frames = self.resolve_params(req.params)
         if req.params.max_frames is None:
             # A model that never says EOS would talk until the context is full (minutes of
             # audio per sentence). Speech runs at ~2-5 frames per text token; allow ~4x that.
             text_tokens = len(self.tokenizer(req.text, add_special_tokens=False)["input_ids"])
             max_frames = min(max_frames, max(DEFAULT_MIN_FRAME_BUDGET, FRAMES_PER_TEXT_TOKEN_BUDGET * text_tokens))
-        max_frames = min(max_frames, room)
-        if max_frames < 2:
-            raise PromptError(f"input too long: the prompt needs {len(recipe)} of {self.max_model_len} positions")
+        max_frames = min(max_frames, room)  # the model's room caps any request
         treq = TalkerRequest(recipe, sub, seed=req.params.seed)
+        # EOS never among the first two samples (as the reference); a minimum above the maximum is the maximum
         min_frames = min(max(2, req.params.min_frames), max_frames)
         sp = talker_sampling_params(treq, code0, max_frames, cfg.talker.codec_eos_id, seed=req.params.seed,
                                     min_frames=min_frames)
@@ -193,6 +219,14 @@ class TTSEngine:
         return prompt, sp
 
     def resolve_params(self, p: SynthesisParams) -> tuple[Code0Params, SubtalkerParams, int]:
+        """The request's sampling with the checkpoint's defaults filled in, every value checked
+        against the request parameter bounds the HTTP schema states (`params.BOUNDS`): ParamError
+        naming the `SynthesisParams` field and its range otherwise."""
+        for bound in ENGINE_BOUNDS:
+            field_name = bound.engine_name or bound.name
+            value = getattr(p, field_name)
+            if value is not None:
+                bound.check(value, field_name)
         g = self.config.generation
 
         def pick(value, default):
@@ -212,17 +246,14 @@ class TTSEngine:
             top_k=int(pick(p.subtalker_top_k, g.subtalker_top_k)),
             top_p=float(pick(p.subtalker_top_p, g.subtalker_top_p)),
         )
-        for name, value, lo, hi in (("temperature", code0.temperature, 0.0, 100.0), ("top_p", code0.top_p, 1e-6, 1.0),
-                                    ("repetition_penalty", code0.repetition_penalty, 1e-3, 100.0)):
-            if not (lo <= value <= hi):
-                raise PromptError(f"{name} must be in [{lo}, {hi}], got {value}")
-        if code0.top_k < 0:
-            raise PromptError(f"top_k must be >= 0, got {code0.top_k}")
+        # the checkpoint's own defaults must be usable too
+        for bound, value in ((TEMPERATURE, code0.temperature), (TOP_K, code0.top_k), (TOP_P, code0.top_p),
+                             (REPETITION_PENALTY, code0.repetition_penalty)):
+            bound.check(value)
         sub.validate()
         # the reference's max_new_tokens counts its final, unexpanded sample
         max_frames = int(pick(p.max_frames, g.max_new_tokens - 1))
-        if max_frames < 1:
-            raise PromptError(f"max_frames must be >= 1, got {max_frames}")
+        MAX_NEW_TOKENS.check(max_frames, "max_frames")
         return code0, sub, max_frames
 
     # ------------------------------------------------------------------ synthesis
@@ -239,47 +270,71 @@ class TTSEngine:
         # The codec stream opens while the talker prefills, not before it: under load the worker
         # answers only between decoder calls (tens of ms), and a voice clone's reference codes
         # are decoded into the stream's state at open.
+        # It is awaited shielded: a cancelled consumer must not cancel an open the worker may
+        # already have carried out (the stream would stay open there, forgotten here).
         opening = asyncio.ensure_future(self.codec.open_stream(request_id, context))
         sizes = self.chunk_schedule.for_load(self.active_streams + 1).starting_at(req.first_chunk_frames).sizes()
         want = next(sizes)
         pending: list[list[int]] = []
         done = False
         self.active_streams += 1
+        outputs = self.engine.generate(prompt, sp, request_id, priority=priority)
         try:
-            async for out in self.engine.generate(prompt, sp, request_id, priority=priority):
+            async for out in outputs:
                 completion = out.outputs[0]
                 pending.extend(frames_from_output(completion, self.config.talker.codec_eos_id))
                 # Chunks follow the schedule even when the last output brings many frames at once
                 # (a consumer that fell behind): the client's first audio stays small.
                 while len(pending) > want or (len(pending) == want and not out.finished):
                     chunk, pending = np.asarray(pending[:want], dtype=np.int64), pending[want:]
-                    await opening
+                    await asyncio.shield(opening)
                     yield AudioChunk(await self.codec.decode(request_id, chunk, final=False), chunk)
                     want = next(sizes)
                 if out.finished:
                     done = True
                     chunk = np.asarray(pending, dtype=np.int64).reshape(-1, 16)
-                    await opening
+                    await asyncio.shield(opening)
                     audio = (await self.codec.decode(request_id, chunk, final=True) if len(chunk)
                              else np.zeros(0, dtype=np.float32))
                     yield AudioChunk(audio, chunk, finish_reason=completion.finish_reason or "stop")
         finally:
             self.active_streams -= 1
-            if not done:
+            # However the consumer stopped (a client that went away cancels it, and Starlette
+            # cancels again at every await), the release runs to its end in a task of its own.
+            await run_to_completion(self._release(request_id, outputs, opening, finished=done))
+
+    async def _release(self, request_id: str, outputs: AsyncIterator, opening: asyncio.Future,
+                       finished: bool) -> None:
+        """Free what a stream holds: its vLLM request (aborted unless it finished) and its codec
+        stream. The open is let finish first (not cancelled: the worker would hold a stream nobody
+        closes); a failed open has nothing to close, and its error was raised to the consumer or
+        is moot because the request ended first. Failures are logged, never raised: they must
+        not replace the consumer's own outcome."""
+        from .codec.client import CodecError
+
+        try:
+            if not finished:
                 await self.engine.abort(request_id)
-            # Let the open finish (not cancelled: the worker would hold a stream nobody closes),
-            # then close; a failed open has nothing to close, and its error was raised above or
-            # is moot because the request ended first.
-            await asyncio.wait({opening})
-            if not opening.cancelled() and opening.exception() is None:
-                await self.codec.close_stream(request_id)
+            await outputs.aclose()  # vLLM's generator, closed now rather than when collected
+        except Exception:  # noqa: BLE001 - the engine has died: its requests went with it
+            logger.warning("aborting vLLM request %s failed", request_id, exc_info=True)
+        await asyncio.wait({opening})
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        try:
+            await self.codec.close_stream(request_id)
+        except CodecError as e:  # the worker is gone, and its streams with it
+            logger.debug("closing codec stream %s: %s", request_id, e)
+        except Exception:  # noqa: BLE001
+            logger.warning("closing codec stream %s failed", request_id, exc_info=True)
 
     async def synthesize(self, req: SynthesisRequest, request_id: str | None = None) -> SynthesisResult:
         audio, codes, finish_reason = [], [], "stop"
-        async for chunk in self.stream(req, request_id):
-            audio.append(chunk.audio)
-            codes.append(chunk.codes)
-            finish_reason = chunk.finish_reason or finish_reason
+        async with contextlib.aclosing(self.stream(req, request_id)) as chunks:
+            async for chunk in chunks:
+                audio.append(chunk.audio)
+                codes.append(chunk.codes)
+                finish_reason = chunk.finish_reason or finish_reason
         return SynthesisResult(
             codes=np.concatenate(codes) if codes else np.zeros((0, 16), dtype=np.int64),
             audio=np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32),

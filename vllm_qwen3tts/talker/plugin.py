@@ -20,6 +20,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from ..stack_sampler import start_from_env
+    from .compat import install_prompt_token_check
     from .hf_config import Qwen3TTSConfig
 
     start_from_env()  # diagnostics, off unless QWEN3TTS_STACK_SAMPLES_DIR is set
@@ -30,6 +31,20 @@ def register() -> None:
     existing = getattr(ModelRegistry, "models", {}).get(RELEASED_ARCH)
     if existing is None or getattr(existing, "module_name", MODEL_MODULE) == MODEL_MODULE:
         ModelRegistry.register_model(RELEASED_ARCH, MODEL_CLASS)
+    install_prompt_token_check(check_prompt_token_ids)
+
+
+def check_prompt_token_ids(token_ids: list[int], vocab_size: int) -> None:
+    """Refuse a prompt with an id outside the talker's vocabulary [0, vocab_size) with vLLM's
+    request-validation error (HTTP 400 on its routes; 0.26 and 0.32 alike). vLLM checks ids
+    against a tokenizer, and the talker runs without one, so such an id reached the worker,
+    where the repetition penalty indexed past the vocabulary and the engine core died."""
+    from vllm.exceptions import VLLMValidationError
+
+    low, high = min(token_ids), max(token_ids)
+    if low < 0 or high >= vocab_size:
+        raise VLLMValidationError(f"prompt token id {low if low < 0 else high} is outside the talker's "
+                                  f"vocabulary [0, {vocab_size})", parameter="prompt_token_ids")
 
 
 def log_through_vllm() -> None:

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..params import SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K, SUBTALKER_TOP_P
 from ..prompt import PromptError, PromptRecipe
 
 EXTRA_ARGS_KEY = "qwen3_tts"
@@ -34,12 +35,10 @@ class SubtalkerParams:
     top_p: float = 1.0
 
     def validate(self) -> None:
-        if not (0.0 <= self.temperature <= 100.0):
-            raise PromptError(f"subtalker temperature {self.temperature} out of range [0, 100]")
-        if self.top_k < 0:
-            raise PromptError(f"subtalker top_k {self.top_k} must be >= 0 (0 disables)")
-        if not (0.0 < self.top_p <= 1.0):
-            raise PromptError(f"subtalker top_p {self.top_p} must be in (0, 1]")
+        """ParamError (a PromptError) unless every field is within its request parameter's bounds."""
+        SUBTALKER_TEMPERATURE.check(self.temperature)
+        SUBTALKER_TOP_K.check(self.top_k)
+        SUBTALKER_TOP_P.check(self.top_p)
 
 
 @dataclass
