@@ -6,7 +6,7 @@ GET    /v1/audio/voices          built-in speakers and this key's saved voices
 POST   /v1/audio/voices          save a cloned voice (multipart: audio_sample + ref_text, or speaker_embedding)
 DELETE /v1/audio/voices/{name}   delete a saved voice
 GET    /ready                    200 once warmed up while a request can start (503 with the reason otherwise)
-GET    /health                   200 while the codec worker lives
+GET    /health                   200 while the engine runs and every codec worker serves (503 with the reason otherwise)
 """
 
 from __future__ import annotations
@@ -408,8 +408,10 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/health", responses={503: {"model": ErrorBody}})
 async def health(request: Request) -> JSONResponse:
     svc = getattr(request.app.state, "qwen3tts", None)
-    if svc is None or not svc.healthy():
-        return JSONResponse({"status": "unhealthy"}, status_code=503)
+    reason = "starting" if svc is None else svc.unavailable_reason()
+    if reason is not None:
+        return error_response(APIError(503, f"unhealthy: {reason}", type="server_error", code="unhealthy",
+                                       headers={"Retry-After": "5"}))
     return JSONResponse({"status": "ok"})
 
 

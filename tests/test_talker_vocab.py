@@ -20,6 +20,8 @@ from vllm_qwen3tts.engine import Qwen3TTS, SynthesisParams, SynthesisRequest
 pytestmark = pytest.mark.engine
 
 DEVICE = os.environ.get("QWEN3TTS_TEST_DEVICE", "cpu")
+# A tiny checkpoint needs little of a GPU; a small share lets the test run beside a server.
+ENGINE_OPTIONS = {"gpu_memory_utilization": 0.2} if DEVICE.startswith("cuda") else {}
 
 
 def test_prompt_ids_outside_the_talker_vocabulary_are_refused_and_the_engine_keeps_serving(tiny_checkpoint):
@@ -27,7 +29,8 @@ def test_prompt_ids_outside_the_talker_vocabulary_are_refused_and_the_engine_kee
     from vllm.exceptions import VLLMValidationError
     from vllm.inputs import TokensPrompt
 
-    with Qwen3TTS(tiny_checkpoint("0.6b-custom_voice"), device=DEVICE, max_model_len=256, max_num_seqs=4) as tts:
+    with Qwen3TTS(tiny_checkpoint("0.6b-custom_voice"), device=DEVICE, max_model_len=256, max_num_seqs=4,
+                  **ENGINE_OPTIONS) as tts:
         vocab = tts.config.talker.vocab_size
 
         async def complete(ids: list[int]):
