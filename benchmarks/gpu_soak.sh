@@ -21,7 +21,8 @@
 #
 # Environment: STATE (server state across the two calls, default /tmp/gpu_soak), CKPT (checkpoint
 # directory, default $STATE/ckpt-0.6b-cv), REQUESTS (10000), CONCURRENCY (64), FRAMES (25),
-# MAX_S (the soak's --max-duration-s), START_WAIT_S (480), PORT (8770).
+# MAX_S (the soak's --max-duration-s), START_WAIT_S (480), PORT (8770), ALL_BUDGET_S (`all`: the
+# seconds the whole call may take, default 540).
 set -uo pipefail
 cmd=${1:?usage: $0 start|measure|all|stop}
 state=${STATE:-/tmp/gpu_soak}
@@ -83,7 +84,7 @@ start) start || { stop; exit 1; } ;;
 measure) measure; rc=$?; stop; exit $rc ;;
 all)
   start || { stop; exit 1; }
-  MAX_S=$(( 540 - ($(date +%s) - t0) - 40 ))  # what is left of ~9 min, less the idle check and writing
+  MAX_S=$(( ${ALL_BUDGET_S:-540} - ($(date +%s) - t0) - 40 ))  # what is left of the call, less the idle check and writing
   echo "the soak gets at most $MAX_S s"
   measure; rc=$?; stop; exit $rc ;;
 stop) stop ;;
