@@ -42,14 +42,14 @@ PLAIN_VLLM_SERVE = (
 
 @contextmanager
 def running_server(tmp: Path, args: list[str], keys: list[dict] | None = None, env: dict | None = None,
-                   timeout_s: float = 300, plain_vllm: bool = False, as_server: bool = False):
+                   timeout_s: float = 300, plain_vllm: bool = False, as_server: bool = False, device: str = "cpu"):
     """Yields (base_url, log_path), or a `Server` with `as_server`. Arguments go to `vllm-qwen3tts serve`; with `plain_vllm`, to
     vLLM's server as that command sets it up, but with no codec worker started before it."""
     port = free_port()
     log = tmp / "server.log"
     launcher = ["-c", PLAIN_VLLM_SERVE] if plain_vllm else ["-m", "vllm_qwen3tts.cli"]
     cmd = [sys.executable, *launcher, "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--device", "cpu", "--voices-dir", str(tmp / "voices"), *args]
+           "--device", device, "--voices-dir", str(tmp / "voices"), *args]
     if keys is not None:
         (tmp / "keys.json").write_text(json.dumps(keys))
         cmd += ["--api-keys-file", str(tmp / "keys.json")]

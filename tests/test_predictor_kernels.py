@@ -259,19 +259,19 @@ def test_sampler_comparison_notices_a_different_draw():
         kernels.fused_sample = real
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
+@pytest.mark.gpu
 def test_kernel_matches_pytorch_attention_on_gpu():
     compare("cuda", torch.float32)
     compare("cuda", torch.bfloat16, batch=64)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
+@pytest.mark.gpu
 def test_small_batch_layer_matches_pytorch_on_gpu():
     compare_layer("cuda", torch.float32, RELEASED, batches=(1, 16))
     compare_layer("cuda", torch.bfloat16, RELEASED, batches=(1, 7, 16))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
+@pytest.mark.gpu
 def test_fused_sampler_matches_pytorch_on_gpu():
     compare_sampler("cuda", rows_per_case=64, draws=4)
 

@@ -132,7 +132,7 @@ def test_cpu_build_keeps_vllm_projections():
     assert not small_batch_projections_enabled()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
+@pytest.mark.gpu
 def test_small_batch_method_on_gpu():
     done = subprocess.run([sys.executable, __file__, "cuda"], env=dict(os.environ, QWEN3TTS_SMALL_BATCH_ROWS="2"),
                           capture_output=True, text=True, timeout=600)

@@ -5,12 +5,11 @@ the codec vocabulary (`POST /v1/completions {"prompt": [999999]}` once did it) m
 worker index past the vocabulary in the repetition penalty: the engine core died. The request
 goes here straight to vLLM's `AsyncLLM`, as every route and the Python API do.
 
-On a GPU (vLLM 0.26, Model Runner V2): QWEN3TTS_TEST_DEVICE=cuda.
+The same on a GPU (vLLM 0.26, Model Runner V2) with `pytest -m gpu`.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
@@ -19,18 +18,18 @@ from vllm_qwen3tts.engine import Qwen3TTS, SynthesisParams, SynthesisRequest
 
 pytestmark = pytest.mark.engine
 
-DEVICE = os.environ.get("QWEN3TTS_TEST_DEVICE", "cpu")
 # A tiny checkpoint needs little of a GPU; a small share lets the test run beside a server.
-ENGINE_OPTIONS = {"gpu_memory_utilization": 0.2} if DEVICE.startswith("cuda") else {}
+ENGINE_OPTIONS = {"cpu": {}, "cuda": {"gpu_memory_utilization": 0.2}}
 
 
-def test_prompt_ids_outside_the_talker_vocabulary_are_refused_and_the_engine_keeps_serving(tiny_checkpoint):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_prompt_ids_outside_the_talker_vocabulary_are_refused_and_the_engine_keeps_serving(tiny_checkpoint, device):
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
     from vllm.inputs import TokensPrompt
 
-    with Qwen3TTS(tiny_checkpoint("0.6b-custom_voice"), device=DEVICE, max_model_len=256, max_num_seqs=4,
-                  **ENGINE_OPTIONS) as tts:
+    with Qwen3TTS(tiny_checkpoint("0.6b-custom_voice"), device=device, max_model_len=256, max_num_seqs=4,
+                  **ENGINE_OPTIONS[device]) as tts:
         vocab = tts.config.talker.vocab_size
 
         async def complete(ids: list[int]):
