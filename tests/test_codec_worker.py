@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 import zmq
 
-from vllm_qwen3tts.codec.client import CodecClient, CodecError, CodecUnavailableError
+from vllm_qwen3tts.codec.client import CodecClient, CodecError, CodecTimeoutError, CodecUnavailableError
 from vllm_qwen3tts.codec.decoder import CodecDecoder
 from vllm_qwen3tts.codec.pool import CodecPool
 from vllm_qwen3tts.codec.supervisor import CodecSupervisor, RestartPolicy, provision_worker
@@ -380,8 +380,10 @@ def test_idle_streams_are_reclaimed(disposable_worker):
     async def scenario(client):
         await client.open_stream("forgotten")
         assert (await client.stats()).active_streams == 1
-        await asyncio.sleep(IDLE_TIMEOUT_S + 0.5)
-        assert (await client.stats()).active_streams == 0
+        deadline = time.monotonic() + 60  # a bound on the wait, not on the worker's speed
+        while (await client.stats()).active_streams:  # asking for stats is no activity of the stream
+            assert time.monotonic() < deadline, "the idle stream was never reclaimed"
+            await asyncio.sleep(0.1)
         with pytest.raises(CodecError, match="not open"):
             await client.decode("forgotten", random_codes(1, seed=41))
 
@@ -390,10 +392,9 @@ def test_idle_streams_are_reclaimed(disposable_worker):
 
 def test_missing_checkpoint_fails_start_with_the_reason(tmp_path):
     spawned = spawned_processes()
-    started = time.monotonic()
+    # the reason, not "not ready within 60 s": the worker says why before it exits
     with pytest.raises(CodecWorkerStartError, match=f"checkpoint directory {tmp_path / 'nowhere'} does not exist"):
         start_codec_worker(CodecWorkerConfig(str(tmp_path / "nowhere")), startup_timeout_s=60)
-    assert time.monotonic() - started < 30
     assert spawned_processes() == spawned
 
 
@@ -449,10 +450,8 @@ def test_requests_pending_when_the_worker_dies_fail_instead_of_hanging(disposabl
         pending = asyncio.create_task(client.stats())
         await asyncio.sleep(0.2)
         os.kill(disposable_worker.pid, signal.SIGKILL)
-        started = time.monotonic()
-        with pytest.raises(CodecError, match="lost the connection"):
+        with pytest.raises(CodecError, match="lost the connection"):  # not the timeout's "no reply within 30 s"
             await pending
-        assert time.monotonic() - started < 5  # the client's timeout is 30 s
         with pytest.raises(CodecError, match="not reachable"):
             await client.stats()
 
@@ -559,10 +558,9 @@ def test_server_waiting_on_a_launched_worker_that_exits_fails_at_once(tmp_path):
     from vllm_qwen3tts.server.plugin import provision_launched_workers
 
     launched = launch_codec_worker(str(tmp_path / "nowhere"), "cpu")
-    started = time.monotonic()
+    # not the 300 s timeout, which would fail it as "no reply ... within 300 s"
     with pytest.raises(CodecWorkerStartError, match=f"pid {launched.pid}\\) exited before it was ready"):
         asyncio.run(provision_launched_workers([launched], 4, (2,), timeout_s=300))
-    assert time.monotonic() - started < 60  # not the 300 s timeout
     assert not running(launched.pid)
 
 
@@ -646,9 +644,10 @@ def test_a_killed_worker_fails_its_streams_at_once_and_is_replaced_while_the_oth
             in_flight = asyncio.create_task(pool.decode("doomed", codes[2:4]))
             await asyncio.sleep(0.2)
             os.kill(first_pid, signal.SIGKILL)
-            with pytest.raises(CodecUnavailableError):  # at once, not at the client's 30 s timeout
-                await asyncio.wait_for(in_flight, 10)
-            await eventually(lambda: pool.down, "death noticed", 5)
+            with pytest.raises(CodecUnavailableError) as failed:
+                await in_flight
+            assert not isinstance(failed.value, CodecTimeoutError), "failed by the client's 30 s timeout, not at once"
+            await eventually(lambda: pool.down, "death noticed", 60)
             down = supervisor.problems()
             with pytest.raises(CodecUnavailableError, match="is gone"):
                 await pool.decode("doomed", codes[4:6])
@@ -694,7 +693,7 @@ def test_a_launched_worker_is_replaced_by_one_launched_and_provisioned_like_it(b
         watching = asyncio.create_task(supervisor.run())
         try:
             os.kill(launched.pid, signal.SIGKILL)
-            await eventually(lambda: pool.down, "death noticed", 5)
+            await eventually(lambda: pool.down, "death noticed", 60)
             with pytest.raises(CodecUnavailableError, match="no codec worker is available"):
                 await pool.open_stream("too-early")
             await eventually(lambda: not supervisor.problems(), "restart")

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -208,13 +209,17 @@ def kill(*processes: psutil.Process) -> None:
         os.kill(process.pid, signal.SIGKILL)
 
 
-def watch_status(base: str, seconds: float) -> list[tuple[float, tuple[int, int]]]:
-    """(seconds since now, (health, ready)) polled for `seconds`."""
-    t0, seen = time.monotonic(), []
-    while time.monotonic() - t0 < seconds:
-        seen.append((time.monotonic() - t0, status_of(base)))
+def watch_until_recovered(server) -> list[tuple[tuple[int, int], set[int]]]:
+    """((health, ready), the live codec workers' pids) polled from now until both have said 503
+    and then both say 200 again; fails after RECOVERY_S."""
+    seen, deadline = [], time.monotonic() + RECOVERY_S
+    while True:
+        status = status_of(server.base)
+        seen.append((status, {w.pid for w in codec_workers(server)}))
+        if status == (200, 200) and any(s == (503, 503) for s, _ in seen):
+            return seen
+        assert time.monotonic() < deadline, f"no 503 then 200 within {RECOVERY_S} s: {[s for s, _ in seen][-20:]}"
         time.sleep(0.1)
-    return seen
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -224,17 +229,20 @@ def test_a_killed_codec_worker_fails_its_requests_clearly_and_is_replaced_while_
     before = wait_until_serving(speech_server)
     victim = before[0]
     log_start = speech_server.log.stat().st_size
-    seen: list = []
+    watching = []
 
-    def kill_one() -> None:
-        kill(victim)
-        seen.extend(watch_status(speech_server.base, 1.5))
+    with ThreadPoolExecutor(1) as threads:  # a thread: the streams must be read meanwhile
+        def kill_one() -> None:
+            kill(victim)
+            watching.append(threads.submit(watch_until_recovered, speech_server))
 
-    outcomes = asyncio.run(every_kind(speech_server.base, LONG_INPUT, kill=kill_one))
+        outcomes = asyncio.run(every_kind(speech_server.base, LONG_INPUT, kill=kill_one))
+        seen = watching[0].result()
 
-    # /health and /ready report the dead worker within the 1.5 s watched (the restart takes longer)
-    first = next((i for i, (_, status) in enumerate(seen) if status == (503, 503)), None)
-    assert first is not None and all(status == (503, 503) for _, status in seen[first:]), seen
+    # /health and /ready reported the dead worker (the watch ends only after a 503), and said 200
+    # again only once its replacement ran
+    pids_when_back = seen[-1][1]
+    assert len(pids_when_back) == 2 and victim.pid not in pids_when_back, (victim.pid, seen)
     # the requests with a stream on the killed worker failed clearly; those on the other finished
     assert not all(ok(o) for o in outcomes), "no request had a stream on the killed worker"
     for outcome in outcomes:
