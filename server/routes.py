@@ -30,6 +30,7 @@ from ..params import (MAX_CONSENT_CHARS, MAX_DESCRIPTION_CHARS, MAX_EMBEDDING_CH
 from .audio_output import StreamingEncoder, content_type, encode_audio
 from .schemas import EMBEDDING_PATTERN, APIError, ErrorBody, SpeechBody, Usage, bad_request, session_config
 from .service import SpeechJob, SpeechService
+from .tenants import Tenant
 from .text_split import IncrementalSplitter
 from .validation import SpeechRoute
 from .voices import (VOICE_NAME_PATTERN, InvalidVoiceMetadata, InvalidVoiceName, InvalidVoiceProfile, VoiceExists,
@@ -57,6 +58,17 @@ def service_of(request: Request | WebSocket) -> SpeechService:
     return svc
 
 
+def caller(conn: Request | WebSocket) -> tuple[SpeechService, Tenant]:
+    """The speech service and the tenant whose API key came with this request, or APIError (401).
+    A WebSocket may pass its key as the `api_key` query parameter instead: browsers cannot set
+    headers on one."""
+    svc = service_of(conn)
+    key = conn.headers.get("authorization")
+    if not key and isinstance(conn, WebSocket) and "api_key" in conn.query_params:
+        key = f"Bearer {conn.query_params['api_key']}"
+    return svc, svc.authenticate(key)
+
+
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.to_json(), status_code=e.status, headers=e.headers)
 
@@ -72,8 +84,10 @@ def usage_of(job: SpeechJob) -> Usage:
 async def create_speech(body: SpeechBody, request: Request) -> Response:
     received = getattr(request.state, "arrival", None) or time.perf_counter()  # plugin.ArrivalTime
     try:
-        svc = service_of(request)
-        tenant = svc.authenticate(request.headers.get("authorization"))
+        svc, tenant = caller(request)
+    except APIError as e:
+        return error_response(e)
+    try:
         stack = contextlib.AsyncExitStack()
         ticket = await stack.enter_async_context(svc.admit(tenant, "speech"))
         try:
@@ -82,7 +96,7 @@ async def create_speech(body: SpeechBody, request: Request) -> Response:
             await stack.aclose()
             raise
     except APIError as e:
-        if e.status < 429 and "svc" in locals() and "tenant" in locals():
+        if e.status < 429:  # refusals of admission are counted by the admission itself
             svc.metrics.requests.labels(tenant.name, "speech", str(e.status)).inc()
         return error_response(e)
 
@@ -294,8 +308,7 @@ async def _sse_events(svc: SpeechService, job: SpeechJob, request_id: str, body:
 @router.get("/v1/audio/voices", responses=ERROR_RESPONSES)
 async def list_voices(request: Request) -> JSONResponse:
     try:
-        svc = service_of(request)
-        tenant = svc.authenticate(request.headers.get("authorization"))
+        svc, tenant = caller(request)
     except APIError as e:
         return error_response(e)
     saved = svc.voices.list(tenant.id)
@@ -322,36 +335,9 @@ async def create_voice(
 ) -> JSONResponse:
     """Save a cloned voice under this API key, from exactly one of audio_sample (+ ref_text) or
     speaker_embedding. Only Base checkpoints clone voices: elsewhere a valid upload gets 404."""
-    from ..engine import VoiceProfile
-
     try:
-        svc = service_of(request)
-        tenant = svc.authenticate(request.headers.get("authorization"))
-        if (audio_sample is None) == (speaker_embedding is None):
-            raise bad_request("send exactly one of audio_sample or speaker_embedding", param="audio_sample")
-        hidden = svc.config.talker.decoder.hidden_size
-        xvector = None if speaker_embedding is None else speaker_embedding_values(speaker_embedding, hidden)
-        if svc.config.tts_model_type != "base":
-            raise APIError(404, "this server's checkpoint cannot clone voices, so it saves none (only Base "
-                           "checkpoints can)", param="name", code="unsupported_task_type")
-        if name.lower() in {n.lower() for n in svc.config.speakers}:
-            raise bad_request(f"{name!r} is a built-in speaker name", param="name", code="invalid_voice_name")
-        extra: dict[str, Any] = {}
-        seconds = None
-        if audio_sample is not None:
-            audio = await audio_sample.read(svc.settings.max_ref_audio_bytes + 1)
-            if len(audio) > svc.settings.max_ref_audio_bytes:
-                raise APIError(413, f"audio_sample exceeds {svc.settings.max_ref_audio_bytes} bytes",
-                               param="audio_sample", code="ref_audio_too_large")
-            profile = await svc.clone(audio, ref_text, x_vector_only=not (ref_text or "").strip())
-            extra = {"mime_type": (audio_sample.content_type or "")[:100], "file_size": len(audio)}
-            if profile.ref_codes:
-                seconds = len(profile.ref_codes) / 12.5
-        else:
-            profile = VoiceProfile(xvector=xvector)
-        metadata = VoiceMetadata(consent=consent, description=description, source_audio_seconds=seconds,
-                                 model=str(svc.engine.model_dir), extra=extra)
-        voice = await asyncio.to_thread(svc.voices.create, tenant.id, name, profile, metadata)
+        svc, tenant = caller(request)
+        voice = await _save_voice(svc, tenant, name, audio_sample, ref_text, speaker_embedding, consent, description)
     except APIError as e:
         return error_response(e)
     except VoiceExists:
@@ -368,6 +354,39 @@ async def create_voice(
     return JSONResponse(voice.to_public_dict(), status_code=201)
 
 
+async def _save_voice(svc: SpeechService, tenant: Tenant, name: str, audio_sample: UploadFile | None,
+                      ref_text: str | None, speaker_embedding: str | None, consent: str | None,
+                      description: str | None):
+    """`create_voice`'s work: check the upload, clone the voice (or take the embedding), store it."""
+    from ..engine import VoiceProfile
+
+    if (audio_sample is None) == (speaker_embedding is None):
+        raise bad_request("send exactly one of audio_sample or speaker_embedding", param="audio_sample")
+    hidden = svc.config.talker.decoder.hidden_size
+    xvector = None if speaker_embedding is None else speaker_embedding_values(speaker_embedding, hidden)
+    if svc.config.tts_model_type != "base":
+        raise APIError(404, "this server's checkpoint cannot clone voices, so it saves none (only Base "
+                       "checkpoints can)", param="name", code="unsupported_task_type")
+    if name.lower() in {n.lower() for n in svc.config.speakers}:
+        raise bad_request(f"{name!r} is a built-in speaker name", param="name", code="invalid_voice_name")
+    extra: dict[str, Any] = {}
+    seconds = None
+    if audio_sample is not None:
+        audio = await audio_sample.read(svc.settings.max_ref_audio_bytes + 1)
+        if len(audio) > svc.settings.max_ref_audio_bytes:
+            raise APIError(413, f"audio_sample exceeds {svc.settings.max_ref_audio_bytes} bytes",
+                           param="audio_sample", code="ref_audio_too_large")
+        profile = await svc.clone(audio, ref_text, x_vector_only=not (ref_text or "").strip())
+        extra = {"mime_type": (audio_sample.content_type or "")[:100], "file_size": len(audio)}
+        if profile.ref_codes:
+            seconds = len(profile.ref_codes) / 12.5
+    else:
+        profile = VoiceProfile(xvector=xvector)
+    metadata = VoiceMetadata(consent=consent, description=description, source_audio_seconds=seconds,
+                             model=str(svc.engine.model_dir), extra=extra)
+    return await asyncio.to_thread(svc.voices.create, tenant.id, name, profile, metadata)
+
+
 def speaker_embedding_values(text: str, size: int) -> list[float]:
     """The x-vector of a voice upload (`EMBEDDING_PATTERN` holds already: a JSON list of plain
     numbers, no booleans, none infinite): exactly `size` of them, else 400."""
@@ -381,8 +400,7 @@ def speaker_embedding_values(text: str, size: int) -> list[float]:
 @router.delete("/v1/audio/voices/{name}", responses=ERROR_RESPONSES)
 async def delete_voice(name: str, request: Request) -> JSONResponse:
     try:
-        svc = service_of(request)
-        tenant = svc.authenticate(request.headers.get("authorization"))
+        svc, tenant = caller(request)
         await asyncio.to_thread(svc.voices.delete, tenant.id, name)
     except APIError as e:
         return error_response(e)
@@ -422,144 +440,171 @@ async def health(request: Request) -> JSONResponse:
 async def speech_stream(ws: WebSocket) -> None:
     """Incremental text in, audio out per sentence (message schema: README, WebSocket)."""
     await ws.accept()
+    opened = await _open_session(ws)
+    if opened is not None:
+        await SpeechSession(ws, *opened).run()
+
+
+async def _open_session(ws: WebSocket) -> tuple[SpeechService, Tenant, SpeechBody] | None:
+    """Authenticate and read the first message, the session's configuration (checked as an HTTP
+    request's body is). None once the session has been refused and closed, or the client left."""
     try:
-        svc = service_of(ws)
-        key = ws.headers.get("authorization") or (
-            f"Bearer {ws.query_params['api_key']}" if "api_key" in ws.query_params else None)
-        tenant = svc.authenticate(key)
+        svc, tenant = caller(ws)
         first = await ws.receive()
         if first["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(first.get("code", 1000))
+            return None
         text = first.get("text")
         if text is None and first.get("bytes") is not None:
             text = first["bytes"].decode("utf-8", "replace")
-        template = session_config(text)  # the same checks and errors as an HTTP request's body
+        return svc, tenant, session_config(text)
     except APIError as e:
         await _ws_error(ws, e)
         await ws.close(code=1008)
-        return
     except WebSocketDisconnect:
-        return
+        pass
     except Exception:
         logger.exception("WebSocket session.config failed")
         await _ws_error(ws, APIError(500, "internal error; the server log has the details", type="server_error",
                                      code="internal_error"))
         await ws.close(code=1011)
-        return
+    return None
 
-    await ws.send_json({"type": "session.created", "response_format": template.response_format,
-                        "sample_rate": SAMPLE_RATE})
-    splitter = IncrementalSplitter(max_chars=svc.settings.max_segment_chars)
-    sentences: asyncio.Queue[str | None] = asyncio.Queue()
-    totals = {"input_tokens": 0, "output_tokens": 0, "sentences": 0}
 
-    stall_s = svc.settings.write_stall_timeout_s
+class SpeechSession:
+    """One configured WebSocket session: the client's text is split into sentences as it arrives
+    and a speaker task synthesises them in order. However the session ends (input.done, a
+    client that leaves or stops reading, a failure), synthesis is stopped and what it held freed."""
 
-    async def send(message: dict | bytes) -> None:
+    def __init__(self, ws: WebSocket, svc: SpeechService, tenant: Tenant, template: SpeechBody):
+        self.ws, self.svc, self.tenant, self.template = ws, svc, tenant, template
+        self.splitter = IncrementalSplitter(max_chars=svc.settings.max_segment_chars)
+        self.sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        self.totals = {"input_tokens": 0, "output_tokens": 0, "sentences": 0}
+        self.stall_s = svc.settings.write_stall_timeout_s
+        self.received_chars = 0
+        self.speaker: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        await self.ws.send_json({"type": "session.created", "response_format": self.template.response_format,
+                                 "sample_rate": SAMPLE_RATE})
+        self.speaker = asyncio.create_task(self.speak())
+        try:
+            while (message := await self.next_message()) is not None:
+                if not await self.handle(message):
+                    return
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            with contextlib.suppress(Exception):
+                await _ws_error(self.ws, bad_request('invalid message: expected a JSON object {"type": '
+                                                     '"input.text", "text": ...} or {"type": "input.done"}',
+                                                     param="type"))
+                await self.ws.close(code=1003)
+        finally:
+            if not self.speaker.done():
+                self.speaker.cancel()  # the client left: stop synthesis, which frees what it holds
+            with contextlib.suppress(BaseException):  # also takes its exception, if it failed
+                await self.speaker
+
+    async def handle(self, message: dict) -> bool:
+        """Act on one client message; False once the session is over."""
+        kind = message.get("type")
+        if kind == "input.text":
+            text = str(message.get("text", ""))
+            self.received_chars += len(text)
+            if self.received_chars > self.svc.settings.max_input_chars:
+                await _ws_error(self.ws, bad_request(f"a session may send at most {self.svc.settings.max_input_chars} "
+                                                     "characters", code="input_too_long"))
+                await self.ws.close(code=1009)
+                return False
+            for sentence in self.splitter.feed(text):
+                await self.sentences.put(sentence)
+            return True
+        if kind == "input.done":
+            for sentence in self.splitter.flush():
+                await self.sentences.put(sentence)
+            await self.sentences.put(None)
+            await self.finish()
+            return False
+        await _ws_error(self.ws, bad_request(f"unknown message type {quoted(kind)}; expected input.text or "
+                                             "input.done", param="type"))
+        return True
+
+    async def finish(self) -> None:
+        """After input.done: wait for the last sentence, then report the usage and close."""
+        if not await _speaker_done_unless_client_leaves(self.ws, self.speaker):
+            return  # the client left: the speaker is stopped by run()
+        if self.speaker.cancelled() or self.speaker.exception() is not None:
+            await self.end_early()
+            return
+        totals = self.totals
+        await self.ws.send_json({"type": "session.done", "usage": {
+            **totals, "total_tokens": totals["input_tokens"] + totals["output_tokens"]}})
+        await self.ws.close()
+
+    async def send(self, message: dict | bytes) -> None:
         """One write to the client; one that waits more than the stall timeout ends the session."""
         try:
-            async with asyncio.timeout(stall_s):
-                await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_json(message))
+            async with asyncio.timeout(self.stall_s):
+                await (self.ws.send_bytes(message) if isinstance(message, bytes) else self.ws.send_json(message))
         except TimeoutError:
             raise _ClientStalled from None
 
-    async def speak() -> None:
+    async def speak(self) -> None:
         index = 0
-        while (text := await sentences.get()) is not None:
-            body = template.model_copy(update={"input": text, "stream_format": None, "stream": None})
+        while (text := await self.sentences.get()) is not None:
             try:
-                async with svc.admit(tenant, "websocket") as ticket:
-                    job = await svc.prepare(body, tenant, ticket.priority, split=False)
-                    await send({"type": "audio.start", "sentence_index": index, "text": text})
-                    encoder = StreamingEncoder(template.response_format, SAMPLE_RATE)
-                    samples = 0
-                    async with contextlib.aclosing(svc.pcm_stream(job, f"ws-{uuid.uuid4().hex[:8]}-{index}")) as stream:
-                        async for pcm in stream:
-                            samples += pcm.size
-                            data = encoder.write(pcm)
-                            if data:
-                                await send(data)
-                    tail = encoder.finish()
-                    if tail:
-                        await send(tail)
-                    totals["input_tokens"] += job.input_tokens
-                    totals["output_tokens"] += job.frames
-                    await send({"type": "audio.done", "sentence_index": index,
-                                "audio_seconds": round(samples / SAMPLE_RATE, 3)})
+                await self.speak_sentence(text, index)
             except APIError as e:
-                await send({"type": "error", **e.to_json(), "sentence_index": index})
+                await self.send({"type": "error", **e.to_json(), "sentence_index": index})
             index += 1
-            totals["sentences"] = index
+            self.totals["sentences"] = index
 
-    speaker = asyncio.create_task(speak())
+    async def speak_sentence(self, text: str, index: int) -> None:
+        body = self.template.model_copy(update={"input": text, "stream_format": None, "stream": None})
+        async with self.svc.admit(self.tenant, "websocket") as ticket:
+            job = await self.svc.prepare(body, self.tenant, ticket.priority, split=False)
+            await self.send({"type": "audio.start", "sentence_index": index, "text": text})
+            encoder = StreamingEncoder(self.template.response_format, SAMPLE_RATE)
+            samples = 0
+            async with contextlib.aclosing(self.svc.pcm_stream(job, f"ws-{uuid.uuid4().hex[:8]}-{index}")) as stream:
+                async for pcm in stream:
+                    samples += pcm.size
+                    data = encoder.write(pcm)
+                    if data:
+                        await self.send(data)
+            tail = encoder.finish()
+            if tail:
+                await self.send(tail)
+            self.totals["input_tokens"] += job.input_tokens
+            self.totals["output_tokens"] += job.frames
+            await self.send({"type": "audio.done", "sentence_index": index,
+                             "audio_seconds": round(samples / SAMPLE_RATE, 3)})
 
-    async def next_message() -> dict | None:
+    async def next_message(self) -> dict | None:
         """The client's next message, or None once the speaker has stopped early (`end_early`)."""
-        receiving = asyncio.ensure_future(ws.receive_json())
-        await asyncio.wait({receiving, speaker}, return_when=asyncio.FIRST_COMPLETED)
+        receiving = asyncio.ensure_future(self.ws.receive_json())
+        await asyncio.wait({receiving, self.speaker}, return_when=asyncio.FIRST_COMPLETED)
         if receiving.done():
             return receiving.result()
         receiving.cancel()
-        await end_early()
+        await self.end_early()
         return None
 
-    async def end_early() -> None:
+    async def end_early(self) -> None:
         """The speaker stopped before input.done's sentences were spoken: the client stopped
         reading (the session is closed), went away, or synthesis failed (logged, reported)."""
-        error = speaker.exception() if not speaker.cancelled() else None
+        error = self.speaker.exception() if not self.speaker.cancelled() else None
         if isinstance(error, _ClientStalled):
-            logger.warning("speech session: the client took no audio for %g s; session ended", stall_s)
+            logger.warning("speech session: the client took no audio for %g s; session ended", self.stall_s)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
-                    await ws.close(code=1008)
+                    await self.ws.close(code=1008)
         elif error is not None and not isinstance(error, WebSocketDisconnect):
             logger.error("speech session failed", exc_info=error)
-            await _ws_error(ws, APIError(500, "speech synthesis failed", type="server_error"))
+            await _ws_error(self.ws, APIError(500, "speech synthesis failed", type="server_error"))
             with contextlib.suppress(Exception):
-                await ws.close(code=1011)
-
-    received = 0
-    try:
-        while (message := await next_message()) is not None:
-            kind = message.get("type")
-            if kind == "input.text":
-                text = str(message.get("text", ""))
-                received += len(text)
-                if received > svc.settings.max_input_chars:
-                    await _ws_error(ws, bad_request(f"a session may send at most {svc.settings.max_input_chars} "
-                                                    "characters", code="input_too_long"))
-                    await ws.close(code=1009)
-                    return
-                for sentence in splitter.feed(text):
-                    await sentences.put(sentence)
-            elif kind == "input.done":
-                for sentence in splitter.flush():
-                    await sentences.put(sentence)
-                await sentences.put(None)
-                if not await _speaker_done_unless_client_leaves(ws, speaker):
-                    return  # the client left: the speaker is stopped below
-                if speaker.cancelled() or speaker.exception() is not None:
-                    await end_early()
-                    return
-                await ws.send_json({"type": "session.done", "usage": {
-                    **totals, "total_tokens": totals["input_tokens"] + totals["output_tokens"]}})
-                await ws.close()
-                return
-            else:
-                await _ws_error(ws, bad_request(f"unknown message type {quoted(kind)}; expected input.text or "
-                                                "input.done", param="type"))
-    except WebSocketDisconnect:
-        pass
-    except Exception:
-        with contextlib.suppress(Exception):
-            await _ws_error(ws, bad_request('invalid message: expected a JSON object {"type": "input.text", '
-                                            '"text": ...} or {"type": "input.done"}', param="type"))
-            await ws.close(code=1003)
-    finally:
-        if not speaker.done():
-            speaker.cancel()  # the client left: stop synthesis, which frees what it holds
-        with contextlib.suppress(BaseException):  # also takes its exception, if it failed
-            await speaker
+                await self.ws.close(code=1011)
 
 
 async def _speaker_done_unless_client_leaves(ws: WebSocket, speaker: asyncio.Task) -> bool:
