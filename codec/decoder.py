@@ -1,6 +1,6 @@
 """Qwen3-TTS 12 Hz codec decoder: 16-codebook codes -> 24 kHz waveform.
 
-Architecture (spec §6.2): split-RVQ dequantizer, causal pre-conv, an 8-layer
+Architecture: split-RVQ dequantizer, causal pre-conv, an 8-layer
 sliding-window transformer, two ConvNeXt upsampling stages and a SnakeBeta
 vocoder (four transposed-conv blocks). Everything is causal, so one code path
 serves both uses:
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_qwen3tts.config import CODEC_MODEL_TYPE, CheckpointError, read_json
-from vllm_qwen3tts.layers import RMSNorm
-from vllm_qwen3tts.weight_loading import WeightTarget
+from vllm_qwen3tts.layers import GatedMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from vllm_qwen3tts.weight_loading import WeightTarget, read_safetensors, stacked_name_map, stacked_shard_rows
 
 # Constants fixed by the official implementation rather than by the config.
 CODEBOOK_USAGE_EPS = 1e-5  # clamp of cluster_usage before dividing embedding_sum by it
@@ -212,9 +212,8 @@ def dilated_conv_by_phases(conv, x: torch.Tensor, dilation: int, taps: int) -> t
     """A dilated conv (no padding) of x [B, C, L] as the undilated `conv` over x's `dilation`
     interleaved phases, stacked as a batch: output sample t = k * dilation + r only reads input
     samples of phase r. The same products and sums; the point is speed: cuDNN has no fast kernel
-    for the vocoder's dilated convs (dilations 3 and 9) at most of the decoder's shapes -- at 8
-    streams x 25 frames three of them took 6.3 of a call's 15.3 ms in a kernel without tensor
-    cores, at 64 x 25 one took 17.8 ms (benchmarks/NOTES.md §11)."""
+    for the vocoder's dilated convs (dilations 3 and 9) at most of the decoder's shapes: it falls
+    back to a kernel without tensor cores, which the undilated phases avoid."""
     batch, channels, length = x.shape
     out_length = length - (taps - 1) * dilation
     per_phase = -(-out_length // dilation)  # outputs per phase, the last phases padded
@@ -279,10 +278,9 @@ class SnakeBeta(nn.Module):
         super().__init__()
         self.log_alpha = nn.Parameter(torch.empty(channels))
         self.log_beta = nn.Parameter(torch.empty(channels))
-        self.activation = snake  # CodecDecoder.compile_activations swaps in a fused version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(x, self.log_alpha, self.log_beta)
+        return snake(x, self.log_alpha, self.log_beta)
 
 
 def snake(x: torch.Tensor, log_alpha: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
@@ -361,6 +359,7 @@ class SlidingWindowAttention(nn.Module):
         q = q.view(batch, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]  # per-row positions: broadcast over the heads
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys = torch.cat([past_keys, k], dim=2)
         values = torch.cat([past_values, v], dim=2)
@@ -372,25 +371,6 @@ class SlidingWindowAttention(nn.Module):
         return self.o_proj(out), keys, values
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on [B, H, n, D] with cos/sin [B, n, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class TransformerLayer(nn.Module):
     """Pre-norm layer whose residual branches are scaled per channel (LayerScale)."""
 
@@ -400,7 +380,7 @@ class TransformerLayer(nn.Module):
         self.attn = SlidingWindowAttention(config)
         self.attn_layer_scale = nn.Parameter(torch.empty(config.hidden_size))
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
         self.mlp_layer_scale = nn.Parameter(torch.empty(config.hidden_size))
 
     def forward(
@@ -433,12 +413,8 @@ class DecoderTransformer(nn.Module):
         """cos/sin [B, n, head_dim] for integer positions [B, n]; angles in fp32, then cast (HF order).
         The inverse frequencies are recomputed per call so that casting the module to bf16
         can never round them."""
-        dim = self.config.head_dim
-        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
-        inv_freq = 1.0 / (self.config.rope_theta ** exponents)
-        angles = positions.float()[..., None] * inv_freq
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device=positions.device)
+        return rope_cos_sin(positions, inv_freq, dtype)
 
     def forward(self, x: torch.Tensor, state: "DecoderStreamState", lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, n, latent] -> [B, n, latent] for streams that have decoded `state.positions`
@@ -672,28 +648,17 @@ class CodecDecoder(nn.Module):
         dynamic in the batch size and the chunk length, serves every call with at least
         `MIN_COMPILED_SIZE` streams and frames; smaller calls run eagerly (compiling a size-1
         specialisation took minutes). Compiles lazily, on the first such call."""
-        self.compile_activations(enabled=False)
         self._compiled_decode = torch.compile(self._decode_chunk) if enabled else None
 
     def use_channels_last(self) -> None:
         """Run every conv and transposed conv as a 2-D one on channels-last tensors, the layout
         cuDNN's tensor-core kernels take: in the decoder's own layout cuDNN converts each conv's
-        input and output, and the convs ran 1.3-2.4x slower (benchmarks/NOTES.md §11). The
-        activations between convs stay channels-last. Call after loading weights."""
+        input and output. The activations between convs stay channels-last. Call after loading
+        weights."""
         for m in self.modules():
             if isinstance(m, (CausalConv1d, CausalConvTranspose1d)) and not m.channels_last:
                 store_channels_last(m.weight)
                 m.channels_last = True
-
-    def compile_activations(self, enabled: bool = True) -> None:
-        """Fuse every SnakeBeta into one kernel with torch.compile (`enabled=False`: back to eager).
-        Eagerly each is five full passes over the decoder's largest activations (up to 96
-        channels x 24 kHz per stream); it is the one part worth compiling, and it compiles in
-        seconds (an elementwise graph)."""
-        activation = torch.compile(snake, dynamic=True) if enabled else snake
-        for m in self.modules():
-            if isinstance(m, SnakeBeta):
-                m.activation = activation
 
     def _stateful_convs(self) -> list[CausalConv1d | CausalConvTranspose1d]:
         return [
@@ -853,24 +818,22 @@ def checkpoint_name_map(config: CodecDecoderConfig) -> dict[str, WeightTarget]:
     add("quantizer.rvq_rest.output_proj.weight", "codebooks.acoustic_output_proj")
     conv("pre_conv", "pre_conv")
 
-    q_size = config.num_attention_heads * config.head_dim
-    kv_size = config.num_key_value_heads * config.head_dim
-    inter = config.intermediate_size
-    for name in ("input_proj.weight", "input_proj.bias", "output_proj.weight", "output_proj.bias", "norm.weight"):
-        add(f"pre_transformer.{name}", f"transformer.{name}")
+    transformer = {f"transformer.{name}": f"pre_transformer.{name}" for name in
+                   ("input_proj.weight", "input_proj.bias", "output_proj.weight", "output_proj.bias", "norm.weight")}
     for i in range(config.num_hidden_layers):
         ckpt, mine = f"pre_transformer.layers.{i}", f"transformer.layers.{i}"
-        add(f"{ckpt}.input_layernorm.weight", f"{mine}.attn_norm.weight")
-        add(f"{ckpt}.post_attention_layernorm.weight", f"{mine}.mlp_norm.weight")
-        add(f"{ckpt}.self_attn.q_proj.weight", f"{mine}.attn.qkv_proj.weight", slice(0, q_size))
-        add(f"{ckpt}.self_attn.k_proj.weight", f"{mine}.attn.qkv_proj.weight", slice(q_size, q_size + kv_size))
-        add(f"{ckpt}.self_attn.v_proj.weight", f"{mine}.attn.qkv_proj.weight", slice(q_size + kv_size, None))
-        add(f"{ckpt}.self_attn.o_proj.weight", f"{mine}.attn.o_proj.weight")
-        add(f"{ckpt}.self_attn_layer_scale.scale", f"{mine}.attn_layer_scale")
-        add(f"{ckpt}.mlp.gate_proj.weight", f"{mine}.mlp.gate_up_proj.weight", slice(0, inter))
-        add(f"{ckpt}.mlp.up_proj.weight", f"{mine}.mlp.gate_up_proj.weight", slice(inter, None))
-        add(f"{ckpt}.mlp.down_proj.weight", f"{mine}.mlp.down_proj.weight")
-        add(f"{ckpt}.mlp_layer_scale.scale", f"{mine}.mlp_layer_scale")
+        for param, name in (("attn_norm.weight", "input_layernorm.weight"),
+                            ("mlp_norm.weight", "post_attention_layernorm.weight"),
+                            ("attn.qkv_proj.weight", "self_attn.qkv_proj.weight"),  # q, k, v in the checkpoint
+                            ("attn.o_proj.weight", "self_attn.o_proj.weight"),
+                            ("attn_layer_scale", "self_attn_layer_scale.scale"),
+                            ("mlp.gate_up_proj.weight", "mlp.gate_up_proj.weight"),  # gate, up in the checkpoint
+                            ("mlp.down_proj.weight", "mlp.down_proj.weight"),
+                            ("mlp_layer_scale", "mlp_layer_scale.scale")):
+            transformer[f"{mine}.{param}"] = f"{ckpt}.{name}"
+    rows = stacked_shard_rows(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                              config.intermediate_size)
+    out.update(stacked_name_map(transformer, rows))
 
     for i in range(len(config.upsampling_ratios)):
         ckpt, mine = f"upsample.{i}", f"upsample_stages.{i}"
@@ -902,15 +865,10 @@ def checkpoint_name_map(config: CodecDecoderConfig) -> dict[str, WeightTarget]:
 def read_decoder_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name relative to `decoder.`, tensor) for the decoder's tensors in a speech tokenizer
     safetensors file; the encoder's (`encoder.`) are left alone."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"missing codec weights {path}")
     prefix = "decoder."
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        names = [n for n in f.keys() if n.startswith(prefix)]
-        if not names:
-            raise CheckpointError(f"{path} holds no codec decoder weights (no '{prefix}*' tensors)")
-        for name in names:
-            yield name[len(prefix) :], f.get_tensor(name)
+    weights = read_safetensors(path, prefix, strip_prefix=True, what="codec weights")
+    first = next(weights, None)
+    if first is None:
+        raise CheckpointError(f"{path} holds no codec decoder weights (no '{prefix}*' tensors)")
+    yield first
+    yield from weights

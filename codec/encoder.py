@@ -19,11 +19,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from vllm_qwen3tts.weight_loading import copy_tensors
 from vllm_qwen3tts.config import CODEC_MODEL_TYPE, CheckpointError, read_json
+from vllm_qwen3tts.layers import LayerScale, apply_rope, rope_cos_sin, rope_inv_freq
+from vllm_qwen3tts.weight_loading import copy_tensors, read_safetensors
 
 WEIGHT_PREFIX = "encoder."
 
@@ -208,22 +208,6 @@ class SeanetEncoder(nn.Module):
 # transformer
 
 
-def rotary_cos_sin(
-    inv_freq: torch.Tensor, num_positions: int, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # angles in fp32, rounded to the activation dtype only at the end (as the reference does)
-    positions = torch.arange(num_positions, device=device, dtype=torch.float32)
-    angles = positions[:, None] * inv_freq.to(device)[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split (non-interleaved) rotation of `x [B, heads, T, head_dim]`."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
-
-
 class SelfAttention(nn.Module):
     def __init__(self, config: CodecEncoderConfig):
         super().__init__()
@@ -242,7 +226,7 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
@@ -265,15 +249,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * x
 
 
 class TransformerLayer(nn.Module):
@@ -300,11 +275,11 @@ class EncoderTransformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         # A plain attribute, not a buffer: module.to(bf16) must not round the frequencies.
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
-        self.inv_freq = 1.0 / (config.rope_theta**exponents)
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cos, sin = rotary_cos_sin(self.inv_freq, x.shape[1], x.device, x.dtype)
+        positions = torch.arange(x.shape[1], device=x.device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq.to(x.device), x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return x
@@ -496,11 +471,9 @@ def _is_unused_encoder_tensor(name: str, config: CodecEncoderConfig) -> bool:
 
 
 def read_codec_encoder_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The `encoder.*` tensors of a checkpoint directory's speech tokenizer, by checkpoint name."""
     path = Path(model_dir) / "speech_tokenizer" / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"missing speech_tokenizer/model.safetensors in {model_dir}")
-    with safe_open(str(path), framework="pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys() if name.startswith(WEIGHT_PREFIX)}
+    return dict(read_safetensors(path, WEIGHT_PREFIX, what="codec encoder weights"))
 
 
 def load_codec_encoder(

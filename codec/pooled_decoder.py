@@ -2,8 +2,8 @@
 
 The codec worker keeps the decoder state of every open stream as one row of a pool. A batch
 of chunks (one per stream) is decoded by gathering those rows, decoding, and scattering the
-advanced rows back. Eagerly that is about a thousand kernel launches whatever the batch (24 ms
-per call at batch 1 on an H100: launch-bound), so on a GPU the whole gather-decode-scatter is
+advanced rows back. Eagerly that is about a thousand kernel launches whatever the batch (a
+launch-bound call at small batches), so on a GPU the whole gather-decode-scatter is
 captured as a CUDA graph once per shape of a fixed grid (batch size x chunk length) and
 replayed. A batch is padded up to the next captured size with a scratch row that no stream
 owns.
@@ -51,9 +51,9 @@ class DecodeGrid:
         return next((n for n in self.chunk_lengths if n >= frames), None)
 
 
-# What a decoder call costs beyond its frames, in frames: ~3 ms per call (graph replay at batch 1)
-# against ~67 us per frame at batch 64 x 25 frames (H100, bf16; benchmarks/NOTES.md). A group of
-# shorter chunks joins a longer call when padding them costs less than a call of their own.
+# What a decoder call costs beyond its frames, in frames: a graph replay's fixed cost over the cost
+# of one more frame in a large batch (on an H100, bf16). A group of shorter chunks joins a longer
+# call when padding them costs less than a call of their own.
 CALL_COST_FRAMES = 45
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from vllm_qwen3tts.weight_loading import copy_tensors
 from vllm_qwen3tts.config import CheckpointError, SpeakerEncoderConfig, load_tts_config
+from vllm_qwen3tts.weight_loading import copy_tensors, read_safetensors
 
 WEIGHT_PREFIX = "speaker_encoder."
 
@@ -253,11 +252,8 @@ class SpeakerEncoder(nn.Module):
 
 
 def read_speaker_encoder_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(model_dir) / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"missing model.safetensors in {model_dir}")
-    with safe_open(str(path), framework="pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys() if name.startswith(WEIGHT_PREFIX)}
+    """The `speaker_encoder.*` tensors of a checkpoint directory, by checkpoint name."""
+    return dict(read_safetensors(Path(model_dir) / "model.safetensors", WEIGHT_PREFIX, what="speaker encoder weights"))
 
 
 def load_speaker_encoder(

@@ -1,9 +1,9 @@
 """The codec worker: a separate process that turns talker frames into 24 kHz audio.
 
 It owns the codec decoder (and, for Base checkpoints, the codec encoder and speaker
-encoder used for voice cloning) so that the API server process never needs CUDA
-(spec vllm-integration §6). Clients (`CodecClient`, one or more per API-server process)
-talk to it over a zmq ROUTER socket (wire format: `protocol.py`).
+encoder used for voice cloning) so that the API server process never needs CUDA. Clients
+(`CodecClient`, one or more per API-server process) talk to it over a zmq ROUTER socket (wire
+format: `protocol.py`).
 
 Streams live in a fixed pool of `max_streams` decoder-state rows (`pooled_decoder.py`). The
 loop drains every pending message, then decodes all pending chunks in as few batched calls as
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import zmq
 
+from vllm_qwen3tts.base.settings import launched_codec_workers, process_settings
 from vllm_qwen3tts.config import load_tts_config
 
 from .decoder import MIN_COMPILED_SIZE, CodecDecoder
@@ -77,8 +78,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # The loop wakes at least this often to notice a stop signal, a dead parent or idle streams.
 POLL_INTERVAL_MS = 200
 STOP_GRACE_S = 5.0
-# Loading real weights onto a busy GPU and compiling the decoder: the compilation alone took 196 s
-# on an H100 machine with a cold Inductor cache and a busy CPU (25 s once cached).
+# Loading real weights onto a busy GPU and compiling the decoder with a cold Inductor cache and a
+# busy CPU can take minutes.
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 
 
@@ -98,19 +99,18 @@ class CodecWorkerConfig:
     # that died without closing its streams (e.g. a crashed API-server process sharing this
     # worker); no live request pauses that long between chunks. None: never.
     stream_idle_timeout_s: float | None = 600.0
-    # torch.compile the decoder on CUDA, as one graph dynamic in batch and chunk length (the
-    # elementwise work around its convolutions fuses: 1.3x per frame, benchmarks/NOTES.md §11).
-    # Compiled at start (75-200 s on an H100 the first time; ~20 s once Inductor has it on disk).
-    compile: bool = True
-    # On CUDA, run the decoder's convs on channels-last tensors (`CodecDecoder.use_channels_last`):
-    # with the whole decoder compiled, 1.6x per call at 8 x 25 frames (benchmarks/NOTES.md §11).
-    # QWEN3TTS_CODEC_CHANNELS_LAST=0/1 overrides.
-    channels_last: bool = True
+    # torch.compile the decoder on CUDA, as one graph dynamic in batch and chunk length, so the
+    # elementwise work around its convolutions fuses. Compiled at start (minutes the first time,
+    # much less once Inductor has it on disk). Default: the settings' QWEN3TTS_COMPILE.
+    compile: bool = field(default_factory=lambda: process_settings().tuning.compile)
+    # On CUDA, run the decoder's convs on channels-last tensors (`CodecDecoder.use_channels_last`),
+    # the layout cuDNN's tensor-core kernels take. Default: the settings' QWEN3TTS_CODEC_CHANNELS_LAST.
+    channels_last: bool = field(default_factory=lambda: process_settings().tuning.codec_channels_last)
     # On CUDA, capture the decoder as CUDA graphs for batches of up to `max_batch` chunks of these
     # lengths (the server's chunk schedule: 2, 4, 8, 16, then 25 frames); a batch is padded to
     # the grid (chunks to the call's length, rows to the next batch size). Longer chunks decode
-    # eagerly.
-    cuda_graphs: bool = True
+    # eagerly. Default: the settings' QWEN3TTS_CODEC_GRAPHS.
+    cuda_graphs: bool = field(default_factory=lambda: process_settings().tuning.codec_graphs)
     graph_chunk_lengths: tuple[int, ...] = (2, 4, 8, 16, 25)
 
     def __post_init__(self) -> None:
@@ -272,11 +272,9 @@ class CodecWorker:
         self.num_quantizers = self.decoder.config.num_quantizers
         self.codebook_size = self.decoder.config.codebook_size
         on_gpu = self.device.type == "cuda"
-        channels_last = os.environ.get("QWEN3TTS_CODEC_CHANNELS_LAST", "1" if config.channels_last else "0") != "0"
-        if channels_last and on_gpu:
+        if config.channels_last and on_gpu:
             self.decoder.use_channels_last()
-        self.compiled = (config.compile and on_gpu and os.environ.get("QWEN3TTS_COMPILE", "1") != "0"
-                         and compile_decoder(self.decoder))
+        self.compiled = config.compile and on_gpu and compile_decoder(self.decoder)
         self.decoder_pool: PooledDecoder | None = None  # set by provision()
         self.slots = StreamSlots(0)
         # Rows of streams opened since their last use, reset by their first decoder call: an open
@@ -310,7 +308,7 @@ class CodecWorker:
             )
         t0 = time.perf_counter()
         config = self.config
-        graphs = config.cuda_graphs and self.device.type == "cuda" and os.environ.get("QWEN3TTS_CODEC_GRAPHS", "1") != "0"
+        graphs = config.cuda_graphs and self.device.type == "cuda"
         # a compiled decoder serves batches of MIN_COMPILED_SIZE and up: smaller ones are padded
         min_batch = MIN_COMPILED_SIZE if self.compiled else 1
         grid = DecodeGrid.up_to(config.max_batch, graph_chunk_lengths, min_batch) if graphs else None
@@ -448,7 +446,7 @@ class CodecWorker:
             self.unreset_slots.discard(slot)
             self.decoder_pool.reset(slot)
             # Decoding the reference codes leaves the state where a decode of
-            # concat(reference, generated) would be after the reference (spec §3.8 ICL).
+            # concat(reference, generated) would be after the reference (ICL mode).
             # Streaming is exact, so the pieces can be of any size; their audio is dropped.
             self.decoder_pool.prime(slot, context, self.config.max_chunk_frames)
         except BaseException:
@@ -821,9 +819,6 @@ def _wait_until_ready(process: BaseProcess, ready: Connection, timeout_s: float)
 # workers started before the server process execs vLLM
 
 
-LAUNCHED_WORKERS_ENV = "QWEN3TTS_CODEC_WORKERS"
-
-
 @dataclass
 class LaunchedCodecWorker:
     """A worker started by `launch_codec_worker` as a child of this process. `vllm-qwen3tts
@@ -898,7 +893,7 @@ def launched_workers_to_env(workers: list[LaunchedCodecWorker]) -> str:
 
 def launched_workers_from_env(environ: dict[str, str] | None = None) -> list[LaunchedCodecWorker]:
     """The workers `vllm-qwen3tts serve` launched for this server (none under plain `vllm serve`)."""
-    text = (os.environ if environ is None else environ).get(LAUNCHED_WORKERS_ENV, "")
+    text = launched_codec_workers(environ)
     return [LaunchedCodecWorker(**item) for item in json.loads(text)] if text else []
 
 

@@ -54,7 +54,7 @@ def speech_metrics() -> SpeechMetrics:
 async def watch_event_loop(lag: Histogram, tick_s: float = LOOP_TICK_S) -> None:
     """Observe into `lag`, forever, how late a timer due every `tick_s` fires. Under load the route's
     own clock cannot see a busy loop: a request waits to be accepted and parsed before the app
-    sees it, and its audio waits to be written after the route yielded it (NOTES §15)."""
+    sees it, and its audio waits to be written after the route yielded it."""
     loop = asyncio.get_running_loop()
     while True:
         due = loop.time() + tick_s

@@ -5,8 +5,8 @@ allowlist across all plugin groups, so a deployment lists both:
 
     VLLM_PLUGINS=qwen3_tts,qwen3_tts_speech vllm serve CHECKPOINT_DIR
 
-`vllm-qwen3tts serve` does that (and more) for you. Server options come from
-QWEN3TTS_* environment variables (see `service.ServerSettings`).
+`vllm-qwen3tts serve` does that (and more) for you. The server's settings come from QWEN3TTS_*
+environment variables (`base.settings.ServerSettings`), which `vllm-qwen3tts serve` writes from its flags.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ PLUGIN_NAME = "qwen3_tts_speech"
 class ArrivalTime:
     """Stamps each request with the moment the app first sees it (`request.state.arrival`,
     `time.perf_counter()`), before its body is read and validated: the speech routes count
-    latency from there. With 128 requests arriving at once the client saw first audio ~450 ms
-    later than the route's own clock said (benchmarks/NOTES.md §14)."""
+    latency from there, because under a burst of requests reading and validating bodies takes
+    time the route's own clock would not count."""
 
     def __init__(self, app):
         self.app = app
@@ -66,19 +66,19 @@ class SpeechEndpointPlugin:
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:  # vLLM's CPU-only render server: no engine, no speech
             return
-        from vllm.platforms import current_platform
-
+        from ..base.settings import process_settings
+        from ..base.vllm_adapter import current_platform
         from ..codec.pool import CodecPool
         from ..codec.supervisor import CodecSupervisor
         from ..codec.worker import launched_workers_from_env
         from ..engine import ChunkSchedule, TTSEngine
         from .metrics import speech_metrics, watch_event_loop
-        from .service import ServerSettings, SpeechService
+        from .service import SpeechService
 
         model_dir = Path(args.model)
         if not model_dir.is_dir():
             raise ValueError(f"vllm-qwen3tts serves local checkpoint directories; {args.model!r} is not one")
-        settings = with_vllm_api_keys(ServerSettings.from_env(), vllm_api_keys(getattr(self, "_app", None), state))
+        settings = with_vllm_api_keys(process_settings().server, vllm_api_keys(getattr(self, "_app", None), state))
         vllm_config = engine_client.vllm_config
         on_gpu = current_platform.device_type == "cuda"
         max_streams = max(64, 2 * vllm_config.scheduler_config.max_num_seqs)
@@ -229,7 +229,7 @@ def seal_app(app: FastAPI) -> None:
       make them speech keys: the guard then checks every key on every path it serves.
     - the routes the guard does not serve leave the OpenAPI document, which then describes the
       server as it answers."""
-    from ..talker.compat import vllm_api_key_middleware_tokens
+    from ..base.vllm_adapter import vllm_api_key_middleware_tokens
     from .guard import SERVED
 
     build = app.build_middleware_stack

@@ -1,5 +1,4 @@
-"""The speech service behind the HTTP routes: settings, voice resolution, admission,
-and synthesis of (possibly long, sentence-split) input as one audio stream.
+"""The speech service behind the HTTP routes: voice resolution, admission, and synthesis of (possibly long, sentence-split) input as one audio stream.
 
 One `SpeechService` lives per API-server process. It wraps the vLLM engine
 client vLLM hands to endpoint plugins, starts the codec worker, and owns the
@@ -16,24 +15,23 @@ import hashlib
 import ipaddress
 import json
 import logging
-import os
 import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 
+from ..base.settings import ServerSettings
+from ..base.vllm_adapter import engine_errored
 from ..codec.client import CodecUnavailableError
 from ..codec.pool import CodecBusyError
 from ..codec.protocol import sum_stats
-from ..engine import SAMPLE_RATE, ChunkSchedule, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
+from ..engine import SAMPLE_RATE, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
 from ..params import ParamError, PromptTooLong, is_blank, quoted
 from ..prompt import PromptError
-from ..talker.compat import engine_errored
 from .metrics import codec_stats_collector, speech_metrics
 from .schemas import OPENAI_VOICES, APIError, SpeechBody, bad_request
 from .speed import TimeStretcher
@@ -52,60 +50,6 @@ OPENAI_TTS_MODELS = {"tts-1", "tts-1-hd", "gpt-4o-mini-tts"}
 CODEC_RETRY_AFTER_S = 5
 # Exit status of the API server once vLLM's engine core has died (vLLM itself would exit 0).
 ENGINE_DEAD_EXIT_STATUS = 1
-
-
-def _env_list(name: str) -> list[str]:
-    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Server options. Under `vllm serve` they come from QWEN3TTS_* environment variables
-    (vLLM's command line has no room for plugin flags); `vllm-qwen3tts serve` sets them."""
-
-    voices_dir: Path = Path(os.path.expanduser("~/.cache/vllm_qwen3tts/voices"))
-    api_keys: tuple[str, ...] = ()
-    api_keys_file: Path | None = None
-    default_max_concurrency: int = 16
-    default_requests_per_minute: int = 600
-    max_queued_requests: int = 256
-    max_input_chars: int = 20_000
-    max_segment_chars: int = 300
-    allow_url_ref_audio: bool = False
-    max_ref_audio_bytes: int = 10 * 1024 * 1024
-    ref_audio_fetch_timeout_s: float = 10.0
-    # One codec worker per entry; empty: one on the talker's device, or with vLLM data
-    # parallelism on a GPU, one on each rank's GPU (`codec_devices_for`).
-    codec_devices: tuple[str, ...] = ()
-    warmup: bool = True
-    max_frames_per_segment: int | None = None  # cap on generated frames per sentence (None: the model's room)
-    # A request arriving while at most this many streams are being synthesized gets a 1-frame
-    # first chunk (sooner first audio), beyond that 2 frames (ChunkSchedule.for_load); 0: always 2.
-    light_load_streams: int = ChunkSchedule.light_load_streams
-    # A streamed response whose client has not taken a write for this long (it stopped reading)
-    # is ended and its synthesis stopped, so that it frees its engine and codec slots.
-    write_stall_timeout_s: float = 30.0
-
-    @classmethod
-    def from_env(cls) -> "ServerSettings":
-        e = os.environ.get
-        keys_file = e("QWEN3TTS_API_KEYS_FILE")
-        return cls(
-            voices_dir=Path(e("QWEN3TTS_VOICES_DIR") or cls.voices_dir),
-            api_keys=tuple(_env_list("QWEN3TTS_API_KEYS")),
-            api_keys_file=Path(keys_file) if keys_file else None,
-            default_max_concurrency=int(e("QWEN3TTS_MAX_CONCURRENCY_PER_KEY", cls.default_max_concurrency)),
-            default_requests_per_minute=int(e("QWEN3TTS_REQUESTS_PER_MINUTE_PER_KEY", cls.default_requests_per_minute)),
-            max_queued_requests=int(e("QWEN3TTS_MAX_QUEUED_REQUESTS", cls.max_queued_requests)),
-            max_input_chars=int(e("QWEN3TTS_MAX_INPUT_CHARS", cls.max_input_chars)),
-            allow_url_ref_audio=e("QWEN3TTS_ALLOW_URL_REF_AUDIO", "0") == "1",
-            max_ref_audio_bytes=int(e("QWEN3TTS_MAX_REF_AUDIO_BYTES", cls.max_ref_audio_bytes)),
-            codec_devices=tuple(_env_list("QWEN3TTS_CODEC_DEVICES") or _env_list("QWEN3TTS_CODEC_DEVICE")),
-            warmup=e("QWEN3TTS_WARMUP", "1") == "1",
-            max_frames_per_segment=int(e("QWEN3TTS_MAX_FRAMES")) if e("QWEN3TTS_MAX_FRAMES") else None,
-            light_load_streams=int(e("QWEN3TTS_LIGHT_LOAD_STREAMS", cls.light_load_streams)),
-            write_stall_timeout_s=float(e("QWEN3TTS_WRITE_STALL_TIMEOUT_S") or cls.write_stall_timeout_s),
-        )
 
 
 @dataclass
@@ -679,4 +623,4 @@ async def fetch_public_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
         raise bad_request(f"could not fetch ref_audio: {e}", param="ref_audio", code="invalid_ref_audio") from e
 
 
-__all__ = ["ServerSettings", "SpeechJob", "SpeechService", "fetch_public_url", "VoiceExists", "VoiceQuotaExceeded"]
+__all__ = ["SpeechJob", "SpeechService", "fetch_public_url", "VoiceExists", "VoiceQuotaExceeded"]

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-MIN_SPEED = 0.25
-MAX_SPEED = 4.0
+from ..params import SPEED
+
+MIN_SPEED = SPEED.lo  # OpenAI's range, the request parameter's bounds
+MAX_SPEED = SPEED.hi
 WINDOW_SECONDS = 0.030  # long enough to hold a pitch period of low voices (~12 ms at 80 Hz)
 SEARCH_TOLERANCE_SECONDS = 0.010  # +-10 ms covers a full period of any voice above 50 Hz
 

@@ -80,7 +80,7 @@ def speech_server(tmp_path_factory):
     from server_harness import KEYS, running_server
 
     tmp = tmp_path_factory.mktemp("server-cv")
-    env = {"VLLM_QWEN3TTS_CACHE": str(tmp / "cache")}  # no --model: the default checkpoint is generated here
+    env = {"QWEN3TTS_CACHE_DIR": str(tmp / "cache")}  # no --model: the default checkpoint is generated here
     with running_server(tmp, ["--max-queued-requests", "12", "--max-frames", "40", "--max-num-seqs", "4",
                               "--max-model-len", "512", "--codec-device", "cpu", "--codec-device", "cpu",
                               "--write-stall-timeout", "5"],

@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from server_harness import KEYS, running_server
+from vllm_qwen3tts.base.settings import ServerSettings
 from vllm_qwen3tts.server.guard import NOT_SERVED, ROUTES, SERVED, WEBSOCKET, Body, Exposure, body_limit
-from vllm_qwen3tts.server.service import ServerSettings
 
 pytestmark = pytest.mark.engine
 

@@ -94,7 +94,7 @@ def check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
         calls.clear()
         with torch.no_grad():
             got, want = run(x), expected(x)
-        small = rows <= projections.SMALL_BATCH_ROWS and projections.talker_kernels_wanted()
+        small = rows <= projections.talker_small_rows()  # 0 where the talker's kernels are switched off
         assert calls == ([rows] * 6 if small else []), f"{rows} rows took small_linear {len(calls)} times"
         for name, a, b in zip(layers, got, want):
             assert a.shape == b.shape, (name, a.shape, b.shape)
@@ -103,7 +103,7 @@ def check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
             worst = max(worst, diff)
     torch._dynamo.reset()
     return (f"{device} {str(dtype).removeprefix('torch.')} projections max diff {worst:.3g}; small_linear at <= "
-            f"{projections.SMALL_BATCH_ROWS} rows; one graph")
+            f"{projections.small_batch_rows()} rows; one graph")
 
 
 def test_small_batch_method_matches_cublas_path_and_keeps_one_graph():

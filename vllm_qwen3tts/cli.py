@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -16,12 +17,13 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     import numpy as np
     import soundfile as sf
 
-    from .engine import DeviceError, Qwen3TTS, SynthesisParams, SynthesisRequest
+    from .engine import DeviceError, Qwen3TTS, SynthesisParams, SynthesisRequest, resolve_device
     from .prompt import PromptError
 
     if (args.text is None) == (args.text_file is None):
@@ -39,7 +41,13 @@ def _synthesize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     outputs = [out] if len(texts) == 1 else [out.with_name(f"{out.stem}_{i:04d}{out.suffix}") for i in range(len(texts))]
     try:
-        with Qwen3TTS(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        device, _ = resolve_device(args.device, args.dtype)
+        if device.startswith("cuda:"):
+            # vLLM runs its engine on the first GPU it sees (vLLM 0.26 takes no index): this process
+            # and its children see only that one, as `serve` does for its server
+            os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+            device = "cuda"
+        with Qwen3TTS(args.model, device=device, dtype=args.dtype, max_model_len=args.max_model_len,
                       enforce_eager=args.enforce_eager) as tts:
             voice = None
             if args.ref_audio:
@@ -102,6 +110,8 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
     workers started beside it."""
     import os
 
+    from .base.settings import from_arguments, to_env
+    from .base.vllm_adapter import API_SERVER_MODULE
     from .engine import DeviceError, resolve_device
 
     model = args.model or default_checkpoint()
@@ -112,7 +122,8 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
     env = dict(os.environ)
     env["VLLM_PLUGINS"] = ",".join(p for p in ("qwen3_tts", "qwen3_tts_speech",
                                                *[x for x in env.get("VLLM_PLUGINS", "").split(",") if x]) if p)
-    codec_devices = list(args.codec_device or [])
+    server = from_arguments(args)
+    codec_devices = list(server.codec_devices)
     for d in codec_devices:
         if d != "cpu" and not (d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
             raise DeviceError(f"unknown codec device {d!r}; use cpu, cuda or cuda:N")
@@ -129,21 +140,9 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if args.mps:
             raise DeviceError("--mps shares a CUDA GPU between the engine and the codec worker; this server runs on the CPU")
-    settings = {
-        "QWEN3TTS_API_KEYS": ",".join(args.api_key or []),
-        "QWEN3TTS_API_KEYS_FILE": args.api_keys_file or "",
-        "QWEN3TTS_VOICES_DIR": args.voices_dir or "",
-        "QWEN3TTS_ALLOW_URL_REF_AUDIO": "1" if args.allow_url_ref_audio else "0",
-        "QWEN3TTS_MAX_CONCURRENCY_PER_KEY": str(args.max_concurrency_per_key),
-        "QWEN3TTS_REQUESTS_PER_MINUTE_PER_KEY": str(args.requests_per_minute_per_key),
-        "QWEN3TTS_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
-        "QWEN3TTS_MAX_FRAMES": str(args.max_frames) if args.max_frames else "",
-        "QWEN3TTS_CODEC_DEVICES": ",".join(codec_devices),
-        "QWEN3TTS_LIGHT_LOAD_STREAMS": "" if args.light_load_streams is None else str(args.light_load_streams),
-        "QWEN3TTS_WRITE_STALL_TIMEOUT_S": "" if args.write_stall_timeout is None else f"{args.write_stall_timeout:g}",
-    }
-    env.update({k: v for k, v in settings.items() if v})
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+    # the server process (vLLM's, with our plugin) reads its settings from these variables
+    env.update(to_env(dataclasses.replace(server, codec_devices=tuple(codec_devices))))
+    argv = [sys.executable, "-m", API_SERVER_MODULE, "--model", model,
             "--host", args.host, "--port", str(args.port), "--dtype", dtype,
             "--max-model-len", str(args.max_model_len), "--scheduling-policy", "priority",
             # the talker consumes embeddings, not text tokens; with no tokenizer loaded no
@@ -159,8 +158,8 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
     return ServePlan(argv + vllm_args, env, codec_launch_devices(device, codec_devices, vllm_args))
 
 
-# What a codec worker holds on its GPU: the decoder, 2 x max_num_seqs stream states and the CUDA
-# graph pool (measured 9.7-11.6 GiB on an H100 at the defaults, benchmarks/NOTES.md §6), plus room.
+# What a codec worker holds on its GPU at the defaults: the decoder, 2 x max_num_seqs stream states
+# and the CUDA graph pool, plus room.
 CODEC_WORKER_GPU_BYTES = 13 * 2**30
 GPU_HEADROOM_BYTES = 2 * 2**30  # CUDA contexts of the processes, fragmentation
 
@@ -197,12 +196,15 @@ def codec_launch_devices(device: str, codec_devices: list[str], vllm_args: list[
 def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     import os
 
-    from .codec.worker import LAUNCHED_WORKERS_ENV, launch_codec_worker, launched_workers_to_env
+    from .base.settings import LAUNCHED_CODEC_WORKERS_ENV, from_arguments, process_settings, set_process_settings
+    from .codec.worker import launch_codec_worker, launched_workers_to_env
     from .config import CheckpointError
     from .engine import DeviceError
     from .mps import MPSError, start_private_mps
 
     try:
+        # this process's settings are its environment's and its flags (e.g. --cache-dir for the default checkpoint)
+        set_process_settings(dataclasses.replace(process_settings(), server=from_arguments(args)))
         plan = serve_command(args, vllm_args)
         argv, env = plan.argv, plan.env
         if args.mps:
@@ -217,7 +219,7 @@ def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     model = argv[argv.index("--model") + 1]
     workers = [launch_codec_worker(model, device, env) for device in plan.codec_devices]
     if workers:
-        env[LAUNCHED_WORKERS_ENV] = launched_workers_to_env(workers)
+        env[LAUNCHED_CODEC_WORKERS_ENV] = launched_workers_to_env(workers)
         print(f"started codec worker{'s' if len(workers) > 1 else ''} {[w.pid for w in workers]} on "
               f"{[w.device for w in workers]}", flush=True)
     print("starting:", " ".join(argv[1:]), flush=True)
@@ -225,6 +227,7 @@ def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .base.settings import add_arguments, process_settings
     from .checkpoint import SCALES, VARIANTS
 
     parser = argparse.ArgumentParser(prog="vllm-qwen3tts", description=__doc__)
@@ -270,29 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory (default: a generated tiny CustomVoice checkpoint)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", action="append",
-                   help="an API key (repeat for several tenants), required on every route the server serves but "
-                        "/health, /ready and the docs (vLLM's own routes are not served); it also stands for "
-                        "vLLM's --api-key, which this option takes the place of. None: no auth")
-    p.add_argument("--api-keys-file", help="JSON list of {key, name, max_concurrency, requests_per_minute}")
-    p.add_argument("--voices-dir", help="where saved voices are kept (default ~/.cache/vllm_qwen3tts/voices)")
-    p.add_argument("--allow-url-ref-audio", action="store_true", help="let requests fetch ref_audio from public URLs")
-    p.add_argument("--max-concurrency-per-key", type=int, default=16)
-    p.add_argument("--requests-per-minute-per-key", type=int, default=600)
-    p.add_argument("--max-queued-requests", type=int, default=256, help="beyond this, new requests get 503")
-    p.add_argument("--max-frames", type=int, help="cap on generated frames per sentence (runaway guard)")
-    p.add_argument("--light-load-streams", type=int,
-                   help="a request arriving while at most this many streams are being synthesized gets a first "
-                        "audio chunk of 1 frame instead of 2 (one talker step sooner); default 32, 0: always 2. A request's "
-                        "initial_codec_chunk_frames overrides it")
-    p.add_argument("--write-stall-timeout", type=float, metavar="SECONDS",
-                   help="end a streamed response (and its synthesis) whose client has taken no audio for this long; "
-                        "default 30")
-    p.add_argument("--codec-device", action="append",
-                   help="run a codec worker on this device (repeat for several; streams are spread over them). "
-                        "Default: the talker's device, or one per data-parallel rank's GPU "
-                        "(with vLLM's --data-parallel-size N); e.g. --codec-device cuda:1 puts audio decoding "
-                        "on a GPU of its own")
+    # the server's settings: one flag each, defaulting to its QWEN3TTS_* variable (base/settings.py)
+    add_arguments(p, process_settings().server)
     p.add_argument("--mps", action="store_true",
                    help="run the engine and the codec worker under a CUDA MPS control daemon private to this "
                         "server (started with it, quit after it), so their kernels share the GPU at once "
@@ -305,7 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    from .base.settings import SettingsError
+
+    try:
+        parser = build_parser()  # `serve`'s flags default to the environment's settings
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args, rest = parser.parse_known_args(argv)
     if args.func is _serve:
         return _serve(args, rest)

@@ -22,15 +22,10 @@ import torch
 from torch import nn
 
 from .config import DecoderGeometry, TalkerConfig
-from .layers import RMSNorm
+from .layers import GatedMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from .predictor_kernels import fused_sample, kernels_enabled, small_linear, token_attention, use_kernel, use_small_linear
 from .sampling import SamplingTensors, sample
-from .weight_loading import WeightTarget, load_mapped
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+from .weight_loading import load_mapped, stacked_name_map, stacked_shard_rows
 
 
 class Attention(nn.Module):
@@ -81,8 +76,8 @@ class Attention(nn.Module):
         q = self.q_norm(q.reshape(b, n, self.heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.reshape(b, n, self.kv_heads, self.head_dim)).transpose(1, 2)
         v = v.reshape(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         cache_k.index_copy_(2, positions, k)
         cache_v.index_copy_(2, positions, v)
         # Always the whole (16-entry) cache, masked: shapes never depend on the position. The
@@ -98,24 +93,13 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
 
 
-class MLP(nn.Module):
-    def __init__(self, g: DecoderGeometry):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(g.hidden_size, 2 * g.intermediate_size, bias=False)  # gate rows, then up
-        self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, g: DecoderGeometry):
         super().__init__()
         self.input_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
         self.self_attn = Attention(g)
         self.post_attention_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
-        self.mlp = MLP(g)
+        self.mlp = GatedMLP(g.hidden_size, g.intermediate_size)
 
     def forward(self, x, cos, sin, cache_k, cache_v, positions, mask) -> torch.Tensor:
         attn = self.self_attn
@@ -156,11 +140,10 @@ class CodePredictor(nn.Module):
         self.small_to_mtp_projection = (
             nn.Linear(talker_hidden, g.hidden_size, bias=True) if talker_hidden != g.hidden_size else nn.Identity()
         )
-        inv_freq = 1.0 / (g.rope_theta ** (torch.arange(0, g.head_dim, 2, dtype=torch.float32) / g.head_dim))
-        angles = torch.arange(self.seq_len, dtype=torch.float32).unsqueeze(-1) * inv_freq
-        emb = torch.cat((angles, angles), dim=-1)
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        # fp32 tables of the 16 positions, indexed and cast to the activation dtype per call
+        cos, sin = rope_cos_sin(torch.arange(self.seq_len), rope_inv_freq(g.head_dim, g.rope_theta), torch.float32)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("key_positions", torch.arange(self.seq_len), persistent=False)
         self._position_ids: list[torch.Tensor] | None = None
         # The steps and the sampler, eager here; `compile_steps()` swaps in compiled versions. None
@@ -257,26 +240,11 @@ class CodePredictor(nn.Module):
         """
         prefix = "talker.code_predictor."
         g = self.geometry
-        q, kv, inter = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim, g.intermediate_size
-        # the checkpoint's separate matrices -> rows of the fused ones
-        fused = {
-            "self_attn.qkv_proj.weight": {"self_attn.q_proj.weight": slice(0, q),
-                                          "self_attn.k_proj.weight": slice(q, q + kv),
-                                          "self_attn.v_proj.weight": slice(q + kv, q + 2 * kv)},
-            "mlp.gate_up_proj.weight": {"mlp.gate_proj.weight": slice(0, inter),
-                                        "mlp.up_proj.weight": slice(inter, 2 * inter)},
-        }
-        mapping: dict[str, str | WeightTarget] = {}
-        for name, _ in self.named_parameters():
-            checkpoint_name = prefix + ("model." + name if name.startswith(("layers.", "norm.")) else name)
-            suffix = next((f for f in fused if name.endswith(f)), None)
-            if suffix is None:
-                mapping[checkpoint_name] = name
-                continue
-            stem = checkpoint_name[: -len(suffix)]
-            for part, rows in fused[suffix].items():
-                mapping[stem + part] = WeightTarget(name, rows)
-        return load_mapped(self, weights, mapping)
+        names = {name: prefix + ("model." + name if name.startswith(("layers.", "norm.")) else name)
+                 for name, _ in self.named_parameters()}
+        # the checkpoint's separate q/k/v and gate/up matrices -> rows of the fused ones
+        rows = stacked_shard_rows(g.num_heads, g.num_kv_heads, g.head_dim, g.intermediate_size)
+        return load_mapped(self, weights, stacked_name_map(names, rows))
 
 
 def _sample(logits, temperature, top_k, top_p, seed, counter) -> torch.Tensor:

@@ -22,15 +22,16 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import TTSConfig, load_tts_config
-from .params import (MAX_NEW_TOKENS, MIN_NEW_TOKENS, REPETITION_PENALTY, SEED, SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K,
-                     SUBTALKER_TOP_P, TEMPERATURE, TOP_K, TOP_P, ParamError, PromptTooLong)
+from .params import (LARGEST_CHUNK_FRAMES, MAX_NEW_TOKENS, MIN_NEW_TOKENS, REPETITION_PENALTY, SEED,
+                     SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K, SUBTALKER_TOP_P, TEMPERATURE, TOP_K, TOP_P, ParamError,
+                     PromptTooLong)
 from .prompt import PromptError, SpeechRequest, build_prompt
 from .talker.protocol import Code0Params, SubtalkerParams, TalkerRequest, frames_from_output, talker_sampling_params
 
@@ -108,13 +109,13 @@ class ChunkSchedule:
     """Frames per codec call: a small first chunk for time-to-first-audio, then growing.
 
     While few streams are being synthesized the first chunk is a single frame: it comes one
-    talker step (~6 ms) sooner, and the codec answers the next chunk well within the 80 ms that
-    frame plays (H200, 20 req/s: no underruns; benchmarks/NOTES.md §13). Under heavy load
-    the codec's answer takes longer than that, so the first chunk carries two frames."""
+    talker step sooner, and the codec answers the next chunk within the 80 ms that frame plays.
+    Under heavy load the codec's answer takes longer than that, so the first chunk carries two
+    frames."""
 
     first: int = 2
     growth: float = 2.0
-    largest: int = 25
+    largest: int = LARGEST_CHUNK_FRAMES  # the bound of the request's initial_codec_chunk_frames
     light_load_first: int = 1
     light_load_streams: int = 32  # at most this many streams synthesizing, this one included
 
@@ -183,7 +184,7 @@ class TTSEngine:
         """(TokensPrompt, SamplingParams) for the talker; raises PromptError on bad input: `ParamError`
         for a parameter out of its bounds (`params.BOUNDS`), `PromptTooLong` for a prompt that leaves
         the model no room for a frame."""
-        from vllm.inputs import TokensPrompt
+        from .base.vllm_adapter import TokensPrompt
 
         cfg = self.config
         try:
@@ -390,7 +391,7 @@ class EngineOptions:
 
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:
     """('cpu' | 'cuda' | 'cuda:N', torch dtype name), or DeviceError saying why not."""
-    from vllm.platforms import current_platform
+    from .base.vllm_adapter import current_platform
 
     platform = current_platform.device_type  # what this vLLM build runs on
     device = (device or "auto").lower()
@@ -440,18 +441,18 @@ class RunningEngine:
 
 async def start_engine(opts: EngineOptions) -> RunningEngine:
     """A vLLM AsyncLLM for the talker plus a codec worker process, wired into a TTSEngine."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
-
+    from .base.vllm_adapter import AsyncEngineArgs, AsyncLLM
     from .codec.client import CodecClient
     from .codec.worker import CodecWorkerConfig, start_codec_worker
 
     device, dtype = resolve_device(opts.device, opts.dtype)
     load_tts_config(opts.model)  # clear errors before any process starts
-    if device.startswith("cuda:"):
-        # vLLM picks devices by visibility; the codec worker then sees the same GPU as cuda:0
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
-        device = "cuda"
+    gpu_index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    if gpu_index and "device_ids" not in {f.name for f in fields(AsyncEngineArgs)}:
+        # vLLM runs its engine on the first GPU it sees; another one only through its device_ids
+        # (vLLM 0.32). The process environment is the caller's: `synthesize` sets it for cuda:N.
+        raise DeviceError(f"this vLLM runs on the first visible GPU only: make GPU {gpu_index} the first visible "
+                          f"one (CUDA_VISIBLE_DEVICES={gpu_index}) and use device 'cuda'")
     if device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     codec_device = opts.codec_device or device
@@ -464,6 +465,8 @@ async def start_engine(opts: EngineOptions) -> RunningEngine:
             model=str(opts.model), dtype=dtype, max_model_len=opts.max_model_len, max_num_seqs=opts.max_num_seqs,
             skip_tokenizer_init=True, enforce_eager=opts.enforce_eager,
         )
+        if gpu_index:
+            kwargs["device_ids"] = [gpu_index]  # an index among the visible GPUs, as cuda:N is
         if opts.gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
         elif device == "cpu":

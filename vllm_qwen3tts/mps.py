@@ -2,8 +2,8 @@
 
 The talker's engine and the codec worker are two processes on one GPU. Without MPS the GPU
 gives their contexts turns (time slices), so under load a codec call waits behind the engine's
-CUDA graphs and the engine's steps behind the codec's (benchmarks/NOTES.md §13: codec calls took
-~4x their idle-GPU time at 128 streams). Under MPS both processes' kernels share the SMs at once.
+CUDA graphs and the engine's steps behind the codec's. Under MPS both processes' kernels share the
+SMs at once.
 
 The daemon gets pipe and log directories of its own (nothing else on the machine talks to it)
 and a watcher process that tells it to quit, and removes the directories, once the server's

@@ -1,12 +1,12 @@
-"""Triton kernels for the code predictor's sub-steps: the token step's attention, and the sampler.
+"""Triton kernels for the code predictor's sub-steps: the token step's attention, its small-batch
+projections, and the sampler.
 
-**Attention**: everything between the QKV and the output projections.
+**Attention** (`token_attention`): everything between the QKV and the output projections.
 
 Per layer and sub-step the predictor attends one new token to a 16-entry cache. Written in
 PyTorch that is a q/k RMSNorm, RoPE, two cache writes, two tiny batched matmuls, a masked
-softmax and a few copies: ~8 kernels of a few microseconds each, 80 times per talker step
-(16 sub-steps x 5 layers), most of the step at large batches (benchmarks/NOTES.md §5). Here
-one program per (row, KV head) does all of it in registers: the cache holds 16 x 128 values
+softmax and a few copies: ~8 small kernels, 80 times per talker step (16 sub-steps x 5 layers).
+Here one program per (row, KV head) does all of it in registers: the cache holds 16 x 128 values
 per head, so nothing needs tiling.
 
 Numerics follow `code_predictor.Attention`: the norms normalise in fp32, cast to the activation
@@ -16,13 +16,13 @@ also do), so bf16 results differ from eager PyTorch by rounding only.
 
 **Sampler** (`fused_sample`): temperature, top-k, top-p and the Gumbel-max draw of
 `sampling.sample` for one row per program. In PyTorch that is a sort of the 2,048 logits,
-gathers, a scatter, a softmax, a cumsum and the hash noise: ~10 kernels and ~50 us per sub-step
-at batch 128, 15 times per talker step (benchmarks/NOTES.md §12). Here the row stays in
-registers and the k-th largest value and the top-p cut are found by bisection on the values'
-bit patterns (a count or a sum over the row per round) instead of sorting. The predictor's
-logits are bf16, so the keys are their 16 bits (16 rounds at most, where fp32 needs 32), and the
-top-k search stops as soon as a count is exactly k, which at 2,048 logits usually comes before
-the last round (bf16 logits often tie at the k-th value, and then it runs all 16).
+gathers, a scatter, a softmax, a cumsum and the hash noise: ~10 kernels, 15 times per talker
+step. Here the row stays in registers and the k-th largest value and the top-p cut are found by
+bisection on the values' bit patterns (a count or a sum over the row per round) instead of
+sorting. The predictor's logits are bf16, so the keys are their 16 bits (16 rounds at most, where
+fp32 needs 32), and the top-k search stops as soon as a count is exactly k, which at 2,048 logits
+usually comes before the last round (bf16 logits often tie at the k-th value, and then it runs
+all 16).
 Same result as `sampling.sample`: identical noise bits (the same integer hash), IEEE division by
 the temperature, top-k ties kept. Top-p keeps an entry when the probability of the entries
 above it is < top_p, which is the reference's cumulative-sum rule evaluated by a sum in another
@@ -30,20 +30,15 @@ order: the two can disagree only on an entry whose cumulative probability is wit
 1 - top_p, and on tied values at the cut (kept here, cut by sort order there).
 
 **Small-batch projections** (`small_linear`): at a few rows per step every projection of the
-token step is a matrix-vector product that only has to stream its weights once, yet cuBLAS takes
-3.6-12.6 us each at batch 1 on an H200 (0.3-2.6 TB/s; a split-K kernel plus its reduction for the
-down projection), and the RMSNorms, SiLU and residual adds between them are kernels of their own:
-~9 kernels per layer and sub-step, 80 times per talker step, ~4 ms of the 5.8 ms batch-1 step
-(benchmarks/NOTES.md §15). Here a layer is 5 kernels: each projection applies the norm or the
-SiLU gate to its input as it loads it, and adds the residual to its output before storing it.
-Used up to `SMALL_BATCH_ROWS` rows, 2 by default. Each program loads its whole [columns, K] slice
-of the weight at once and reduces it in registers, one row after another, so its time grows with
-the rows: on an H200 (bf16, weights read from HBM, NOTES §16) a predictor token step takes 156 us
-against cuBLAS's 228 at batch 1, 184 against 220 at batch 2, and loses from 4 rows on (245 against
-224); the talker's batch-1 step went from 5.88 to 4.67 ms. (Its first version walked K tile by
-tile with `tl.dot` and was slower than cuBLAS even at batch 1, NOTES §15.) Numerics as
-PyTorch's: the normed, gated and summed values are rounded to the activation dtype where PyTorch
-rounds them; only the dot products' summation order differs.
+token step is a matrix-vector product that only has to stream its weights once, which cuBLAS
+does well below the memory bandwidth, and the RMSNorms, SiLU and residual adds between them are
+kernels of their own (~9 kernels per layer and sub-step). Here a layer is 5 kernels: each
+projection applies the norm or the SiLU gate to its input as it loads it, and adds the residual
+to its output before storing it. Each program loads its whole [columns, K] slice of the weight at
+once and reduces it in registers, one row after another, so its time grows with the rows: it is
+used up to `small_batch_rows()` rows (2 by default), the batches at which it beats cuBLAS.
+Numerics as PyTorch's: the normed, gated and summed values are rounded to the activation dtype
+where PyTorch rounds them; only the dot products' summation order differs.
 
 `QWEN3TTS_PREDICTOR_KERNELS=0` keeps PyTorch's attention, sampler and projections on the GPU too;
 a comma list (`attention`, `sampler`, `linear`) keeps just those as Triton.
@@ -55,6 +50,8 @@ import os
 
 import torch
 
+from .base.settings import process_settings
+
 try:
     import triton
     import triton.language as tl
@@ -64,10 +61,9 @@ except ImportError:  # the CPU build of vLLM may come without Triton; the PyTorc
 
 
 def kernel_chosen(kernel: str) -> bool:
-    """Whether QWEN3TTS_PREDICTOR_KERNELS, 1 (default: all), 0 (none) or a comma list of names,
-    chooses `kernel` ("attention", "sampler", "linear" or "talker_linear")."""
-    chosen = os.environ.get("QWEN3TTS_PREDICTOR_KERNELS", "1").replace(" ", "")
-    return chosen == "1" or kernel in chosen.split(",")
+    """Whether the settings (QWEN3TTS_PREDICTOR_KERNELS: 1, the default, all; 0 none; or a comma list
+    of names) choose `kernel` ("attention", "sampler", "linear" or "talker_linear")."""
+    return process_settings().tuning.kernel_chosen(kernel)
 
 
 def kernels_enabled(x: torch.Tensor, kernel: str) -> bool:
@@ -114,8 +110,7 @@ if triton is not None:
         # Every load first: a warp issues its instructions in order and waits at the first use of
         # a load, so a load written after a reduction would start only once the loads before it
         # have arrived. In the engine the weights streamed between two calls evict this kernel's
-        # inputs from L2, and each such wait is an HBM round trip (8.4 us per call at batch 1 in
-        # the engine's profile with the loads spread out, against 3.2 us with L2 warm; NOTES §18).
+        # inputs from L2, so each such wait would be an HBM round trip.
         position = tl.load(position_ptr)
         k_off = (H + kv) * D
         k = tl.load(base + k_off + d).to(tl.float32)
@@ -176,10 +171,8 @@ def token_attention(
     cache_k: torch.Tensor,  # [B, KV, S, D], written at `position`
     cache_v: torch.Tensor,
     heads: int,
-    num_warps: int = 1,
 ) -> torch.Tensor:
-    """Attention output of one new token per row, [B, H * D]; the new k and v go into the caches.
-    (`num_warps`: the launch shape; benchmarks/predictor_attention.py times the choices.)"""
+    """Attention output of one new token per row, [B, H * D]; the new k and v go into the caches."""
     b = qkv.shape[0]
     _, kv_heads, slots, head_dim = cache_k.shape
     out = torch.empty((b, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
@@ -187,23 +180,26 @@ def token_attention(
         qkv, q_norm, k_norm, cos, sin, position, cache_k, cache_v, out,
         qkv.stride(0), out.stride(0), eps, head_dim**-0.5,
         H=heads, KV=kv_heads, D=head_dim, S=slots, GROUP=heads // kv_heads,
-        num_warps=num_warps,
+        num_warps=1,  # one warp: the fastest launch shape inside the engine's CUDA graphs
     )
     return out
 
 
 # ------------------------------------------------------------------------ small-batch projections
 
-# Rows up to which `small_linear` replaces cuBLAS (the batch buckets at or below it take the fused
-# path): where it measured faster on an H200 (NOTES §16). QWEN3TTS_SMALL_BATCH_ROWS overrides it
-# (0: off); benchmarks/predictor_linear.py times both sides.
-SMALL_BATCH_ROWS = int(os.environ.get("QWEN3TTS_SMALL_BATCH_ROWS", "2"))
+def small_batch_rows() -> int:
+    """Rows up to which `small_linear` replaces cuBLAS in this process (the batch buckets at or below
+    it take the fused path): the settings' QWEN3TTS_SMALL_BATCH_ROWS, by default 2, the batches at
+    which it is the faster of the two; 0: never."""
+    return process_settings().tuning.small_batch_rows
+
+
 _WEIGHT_TILE_ELEMENTS = 16384  # per program, held in registers as fp32: 64 KB over its 8 or 16 warps
 
 
 def use_small_linear(x: torch.Tensor, rows: int | None = None) -> bool:
     """Whether the projections of `rows` rows like x (default: x [rows, ...]) run as `small_linear`."""
-    return kernels_enabled(x, "linear") and (x.shape[0] if rows is None else rows) <= SMALL_BATCH_ROWS
+    return kernels_enabled(x, "linear") and (x.shape[0] if rows is None else rows) <= small_batch_rows()
 
 
 if triton is not None:
@@ -264,21 +260,19 @@ def small_linear(
     eps: float = 0.0,
     silu_mul: bool = False,  # use silu(x[:, :K]) * x[:, K:] as the input
     residual: torch.Tensor | None = None,  # [M, N]: added to the output
-    block_n: int | None = None, num_warps: int | None = None,
 ) -> torch.Tensor:
     """x @ weight.T [M, N] for a few rows, with the layer's norm or gate applied to x on the way in
-    and the residual added on the way out, in one kernel. (The launch shape: benchmarks/
-    predictor_linear.py times the choices.)"""
+    and the residual added on the way out, in one kernel."""
     m = x.shape[0]
     n, k = weight.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     k_pad = triton.next_power_of_2(k)
-    block_n = block_n or _columns_per_program(n, k_pad)
-    # 16 warps for the projections back to the hidden size (o: 3.9 -> 3.2 us, down: 5.2 -> 4.1 us
-    # at batch 1 on an H200), 8 for the wider ones (within 0.1-0.5 us of their best)
-    num_warps = num_warps or (16 if n <= 1024 else 8)
+    block_n = _columns_per_program(n, k_pad)
+    # 16 warps for the projections back to the hidden size (few, wide programs), 8 for the wider
+    # projections: the fastest launch shapes found for each
+    num_warps = 16 if n <= 1024 else 8
     prologue = 1 if norm_weight is not None else 2 if silu_mul else 0
     _small_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, norm_weight if norm_weight is not None else weight,  # (unread stand-ins: read-only
@@ -324,7 +318,7 @@ if triton is not None:
         logits_ptr, row_stride,  # [B, V]
         temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr, counter_ptr,  # [B] each
         out_ptr,  # [B] int64
-        V, BLOCK: tl.constexpr, LIBDEVICE_LOG: tl.constexpr, KEY16: tl.constexpr, EARLY_EXIT: tl.constexpr,
+        V, BLOCK: tl.constexpr, LIBDEVICE_LOG: tl.constexpr, KEY16: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -347,21 +341,16 @@ if triton is not None:
         # top-k: the k-th largest value is the largest key K with count(key >= K) >= k. A count
         # of exactly k ends the search early: the keys >= mid are then the top k themselves.
         # Greedy draws skip it (the largest value survives any cut), as does top-k off.
-        # (EARLY_EXIT off: the search as it was, for benchmarks/predictor_sampler.py.)
         k = tl.load(top_k_ptr + row)
         k = tl.where((k <= 0) | (k >= V), V, k)
         lo = tl.full((), key_min, tl.int64)
         hi = tl.full((), key_max, tl.int64)
-        if EARLY_EXIT:
-            hi = tl.where(greedy | (k == V), lo, hi)
+        hi = tl.where(greedy | (k == V), lo, hi)
         while lo < hi:
             mid = lo + (hi - lo + 1) // 2
             count = tl.sum(tl.where(valid & (key >= mid), 1, 0), axis=0)
             lo = tl.where(count >= k, mid, lo)
-            if EARLY_EXIT:
-                hi = tl.where(count > k, hi, tl.where(count == k, mid, mid - 1))
-            else:
-                hi = tl.where(count >= k, hi, mid - 1)
+            hi = tl.where(count > k, hi, tl.where(count == k, mid, mid - 1))
         keep = valid & (key >= lo)
 
         # top-p over the top-k renormalised: keep an entry while the mass above it is < top_p;
@@ -396,17 +385,14 @@ if triton is not None:
 
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 seed: torch.Tensor, counter: torch.Tensor, num_warps: int = 8, full_search: bool = False) -> torch.Tensor:
-    """`sampling.sample` as one kernel: a token id per row of logits [B, V]. (`num_warps`: 8 was
-    fastest on an H200 at batches 1-128, 10.5-10.8 us a draw, and as fast as 4 at 256;
-    benchmarks/predictor_sampler.py.) `full_search`: the searches as they were before they ended
-    early and took 16-bit keys (32 rounds each), for that benchmark; the same draws."""
+                 seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """`sampling.sample` as one kernel: a token id per row of logits [B, V]."""
     b, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
     _sample_kernel[(b,)](logits, logits.stride(0), temperature, top_k, top_p, seed, counter, out, vocab,
                          BLOCK=triton.next_power_of_2(vocab), LIBDEVICE_LOG=os.environ.get("TRITON_INTERPRET") != "1",
-                         KEY16=logits.dtype in (torch.bfloat16, torch.float16) and not full_search,
-                         EARLY_EXIT=not full_search, num_warps=num_warps)
+                         KEY16=logits.dtype in (torch.bfloat16, torch.float16),
+                         num_warps=8)  # 8 warps: the fastest launch shape at the engine's batch sizes
     return out

@@ -7,7 +7,7 @@ plus the trailing text queue fed one entry per decode step. The recipe is
 small, serialisable (it travels to the vLLM worker inside `SamplingParams`),
 and turned into embeddings in one vectorised pass by `TalkerEmbeddings`.
 
-Layouts follow spec §3: instruct block, role block, codec control block, then
+Layouts: instruct block, role block, codec control block, then
 a mode-dependent tail (plain streaming / non-streaming text input, or ICL).
 """
 

@@ -20,22 +20,24 @@ import threading
 import time
 from pathlib import Path
 
-ENV = "QWEN3TTS_STACK_SAMPLES_DIR"
 PAUSE_FILE = "PAUSED"
 _started = False
 
 
 def start_from_env(role: str | None = None) -> None:
-    """Start sampling this process if QWEN3TTS_STACK_SAMPLES_DIR is set (at most once)."""
+    """Start sampling this process if the settings' QWEN3TTS_STACK_SAMPLES_DIR is set (at most once)."""
+    from .base.settings import process_settings
+
     global _started
-    out_dir = os.environ.get(ENV)
+    tuning = process_settings().tuning
+    out_dir = tuning.stack_samples_dir
     if not out_dir or _started:
         return
     _started = True
     role = role or multiprocessing.current_process().name
     path = Path(out_dir) / f"{role}-{os.getpid()}.folded"
     path.parent.mkdir(parents=True, exist_ok=True)
-    interval_s = float(os.environ.get("QWEN3TTS_STACK_SAMPLE_INTERVAL_MS", "5")) / 1000
+    interval_s = tuning.stack_sample_interval_ms / 1000
     threading.Thread(target=_sample_forever, args=(path, interval_s), name="qwen3tts-stack-sampler",
                      daemon=True).start()
 

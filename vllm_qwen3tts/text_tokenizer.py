@@ -135,11 +135,11 @@ def tokenizer_config() -> dict:
 
 
 def cache_dir() -> Path:
-    """Where generated artifacts (tokenizer files, the default checkpoint) are kept."""
-    root = os.environ.get("VLLM_QWEN3TTS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "vllm_qwen3tts"
-    )
-    return Path(root)
+    """Where generated artifacts (tokenizer files, the default checkpoint) are kept: the settings'
+    QWEN3TTS_CACHE_DIR, else $XDG_CACHE_HOME/vllm_qwen3tts, else ~/.cache/vllm_qwen3tts."""
+    from .base.settings import default_cache_dir, process_settings
+
+    return process_settings().server.cache_dir or default_cache_dir()
 
 
 def write_text_tokenizer(out_dir: str | Path) -> None:

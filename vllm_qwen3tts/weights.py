@@ -1,29 +1,17 @@
-"""Reading checkpoint tensors and assembling the PyTorch components that surround the talker."""
+"""The PyTorch components that surround the talker (embeddings, head, code predictor), assembled from a
+checkpoint directory outside vLLM (tests and tools)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from .code_predictor import CodePredictor
-from .config import CheckpointError, TTSConfig, load_tts_config
+from .config import TTSConfig, load_tts_config
 from .talker_io import CodecHead, TalkerEmbeddings
-
-
-def safetensors_items(path: str | Path, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor in a safetensors file whose name starts with `prefix`."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"missing weight file {path}")
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
-            if name.startswith(prefix):
-                yield name, f.get_tensor(name)
+from .weight_loading import read_safetensors
 
 
 @dataclass
@@ -44,7 +32,7 @@ def load_talker_components(
         embeddings = TalkerEmbeddings(cfg.talker)
         head = CodecHead(cfg.talker)
         predictor = CodePredictor(cfg.talker)
-    weights = list(safetensors_items(Path(model_dir) / "model.safetensors", prefix="talker."))
+    weights = list(read_safetensors(Path(model_dir) / "model.safetensors", "talker.", what="weight file"))
     for module in (embeddings, head, predictor):
         module.load_weights(weights)
         module.to(dtype).eval().requires_grad_(False)

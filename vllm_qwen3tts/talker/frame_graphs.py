@@ -1,28 +1,27 @@
 """Completing sampled frames (the code predictor's 15 sub-steps) under CUDA graphs.
 
 Run eagerly, the predictor is a few thousand small kernel launches per talker step
-(15 sub-steps x 5 layers, plus sampling) and the step becomes host-bound: ~145 ms
-per step at any batch size on an H100 (benchmarks/results/ISSUE3_GPU_RUN.md).
+(15 sub-steps x 5 layers, plus sampling) and the step becomes host-bound at any batch size.
 `TalkerState.after_sample` is pure tensor code with no host synchronisation, so it
 is captured once per batch-size bucket and replayed: rows beyond the real batch
 are padding that reads and writes only the null slot.
 
-A graph of the eager code still replays ~7,000 tiny kernels per step (RMSNorms, RoPE,
-the sampler's hash noise and sorts, 16 times over), ~20 ms on an H100 whatever the batch
-(benchmarks/NOTES.md). So before capture the predictor's steps and its sampler
-are compiled with torch.compile (Inductor fuses the elementwise chains into a few Triton
-kernels; both are independent of the sub-step, so each compiles once), and the compiled
-kernels are what the graphs hold. `QWEN3TTS_COMPILE=0` turns compilation off.
+A graph of the eager code still replays ~7,000 tiny kernels per step (RMSNorms, RoPE, the
+sampler's hash noise and sorts, 16 times over), whatever the batch. So before capture the
+predictor's steps and its sampler are compiled with torch.compile (Inductor fuses the
+elementwise chains into a few Triton kernels; both are independent of the sub-step, so each
+compiles once), and the compiled kernels are what the graphs hold. `QWEN3TTS_COMPILE=0` turns
+compilation off.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
 
+from ..base.settings import process_settings
 from ..code_predictor import CodePredictor
 from ..talker_io import TalkerEmbeddings
 from .state import TalkerState
@@ -56,7 +55,7 @@ class FrameCompleter:
         self.sampled = torch.zeros(n, dtype=torch.bool, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        self.compile = self.use_graphs and os.environ.get("QWEN3TTS_COMPILE", "1") != "0"
+        self.compile = self.use_graphs and process_settings().tuning.compile
         self.compiled = False
 
     def _complete(self, slots, last_positions, code0, hidden, sampled) -> torch.Tensor:

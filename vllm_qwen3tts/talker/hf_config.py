@@ -2,7 +2,7 @@
 
 vLLM sizes the KV cache and builds the decoder from `get_text_config()`; we
 return the talker as a stock `Qwen3Config`, with the declared multimodal RoPE
-(three identical position streams, spec §2.4) presented as the plain 1-D RoPE it
+(three identical position streams) presented as the plain 1-D RoPE it
 is, so vLLM needs no M-RoPE state.
 """
 

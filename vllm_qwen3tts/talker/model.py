@@ -19,13 +19,11 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from vllm.config import VllmConfig
-from vllm.model_executor.models.qwen3 import Qwen3Model
 
+from ..base.vllm_adapter import Qwen3Model, VllmConfig, check_vllm_version, uses_model_runner_v2
 from ..code_predictor import CodePredictor
 from ..config import parse_tts_config
 from ..talker_io import CodecHead, TalkerEmbeddings
-from .compat import check_vllm_version, uses_model_runner_v2
 from .frame_graphs import FrameCompleter
 from .projections import small_batch_projections_enabled, use_small_batch_projections
 from .state import TalkerState

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
+from ..base.vllm_adapter import DefaultModelState, split_sampler_add_request_args
 from .protocol import codes_as_logprobs
 
 
@@ -83,9 +83,7 @@ class TalkerSampler:
         # The codes leave through the logprobs channel, but they are ours: the base sampler is
         # told not to compute logprobs, which saves a logits copy, a log-softmax and a top-k
         # over the vocabulary per step (the engine still ships our tensors, it does not ask).
-        # The sampling params come last: (req_idx, prompt_len, sp) in vLLM 0.26, (req_idx, sp)
-        # in 0.32.
-        *rest, sampling_params = args
+        rest, sampling_params = split_sampler_add_request_args(args)
         sp = sampling_params.clone()
         sp.logprobs = None
         self.base.add_request(req_idx, *rest, sp)

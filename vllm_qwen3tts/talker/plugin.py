@@ -17,10 +17,9 @@ MODEL_CLASS = f"{MODEL_MODULE}:Qwen3TTSTalkerForVLLM"
 
 def register() -> None:
     from transformers import AutoConfig
-    from vllm import ModelRegistry
 
+    from ..base.vllm_adapter import ModelRegistry, install_prompt_token_check
     from ..stack_sampler import start_from_env
-    from .compat import install_prompt_token_check
     from .hf_config import Qwen3TTSConfig
 
     start_from_env()  # diagnostics, off unless QWEN3TTS_STACK_SAMPLES_DIR is set
@@ -39,7 +38,7 @@ def check_prompt_token_ids(token_ids: list[int], vocab_size: int) -> None:
     request-validation error (HTTP 400 on its routes; 0.26 and 0.32 alike). vLLM checks ids
     against a tokenizer, and the talker runs without one, so such an id reached the worker,
     where the repetition penalty indexed past the vocabulary and the engine core died."""
-    from vllm.exceptions import VLLMValidationError
+    from ..base.vllm_adapter import VLLMValidationError
 
     low, high = min(token_ids), max(token_ids)
     if low < 0 or high >= vocab_size:

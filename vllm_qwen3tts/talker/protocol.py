@@ -99,8 +99,7 @@ def talker_sampling_params(
     bounds the frames produced (the reference's max_new_tokens minus one: its
     last sample is never expanded into a frame, ours always is).
     """
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from ..base.vllm_adapter import RequestOutputKind, SamplingParams
 
     return SamplingParams(
         temperature=code0.temperature,
@@ -127,7 +126,8 @@ def codes_as_logprobs(codes, template):
     """Each frame's 16 codes as the 16 sample-logprob token ids of its position
     (codebook j offset by j * CODE_ID_STRIDE; see there)."""
     import torch
-    from vllm.v1.outputs import LogprobsTensors
+
+    from ..base.vllm_adapter import LogprobsTensors
 
     dtype = template.logprob_token_ids.dtype if template is not None else torch.int64
     offsets = torch.arange(codes.shape[1], device=codes.device, dtype=codes.dtype) * CODE_ID_STRIDE

@@ -33,7 +33,7 @@ class UnsupportedRunner(RuntimeError):
 
 
 def _find_runner():
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from ..base.vllm_adapter import GPUModelRunner
 
     for frame_info in inspect.stack(context=0):
         candidate = frame_info.frame.f_locals.get("self")
@@ -46,8 +46,6 @@ def _find_runner():
 
 
 def attach_v1_driver(model, vllm_config) -> "V1Driver":
-    from vllm.config.compilation import CUDAGraphMode
-
     mode = vllm_config.compilation_config.cudagraph_mode
     if mode is not None and mode.has_full_cudagraphs():
         raise UnsupportedRunner(

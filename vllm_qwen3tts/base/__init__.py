@@ -1,0 +1,1 @@
+"""Foundations: what every other layer may import, and which imports nothing of ours above it."""
