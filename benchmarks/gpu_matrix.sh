@@ -16,7 +16,7 @@
 # profiles, which the other servers starting beside it change), OMNI_GPU_MEM0/OMNI_GPU_MEM1
 # (default 0.18 each). RAMP_S: clients of a closed
 # loop start over that many seconds in a second pass of the concurrency levels (default 2; 0: none).
-# STACKS=1 (start): ours run with the stack sampler, paused (vllm_qwen3tts/stack_sampler.py).
+# STACKS=1 (start): ours run with the stack sampler, paused (vllm_qwen3tts/tools/stack_sampler.py).
 # DIAG="<http_load.py level args>" (measure): for ours, one more load after the others, with the
 # stack sampler on and every server process's CPU and the GPU's utilisation logged (proc_monitor.py);
 # the measured levels before it run unsampled. FIRST1="<http_load.py level args>" (measure): for

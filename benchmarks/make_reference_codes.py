@@ -33,7 +33,7 @@ def main() -> None:
 
     from oracle import load_official
 
-    from vllm_qwen3tts.checkpoint import make_checkpoint
+    from vllm_qwen3tts.tools.checkpoint import make_checkpoint
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", default="1.7b-custom_voice")

@@ -150,10 +150,10 @@ def bench_talker(args) -> dict:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from vllm_qwen3tts.config import load_tts_config
-    from vllm_qwen3tts.prompt import SpeechRequest, build_prompt
+    from vllm_qwen3tts.base.config import load_tts_config
+    from vllm_qwen3tts.model.prompt import SpeechRequest, build_prompt
     from vllm_qwen3tts.talker.protocol import Code0Params, SubtalkerParams, TalkerRequest, talker_sampling_params
-    from vllm_qwen3tts.text_tokenizer import load_text_tokenizer
+    from vllm_qwen3tts.model.text_tokenizer import load_text_tokenizer
 
     cfg = load_tts_config(args.model)
     tok = load_text_tokenizer(args.model)

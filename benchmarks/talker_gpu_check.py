@@ -40,11 +40,11 @@ def main() -> None:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from vllm_qwen3tts.checkpoint import make_checkpoint
-    from vllm_qwen3tts.config import load_tts_config
-    from vllm_qwen3tts.prompt import SpeechRequest, build_prompt
+    from vllm_qwen3tts.tools.checkpoint import make_checkpoint
+    from vllm_qwen3tts.base.config import load_tts_config
+    from vllm_qwen3tts.model.prompt import SpeechRequest, build_prompt
     from vllm_qwen3tts.talker.protocol import Code0Params, SubtalkerParams, TalkerRequest, frames_from_output, talker_sampling_params
-    from vllm_qwen3tts.text_tokenizer import load_text_tokenizer
+    from vllm_qwen3tts.model.text_tokenizer import load_text_tokenizer
 
     ref = json.loads(Path(args.reference).read_text())
     c = ref["checkpoint"]

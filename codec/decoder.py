@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_qwen3tts.config import CODEC_MODEL_TYPE, CheckpointError, read_json
-from vllm_qwen3tts.layers import GatedMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-from vllm_qwen3tts.weight_loading import WeightTarget, read_safetensors, stacked_name_map, stacked_shard_rows
+from vllm_qwen3tts.base.config import CODEC_MODEL_TYPE, CheckpointError, read_json
+from vllm_qwen3tts.model.layers import GatedMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from vllm_qwen3tts.base.weight_loading import WeightTarget, read_safetensors, stacked_name_map, stacked_shard_rows
 
 # Constants fixed by the official implementation rather than by the config.
 CODEBOOK_USAGE_EPS = 1e-5  # clamp of cluster_usage before dividing embedding_sum by it

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_qwen3tts.config import CODEC_MODEL_TYPE, CheckpointError, read_json
-from vllm_qwen3tts.layers import LayerScale, apply_rope, rope_cos_sin, rope_inv_freq
-from vllm_qwen3tts.weight_loading import copy_tensors, read_safetensors
+from vllm_qwen3tts.base.config import CODEC_MODEL_TYPE, CheckpointError, read_json
+from vllm_qwen3tts.model.layers import LayerScale, apply_rope, rope_cos_sin, rope_inv_freq
+from vllm_qwen3tts.base.weight_loading import copy_tensors, read_safetensors
 
 WEIGHT_PREFIX = "encoder."
 

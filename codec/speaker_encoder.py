@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_qwen3tts.config import CheckpointError, SpeakerEncoderConfig, load_tts_config
-from vllm_qwen3tts.weight_loading import copy_tensors, read_safetensors
+from vllm_qwen3tts.base.config import CheckpointError, SpeakerEncoderConfig, load_tts_config
+from vllm_qwen3tts.base.weight_loading import copy_tensors, read_safetensors
 
 WEIGHT_PREFIX = "speaker_encoder."
 

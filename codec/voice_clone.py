@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_qwen3tts.config import CheckpointError
+from vllm_qwen3tts.base.config import CheckpointError
 
 from .audio import DEFAULT_MAX_REFERENCE_SECONDS, AudioSource, load_reference_audio
 from .encoder import CodecEncoder, load_codec_encoder

@@ -43,7 +43,7 @@ import torch
 import zmq
 
 from vllm_qwen3tts.base.settings import launched_codec_workers, process_settings
-from vllm_qwen3tts.config import load_tts_config
+from vllm_qwen3tts.base.config import load_tts_config
 
 from .decoder import MIN_COMPILED_SIZE, CodecDecoder
 from .pooled_decoder import DecodeGrid, PooledDecoder
@@ -554,7 +554,7 @@ def serve(
     """Load the models, bind `address` and serve until SIGTERM / SIGINT (or until the process
     `parent_pid` is gone, so a spawned worker never outlives a crashed parent). Without
     `provision`, streams can be opened only after a client's `Provision` request."""
-    from vllm_qwen3tts.stack_sampler import start_from_env
+    from vllm_qwen3tts.tools.stack_sampler import start_from_env
 
     # diagnostics, off unless QWEN3TTS_STACK_SAMPLES_DIR is set; here, so that workers spawned by
     # the server and workers launched before vLLM by `vllm-qwen3tts serve` both sample

@@ -71,7 +71,7 @@ class SpeechEndpointPlugin:
         from ..codec.pool import CodecPool
         from ..codec.supervisor import CodecSupervisor
         from ..codec.worker import launched_workers_from_env
-        from ..engine import ChunkSchedule, TTSEngine
+        from ..synthesis import ChunkSchedule, TTSEngine
         from .metrics import speech_metrics, watch_event_loop
         from .service import SpeechService
 

@@ -24,8 +24,8 @@ import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine import SAMPLE_RATE, run_to_completion
-from ..params import (MAX_CONSENT_CHARS, MAX_DESCRIPTION_CHARS, MAX_EMBEDDING_CHARS, MAX_NAME_CHARS, MAX_REF_TEXT_CHARS,
+from ..synthesis import SAMPLE_RATE, run_to_completion
+from ..base.params import (MAX_CONSENT_CHARS, MAX_DESCRIPTION_CHARS, MAX_EMBEDDING_CHARS, MAX_NAME_CHARS, MAX_REF_TEXT_CHARS,
                       quoted)
 from .audio_output import StreamingEncoder, content_type, encode_audio
 from .schemas import EMBEDDING_PATTERN, APIError, ErrorBody, SpeechBody, Usage, bad_request, session_config
@@ -358,7 +358,7 @@ async def _save_voice(svc: SpeechService, tenant: Tenant, name: str, audio_sampl
                       ref_text: str | None, speaker_embedding: str | None, consent: str | None,
                       description: str | None):
     """`create_voice`'s work: check the upload, clone the voice (or take the embedding), store it."""
-    from ..engine import VoiceProfile
+    from ..synthesis import VoiceProfile
 
     if (audio_sample is None) == (speaker_embedding is None):
         raise bad_request("send exactly one of audio_sample or speaker_embedding", param="audio_sample")

@@ -2,7 +2,7 @@
 
 `SpeechBody` accepts OpenAI's `/v1/audio/speech` fields unchanged and the Qwen
 extras (sent by the OpenAI SDK through `extra_body`). Its numeric limits are
-`vllm_qwen3tts.params.BOUNDS`, which the engine checks too; `invalid_request` turns
+`vllm_qwen3tts.base.params.BOUNDS`, which the engine checks too; `invalid_request` turns
 pydantic's errors into the one error shape every route and the WebSocket answer with.
 """
 
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from ..params import (BOUNDS, INITIAL_CODEC_CHUNK_FRAMES, MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS, MAX_NAME_CHARS,
+from ..base.params import (BOUNDS, INITIAL_CODEC_CHUNK_FRAMES, MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS, MAX_NAME_CHARS,
                       MAX_NEW_TOKENS, MAX_REF_TEXT_CHARS, MIN_NEW_TOKENS, NOT_BLANK_PATTERN, REPETITION_PENALTY, SEED,
                       SPEED, SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K, SUBTALKER_TOP_P, TEMPERATURE, TOP_K, TOP_P, Bound,
                       quoted)

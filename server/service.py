@@ -29,9 +29,9 @@ from ..base.vllm_adapter import engine_errored
 from ..codec.client import CodecUnavailableError
 from ..codec.pool import CodecBusyError
 from ..codec.protocol import sum_stats
-from ..engine import SAMPLE_RATE, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
-from ..params import ParamError, PromptTooLong, is_blank, quoted
-from ..prompt import PromptError
+from ..synthesis import SAMPLE_RATE, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
+from ..base.params import ParamError, PromptTooLong, is_blank, quoted
+from ..base.params import PromptError
 from .metrics import codec_stats_collector, speech_metrics
 from .schemas import OPENAI_VOICES, APIError, SpeechBody, bad_request
 from .speed import TimeStretcher

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..params import SPEED
+from ..base.params import SPEED
 
 MIN_SPEED = SPEED.lo  # OpenAI's range, the request parameter's bounds
 MAX_SPEED = SPEED.hi

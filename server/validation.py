@@ -28,7 +28,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from ..params import MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS
+from ..base.params import MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS
 from .schemas import OPENAI_VOICES, APIError, embedding_pattern, invalid_request
 
 logger = logging.getLogger("vllm.qwen3tts.server")
@@ -235,8 +235,8 @@ def instructions_limit(engine: Any) -> int:
     """Most characters of `instructions` that fit this engine's prompt with any one-character input
     (0 where the checkpoint takes none), at most MAX_INSTRUCTIONS_CHARS: longer ones could leave
     no room for audio, whatever the input."""
-    from ..engine import MAX_PROMPT_POSITIONS
-    from ..prompt import SpeechRequest, build_prompt
+    from ..synthesis import MAX_PROMPT_POSITIONS
+    from ..model.prompt import SpeechRequest, build_prompt
 
     cfg = engine.config
     if not cfg.supports_instruct:

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vllm_qwen3tts.engine import VoiceProfile
-from vllm_qwen3tts.params import MAX_CONSENT_CHARS, MAX_DESCRIPTION_CHARS, MAX_REF_TEXT_CHARS
+from vllm_qwen3tts.synthesis import VoiceProfile
+from vllm_qwen3tts.base.params import MAX_CONSENT_CHARS, MAX_DESCRIPTION_CHARS, MAX_REF_TEXT_CHARS
 
 # Under vLLM's logger, as the rest of the server: its handler, format and level apply. Outside
 # "vllm" a record finds no handler in the server, only Python's bare last-resort stderr output.

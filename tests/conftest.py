@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from vllm_qwen3tts.checkpoint import VARIANTS, make_checkpoint  # noqa: E402
+from vllm_qwen3tts.tools.checkpoint import VARIANTS, make_checkpoint  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vllm_qwen3tts.checkpoint import (
+from vllm_qwen3tts.tools.checkpoint import (
     VARIANTS,
     codec_decoder_shapes,
     geometry,
@@ -19,7 +19,7 @@ from vllm_qwen3tts.checkpoint import (
     speaker_encoder_shapes,
     talker_shapes,
 )
-from vllm_qwen3tts.config import CheckpointError, load_tts_config
+from vllm_qwen3tts.base.config import CheckpointError, load_tts_config
 
 RELEASED_FILES = [
     "config.json",
@@ -50,7 +50,7 @@ def test_cli_writes_every_released_file(tmp_path):
 
 
 def test_seed_changes_weights_and_same_seed_reproduces(tiny_checkpoint, tmp_path):
-    from vllm_qwen3tts.checkpoint import make_checkpoint
+    from vllm_qwen3tts.tools.checkpoint import make_checkpoint
 
     a = tiny_checkpoint("0.6b-custom_voice")
     b = make_checkpoint("0.6b-custom_voice", "tiny", tmp_path / "again", seed=0)

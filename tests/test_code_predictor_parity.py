@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from oracle import official_generate_trace
-from vllm_qwen3tts.sampling import SamplingTensors
-from vllm_qwen3tts.weights import load_talker_components
+from vllm_qwen3tts.model.sampling import SamplingTensors
+from vllm_qwen3tts.tools.talker_parts import load_talker_components
 
 pytestmark = pytest.mark.parity
 

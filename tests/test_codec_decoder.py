@@ -11,7 +11,7 @@ import torch
 from oracle import load_official
 
 from vllm_qwen3tts.codec.decoder import CodecDecoder, dilated_conv_by_phases, pad_codes, read_decoder_weights
-from vllm_qwen3tts.config import CheckpointError
+from vllm_qwen3tts.base.config import CheckpointError
 
 VARIANT = "0.6b-base"  # every variant ships the same speech tokenizer
 SAMPLES_PER_FRAME = 1920

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_qwen3tts.engine import SynthesisParams, SynthesisRequest, TTSEngine
-from vllm_qwen3tts.prompt import PromptError
+from vllm_qwen3tts.base.params import PromptError
 from vllm_qwen3tts.talker.protocol import EXTRA_ARGS_KEY, NUM_CODE_LOGPROBS, TalkerRequest
 
 

@@ -149,12 +149,12 @@ def test_frame_completion_in_cuda_graphs_gives_the_eager_codes(reference_checkpo
     """The code predictor's 15 sub-steps, compiled and captured per batch bucket, against the same
     steps run eagerly: identical codes for greedy and seeded rows, at batches that fill a
     bucket and that pad one (3 rows in a bucket of 4), over several steps."""
-    from vllm_qwen3tts.prompt import SpeechRequest, build_prompt
+    from vllm_qwen3tts.model.prompt import SpeechRequest, build_prompt
     from vllm_qwen3tts.talker.frame_graphs import FrameCompleter
     from vllm_qwen3tts.talker.protocol import SubtalkerParams, TalkerRequest
     from vllm_qwen3tts.talker.state import TalkerState
-    from vllm_qwen3tts.text_tokenizer import load_text_tokenizer
-    from vllm_qwen3tts.weights import load_talker_components
+    from vllm_qwen3tts.model.text_tokenizer import load_text_tokenizer
+    from vllm_qwen3tts.tools.talker_parts import load_talker_components
 
     parts = load_talker_components(reference_checkpoint, device="cuda", dtype=torch.float32)
     tokenizer = load_text_tokenizer(reference_checkpoint)

@@ -1,4 +1,4 @@
-"""One set of bounds for every numeric request parameter (`vllm_qwen3tts.params.BOUNDS`): the HTTP
+"""One set of bounds for every numeric request parameter (`vllm_qwen3tts.base.params.BOUNDS`): the HTTP
 schema states exactly those (walked here through its JSON Schema, which is also what the OpenAPI
 document, SSE and the WebSocket's session.config validate against), and the engine checks exactly
 those, with no limit of its own. No checkpoint and no server: `tests/test_server_validation.py`
@@ -12,8 +12,8 @@ import typing
 
 import pytest
 
-from vllm_qwen3tts.engine import ENGINE_BOUNDS, ChunkSchedule, SynthesisParams
-from vllm_qwen3tts.params import BOUNDS, Bound, ParamError
+from vllm_qwen3tts.synthesis import ENGINE_BOUNDS, ChunkSchedule, SynthesisParams
+from vllm_qwen3tts.base.params import BOUNDS, Bound, ParamError
 from vllm_qwen3tts.server import speed
 from vllm_qwen3tts.server.schemas import SpeechBody
 from vllm_qwen3tts.talker.protocol import SubtalkerParams

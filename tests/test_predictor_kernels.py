@@ -41,9 +41,9 @@ def largest_difference(pairs, atol: float, rtol: float, where: str) -> float:
 def compare(device: str, dtype: torch.dtype, batch: int = 5) -> float:
     """Largest difference between kernel and PyTorch over every position of a frame, for the
     attention output and the written caches; raises if the two disagree beyond `dtype`'s rounding."""
-    from vllm_qwen3tts.code_predictor import Attention
-    from vllm_qwen3tts.config import DecoderGeometry
-    from vllm_qwen3tts.predictor_kernels import token_attention
+    from vllm_qwen3tts.model.code_predictor import Attention
+    from vllm_qwen3tts.base.config import DecoderGeometry
+    from vllm_qwen3tts.model.predictor_kernels import token_attention
 
     torch.manual_seed(0)
     g = DecoderGeometry(**RELEASED)
@@ -95,9 +95,9 @@ def compare_layer(device: str, dtype: torch.dtype, geometry: dict, batches=(1, 3
     """Largest difference between `DecoderLayer.token_forward` (the small-batch kernels) and the
     PyTorch layer, outputs and written caches, for one and for two new tokens per row, and between `small_linear` and a plain projection
     (an output head); raises beyond `dtype`'s rounding."""
-    from vllm_qwen3tts.code_predictor import DecoderLayer
-    from vllm_qwen3tts.config import DecoderGeometry
-    from vllm_qwen3tts.predictor_kernels import small_linear
+    from vllm_qwen3tts.model.code_predictor import DecoderLayer
+    from vllm_qwen3tts.base.config import DecoderGeometry
+    from vllm_qwen3tts.model.predictor_kernels import small_linear
 
     torch.manual_seed(0)
     g = DecoderGeometry(**geometry)
@@ -140,7 +140,7 @@ SAMPLER_CASES = [  # (temperature, top_k, top_p) per row group; <= 0 temperature
 def sample_keeping_ties_at_the_cut(logits, params, counter) -> torch.Tensor:
     """`sampling.sample`, except that values tied with the smallest one top-p keeps are kept too
     (the reference cuts among them by sort order; the kernel keeps them, as top-k does)."""
-    from vllm_qwen3tts.sampling import SamplingTensors, process_logits, uniform_noise
+    from vllm_qwen3tts.model.sampling import SamplingTensors, process_logits, uniform_noise
 
     top_k_only = process_logits(logits, SamplingTensors(params.temperature, params.top_k,
                                                         torch.ones_like(params.top_p), params.seed))
@@ -155,8 +155,8 @@ def compare_sampler(device: str, rows_per_case: int = 8, draws: int = 2) -> int:
     """Token ids of `fused_sample` and of the PyTorch sampler over every case of SAMPLER_CASES, for
     bf16 logits (what the predictor's heads give: many tied values) and fp32 ones; raises on any
     difference. Returns how many draws were compared."""
-    from vllm_qwen3tts.predictor_kernels import fused_sample
-    from vllm_qwen3tts.sampling import SamplingTensors
+    from vllm_qwen3tts.model.predictor_kernels import fused_sample
+    from vllm_qwen3tts.model.sampling import SamplingTensors
 
     gen = torch.Generator().manual_seed(0)
     n = rows_per_case * len(SAMPLER_CASES)
@@ -217,7 +217,7 @@ def test_layer_comparison_notices_a_missing_residual():
 
 
 def compare_broken_layer() -> str:
-    import vllm_qwen3tts.code_predictor as predictor
+    import vllm_qwen3tts.model.code_predictor as predictor
 
     real = predictor.small_linear
 
@@ -248,7 +248,7 @@ def test_sampler_comparison_notices_a_different_draw():
     def no_top_k(logits, temperature, top_k, top_p, seed, counter):
         return sampling.sample(logits, sampling.SamplingTensors(temperature, torch.zeros_like(top_k), top_p, seed), counter)
 
-    import vllm_qwen3tts.predictor_kernels as kernels
+    import vllm_qwen3tts.model.predictor_kernels as kernels
 
     real = kernels.fused_sample
     kernels.fused_sample = no_top_k

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from oracle import official_generate_trace, official_prefill, qwen_tts
-from vllm_qwen3tts.prompt import PromptError, SpeechRequest, build_prompt
-from vllm_qwen3tts.text_tokenizer import load_text_tokenizer
-from vllm_qwen3tts.weights import load_talker_components
+from vllm_qwen3tts.base.params import PromptError
+from vllm_qwen3tts.model.prompt import SpeechRequest, build_prompt
+from vllm_qwen3tts.model.text_tokenizer import load_text_tokenizer
+from vllm_qwen3tts.tools.talker_parts import load_talker_components
 
 pytestmark = pytest.mark.parity
 ATOL = 2e-6

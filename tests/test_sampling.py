@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from vllm_qwen3tts.sampling import SamplingTensors, process_logits, sample, uniform_noise
+from vllm_qwen3tts.model.sampling import SamplingTensors, process_logits, sample, uniform_noise
 
 
 def hf_processed(logits, temperature, top_k, top_p):

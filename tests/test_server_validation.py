@@ -1,4 +1,4 @@
-"""One validation: every request parameter has one set of bounds (`vllm_qwen3tts.params`), which the
+"""One validation: every request parameter has one set of bounds (`vllm_qwen3tts.base.params`), which the
 HTTP schema, SSE, the WebSocket's session.config and the Python API (`TTSEngine.resolve_params`) all
 apply. Every refusal is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a string
 code and the right status; its message names the parameter and what it must be, quotes at most a
@@ -19,7 +19,7 @@ import websockets
 from pydantic import ValidationError
 
 from vllm_qwen3tts.engine import SynthesisParams, SynthesisRequest, TTSEngine
-from vllm_qwen3tts.params import BOUNDS, QUOTE_CHARS, ParamError, PromptTooLong
+from vllm_qwen3tts.base.params import BOUNDS, QUOTE_CHARS, ParamError, PromptTooLong
 from vllm_qwen3tts.server.schemas import EMBEDDING_PATTERN, APIError, SpeechBody, invalid_request, session_config
 from vllm_qwen3tts.server.service import decode_inline_audio
 

@@ -135,7 +135,7 @@ def test_kernel_choice():
 
 def test_defaults_agree_with_the_engine_and_the_api():
     from vllm_qwen3tts.engine import ChunkSchedule
-    from vllm_qwen3tts.params import MAX_INPUT_CHARS
+    from vllm_qwen3tts.base.params import MAX_INPUT_CHARS
 
     assert S.ServerSettings().light_load_streams == ChunkSchedule.light_load_streams
     assert S.ServerSettings().max_input_chars == MAX_INPUT_CHARS

@@ -11,7 +11,7 @@ from pathlib import Path
 # Spins for argv[1] seconds, or less once a file matching argv[2] exists (the sampler has written).
 SCRIPT = """
 import glob, sys, time
-from vllm_qwen3tts.stack_sampler import start_from_env
+from vllm_qwen3tts.tools.stack_sampler import start_from_env
 
 def spin_in_a_named_function(seconds, written):
     now = time.monotonic()

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_qwen3tts.prompt import SpeechRequest, build_prompt
+from vllm_qwen3tts.model.prompt import SpeechRequest, build_prompt
 from vllm_qwen3tts.talker.protocol import CODE_ID_STRIDE, SubtalkerParams, TalkerRequest
 from vllm_qwen3tts.talker.state import TalkerState
-from vllm_qwen3tts.text_tokenizer import load_text_tokenizer
-from vllm_qwen3tts.weights import load_talker_components
+from vllm_qwen3tts.model.text_tokenizer import load_text_tokenizer
+from vllm_qwen3tts.tools.talker_parts import load_talker_components
 
 SLOTS = 4
 

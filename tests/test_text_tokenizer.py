@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import tiktoken
 
-from vllm_qwen3tts.text_tokenizer import ADDED_TOKENS, QWEN2_SPLIT_REGEX, load_ranks, load_text_tokenizer, tiktoken_path
+from vllm_qwen3tts.model.text_tokenizer import ADDED_TOKENS, QWEN2_SPLIT_REGEX, load_ranks, load_text_tokenizer, tiktoken_path
 
 CORPUS = [
     "Hello, world!",

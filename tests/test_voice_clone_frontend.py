@@ -21,7 +21,7 @@ from vllm_qwen3tts.codec.voice_clone import (
     create_voice_clone_profile,
     load_voice_clone_encoders,
 )
-from vllm_qwen3tts.config import CheckpointError
+from vllm_qwen3tts.base.config import CheckpointError
 
 SR = 24000
 SAMPLES_PER_FRAME = 1920
@@ -204,7 +204,7 @@ def test_batched_encode_matches_official_and_single_items(official_06b, ours_06b
 
 def test_encoder_loading_is_strict(base_06b):
     from vllm_qwen3tts.codec.encoder import CodecEncoderConfig
-    from vllm_qwen3tts.config import read_json
+    from vllm_qwen3tts.base.config import read_json
 
     config = CodecEncoderConfig.from_speech_tokenizer_config(read_json(base_06b / "speech_tokenizer" / "config.json"))
     weights = read_codec_encoder_weights(base_06b)

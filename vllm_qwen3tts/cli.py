@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
-    from .checkpoint import make_checkpoint
+    from .tools.checkpoint import make_checkpoint
 
     path = make_checkpoint(args.variant, args.scale, args.out, seed=args.seed)
     print(f"wrote {args.variant} ({args.scale}) checkpoint to {path}")
@@ -24,7 +24,7 @@ def _synthesize(args: argparse.Namespace) -> int:
     import soundfile as sf
 
     from .engine import DeviceError, Qwen3TTS, SynthesisParams, SynthesisRequest, resolve_device
-    from .prompt import PromptError
+    from .base.params import PromptError
 
     if (args.text is None) == (args.text_file is None):
         print("error: give exactly one of --text or --text-file", file=sys.stderr)
@@ -81,8 +81,8 @@ def default_checkpoint() -> str:
     import os
     from pathlib import Path
 
-    from .checkpoint import make_checkpoint
-    from .text_tokenizer import cache_dir
+    from .tools.checkpoint import make_checkpoint
+    from .model.text_tokenizer import cache_dir
 
     path = cache_dir() / "default-checkpoint" / f"{DEFAULT_VARIANT}-tiny"
     if not (path / "speech_tokenizer" / "model.safetensors").is_file():
@@ -115,7 +115,7 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
     from .engine import DeviceError, resolve_device
 
     model = args.model or default_checkpoint()
-    from .config import load_tts_config
+    from .base.config import load_tts_config
 
     load_tts_config(model)  # clear errors before starting anything
     device, dtype = resolve_device(args.device, args.dtype)
@@ -198,7 +198,7 @@ def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
 
     from .base.settings import LAUNCHED_CODEC_WORKERS_ENV, from_arguments, process_settings, set_process_settings
     from .codec.worker import launch_codec_worker, launched_workers_to_env
-    from .config import CheckpointError
+    from .base.config import CheckpointError
     from .engine import DeviceError
     from .mps import MPSError, start_private_mps
 
@@ -228,7 +228,7 @@ def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .base.settings import add_arguments, process_settings
-    from .checkpoint import SCALES, VARIANTS
+    from .tools.checkpoint import SCALES, VARIANTS
 
     parser = argparse.ArgumentParser(prog="vllm-qwen3tts", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

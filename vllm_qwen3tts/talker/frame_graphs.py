@@ -22,8 +22,8 @@ import time
 import torch
 
 from ..base.settings import process_settings
-from ..code_predictor import CodePredictor
-from ..talker_io import TalkerEmbeddings
+from ..model.code_predictor import CodePredictor
+from ..model.talker_io import TalkerEmbeddings
 from .state import TalkerState
 
 logger = logging.getLogger(__name__)

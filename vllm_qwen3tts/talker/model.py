@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ..base.vllm_adapter import Qwen3Model, VllmConfig, check_vllm_version, uses_model_runner_v2
-from ..code_predictor import CodePredictor
-from ..config import parse_tts_config
-from ..talker_io import CodecHead, TalkerEmbeddings
+from ..model.code_predictor import CodePredictor
+from ..base.config import parse_tts_config
+from ..model.talker_io import CodecHead, TalkerEmbeddings
 from .frame_graphs import FrameCompleter
 from .projections import small_batch_projections_enabled, use_small_batch_projections
 from .state import TalkerState

@@ -19,7 +19,7 @@ def register() -> None:
     from transformers import AutoConfig
 
     from ..base.vllm_adapter import ModelRegistry, install_prompt_token_check
-    from ..stack_sampler import start_from_env
+    from ..tools.stack_sampler import start_from_env
     from .hf_config import Qwen3TTSConfig
 
     start_from_env()  # diagnostics, off unless QWEN3TTS_STACK_SAMPLES_DIR is set

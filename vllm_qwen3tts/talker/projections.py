@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import vllm_adapter
-from ..predictor_kernels import kernel_chosen, small_batch_rows, small_linear, triton
+from ..model.predictor_kernels import kernel_chosen, small_batch_rows, small_linear, triton
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..params import SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K, SUBTALKER_TOP_P
-from ..prompt import PromptError, PromptRecipe
+from ..base.params import SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K, SUBTALKER_TOP_P
+from ..base.params import PromptError
+from ..model.prompt import PromptRecipe
 
 EXTRA_ARGS_KEY = "qwen3_tts"
 NUM_CODE_LOGPROBS = 15  # logprobs=15 gives 16 entries per position: code 0 and codes 1..15

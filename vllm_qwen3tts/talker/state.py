@@ -25,11 +25,12 @@ from collections import OrderedDict
 
 import torch
 
-from ..code_predictor import CodePredictor
-from ..config import TalkerConfig
-from ..prompt import NO_CODEC, NO_REF, NO_TEXT, SPEAKER_VECTOR, PromptError
-from ..sampling import SamplingTensors
-from ..talker_io import TalkerEmbeddings
+from ..model.code_predictor import CodePredictor
+from ..base.config import TalkerConfig
+from ..base.params import PromptError
+from ..model.prompt import NO_CODEC, NO_REF, NO_TEXT, SPEAKER_VECTOR
+from ..model.sampling import SamplingTensors
+from ..model.talker_io import TalkerEmbeddings
 from .protocol import TalkerRequest
 
 logger = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .config import DecoderGeometry, TalkerConfig
+from ..base.config import DecoderGeometry, TalkerConfig
 from .layers import GatedMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from .predictor_kernels import fused_sample, kernels_enabled, small_linear, token_attention, use_kernel, use_small_linear
 from .sampling import SamplingTensors, sample
-from .weight_loading import load_mapped, stacked_name_map, stacked_shard_rows
+from ..base.weight_loading import load_mapped, stacked_name_map, stacked_shard_rows
 
 
 class Attention(nn.Module):

@@ -137,7 +137,7 @@ def tokenizer_config() -> dict:
 def cache_dir() -> Path:
     """Where generated artifacts (tokenizer files, the default checkpoint) are kept: the settings'
     QWEN3TTS_CACHE_DIR, else $XDG_CACHE_HOME/vllm_qwen3tts, else ~/.cache/vllm_qwen3tts."""
-    from .base.settings import default_cache_dir, process_settings
+    from ..base.settings import default_cache_dir, process_settings
 
     return process_settings().server.cache_dir or default_cache_dir()
 

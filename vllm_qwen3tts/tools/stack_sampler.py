@@ -26,7 +26,7 @@ _started = False
 
 def start_from_env(role: str | None = None) -> None:
     """Start sampling this process if the settings' QWEN3TTS_STACK_SAMPLES_DIR is set (at most once)."""
-    from .base.settings import process_settings
+    from ..base.settings import process_settings
 
     global _started
     tuning = process_settings().tuning

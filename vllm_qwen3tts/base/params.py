@@ -14,7 +14,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from .prompt import PromptError
+
+class PromptError(ValueError):
+    """The request cannot be expressed for this checkpoint (bad voice, language, mode...)."""
+
 
 # What a message may quote of a caller's value: enough to recognise it, never megabytes.
 QUOTE_CHARS = 64

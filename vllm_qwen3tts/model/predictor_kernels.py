@@ -50,7 +50,7 @@ import os
 
 import torch
 
-from .base.settings import process_settings
+from ..base.settings import process_settings
 
 try:
     import triton

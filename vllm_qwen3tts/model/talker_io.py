@@ -12,8 +12,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .config import TalkerConfig
-from .weight_loading import load_mapped
+from ..base.config import TalkerConfig
+from ..base.weight_loading import load_mapped
 from .prompt import NO_CODEC, NO_REF, NO_TEXT, SPEAKER_VECTOR, PromptRecipe
 
 

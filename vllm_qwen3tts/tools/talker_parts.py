@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .code_predictor import CodePredictor
-from .config import TTSConfig, load_tts_config
-from .talker_io import CodecHead, TalkerEmbeddings
-from .weight_loading import read_safetensors
+from ..model.code_predictor import CodePredictor
+from ..base.config import TTSConfig, load_tts_config
+from ..model.talker_io import CodecHead, TalkerEmbeddings
+from ..base.weight_loading import read_safetensors
 
 
 @dataclass

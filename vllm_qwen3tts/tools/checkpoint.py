@@ -543,7 +543,7 @@ def make_checkpoint(variant: str, scale: str, out: str | Path, seed: int = 0) ->
     """Write a complete random-weight checkpoint directory and return its path."""
     from safetensors.torch import save_file
 
-    from .text_tokenizer import write_text_tokenizer
+    from ..model.text_tokenizer import write_text_tokenizer
 
     g = geometry(variant, scale)
     out = Path(out)

@@ -16,16 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .config import TTSConfig
+from ..base.config import TTSConfig
+from ..base.params import PromptError
 
 NO_TEXT = -1
 NO_CODEC = -1
 SPEAKER_VECTOR = -2  # codec slot filled with the request's x-vector
 NO_REF = -1
-
-
-class PromptError(ValueError):
-    """The request cannot be expressed for this checkpoint (bad voice, language, mode...)."""
 
 
 @dataclass(frozen=True)
