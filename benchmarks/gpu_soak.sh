@@ -22,7 +22,9 @@
 # Environment: STATE (server state across the two calls, default /tmp/gpu_soak), CKPT (checkpoint
 # directory, default $STATE/ckpt-0.6b-cv), REQUESTS (10000), CONCURRENCY (64), FRAMES (25),
 # MAX_S (the soak's --max-duration-s), START_WAIT_S (480), PORT (8770), ALL_BUDGET_S (`all`: the
-# seconds the whole call may take, default 540).
+# seconds the whole call may take, default 540), SERVE_EXTRA (more `serve` arguments, e.g.
+# `--kv-cache-memory-bytes 6442450944` so that the server's start does not size its KV cache from
+# memory that other GPU processes starting beside it are changing).
 set -uo pipefail
 cmd=${1:?usage: $0 start|measure|all|stop}
 state=${STATE:-/tmp/gpu_soak}
@@ -43,7 +45,7 @@ start() {
   # per-key limits out of the way: a 429 would count as an error of the soak
   setsid python3 -m vllm_qwen3tts.cli serve --model "$ckpt" --host 127.0.0.1 --port "$port" --api-key "$key" \
     --max-num-seqs 128 --max-concurrency-per-key 100000 --requests-per-minute-per-key 10000000 \
-    --max-queued-requests 4096 --gpu-memory-utilization 0.5 > "$state/server.log" 2>&1 &
+    --max-queued-requests 4096 --gpu-memory-utilization 0.5 ${SERVE_EXTRA:-} > "$state/server.log" 2>&1 &
   echo $! > "$state/server.pid"
   local started
   started=$(date +%s)
