@@ -29,6 +29,7 @@ supported rate above before encoding.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -36,6 +37,7 @@ import av
 import numpy as np
 import soundfile as sf
 
+logger = logging.getLogger("vllm.qwen3tts.server")
 SAMPLE_RATE = 24_000
 
 FORMATS: tuple[str, ...] = ("mp3", "opus", "aac", "flac", "wav", "pcm")  # OpenAI's response_format values
@@ -114,8 +116,11 @@ def encode_audio(pcm: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> b
     # frame; flac: length and MD5 in STREAMINFO).
     output = io.BytesIO()
     encoder = _PyAVEncoder(PYAV_FORMATS[fmt], sample_rate, output)
-    encoder.encode(samples)
-    encoder.close()
+    try:
+        encoder.encode(samples)
+        encoder.finish()
+    finally:
+        encoder.close()
     return output.getvalue()
 
 
@@ -124,7 +129,12 @@ class StreamingEncoder:
     `finish` return is one complete stream in `fmt`.
 
     `write` returns the bytes that can be sent now; it may return b"" while a codec buffers
-    (lossy codecs hold back up to one frame plus lookahead; Ogg up to a page)."""
+    (lossy codecs hold back up to one frame plus lookahead; Ogg up to a page).
+
+    `close()` frees the codec and muxer of a stream that ends early (a client that went
+    away); use it as a context manager. An encoder must not be left to the garbage collector:
+    PyAV 16 frees an unclosed output container with a custom writer wrongly (`free(): invalid
+    pointer`), which aborts the whole server process."""
 
     def __init__(self, fmt: str, sample_rate: int = SAMPLE_RATE) -> None:
         self.format = check_format(fmt)
@@ -151,8 +161,20 @@ class StreamingEncoder:
         self._finished = True
         if self._encoder is None:
             return self._take_header()  # an utterance with no samples is still a valid WAV
-        self._encoder.close()
+        self._encoder.finish()
+        self.close()
         return self._output.take()
+
+    def close(self) -> None:
+        """Free the codec and muxer (what `finish` has not flushed is dropped). Idempotent."""
+        if self._encoder is not None:
+            self._encoder.close()
+
+    def __enter__(self) -> "StreamingEncoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _take_header(self) -> bytes:
         header, self._header = self._header, b""
@@ -207,6 +229,7 @@ class _PyAVEncoder:
             self._stream.bit_rate = spec.bit_rate
         self._sample_rate = sample_rate
         self._next_pts = 0
+        self._closed = False
         # Open the codec and write the container header now, so that even an utterance
         # with no samples ends as a valid (empty) file.
         self._container.start_encoding()
@@ -224,9 +247,27 @@ class _PyAVEncoder:
         self._next_pts += samples.size
         self._container.mux(self._stream.encode(frame))
 
+    def finish(self) -> None:
+        """Drain the codec's lookahead and write the trailer (and, on seekable output, header fix-ups)."""
+        self._container.mux(self._stream.encode(None))
+        self._closed = True
+        self._container.close()
+
+    def __del__(self) -> None:
+        # The last line of defence: a container PyAV's garbage collection would free wrongly.
+        if not getattr(self, "_closed", True):
+            logger.warning("a %s encoder was left unclosed; closing it", self._stream.codec_context.name)
+            self.close()
+
     def close(self) -> None:
-        self._container.mux(self._stream.encode(None))  # drain the codec's lookahead
-        self._container.close()  # trailer (and, on seekable output, header fix-ups)
+        """Close the container if `finish` has not (idempotent; a failure here only loses output)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._container.close()
+        except Exception:  # noqa: BLE001 - the stream was abandoned: its output goes nowhere
+            pass
 
 
 def _supported_rate(codec_name: str, sample_rate: int) -> int:

@@ -258,13 +258,13 @@ def _usage_headers(job: SpeechJob, samples: int) -> dict[str, str]:
 
 
 async def _audio_bytes(svc: SpeechService, job: SpeechJob, request_id: str, body: SpeechBody):
-    encoder = StreamingEncoder(body.response_format, SAMPLE_RATE)
-    async with contextlib.aclosing(svc.pcm_stream(job, request_id)) as stream:
-        async for pcm in stream:
-            data = encoder.write(pcm)
-            if data:
-                yield data
-    tail = encoder.finish()
+    with StreamingEncoder(body.response_format, SAMPLE_RATE) as encoder:
+        async with contextlib.aclosing(svc.pcm_stream(job, request_id)) as stream:
+            async for pcm in stream:
+                data = encoder.write(pcm)
+                if data:
+                    yield data
+        tail = encoder.finish()
     if tail:
         yield tail
 
@@ -300,6 +300,8 @@ async def _sse_events(svc: SpeechService, job: SpeechJob, request_id: str, body:
             logger.exception("speech request %s failed", request_id)
             error = {"message": "speech synthesis failed", "type": "server_error"}
         yield event("speech.audio.error", {"error": error})
+    finally:
+        encoder.close()
 
 
 # ---------------------------------------------------------------------------------- voices
@@ -565,15 +567,16 @@ class SpeechSession:
         async with self.svc.admit(self.tenant, "websocket") as ticket:
             job = await self.svc.prepare(body, self.tenant, ticket.priority, split=False)
             await self.send({"type": "audio.start", "sentence_index": index, "text": text})
-            encoder = StreamingEncoder(self.template.response_format, SAMPLE_RATE)
             samples = 0
-            async with contextlib.aclosing(self.svc.pcm_stream(job, f"ws-{uuid.uuid4().hex[:8]}-{index}")) as stream:
-                async for pcm in stream:
-                    samples += pcm.size
-                    data = encoder.write(pcm)
-                    if data:
-                        await self.send(data)
-            tail = encoder.finish()
+            with StreamingEncoder(self.template.response_format, SAMPLE_RATE) as encoder:
+                request_id = f"ws-{uuid.uuid4().hex[:8]}-{index}"
+                async with contextlib.aclosing(self.svc.pcm_stream(job, request_id)) as stream:
+                    async for pcm in stream:
+                        samples += pcm.size
+                        data = encoder.write(pcm)
+                        if data:
+                            await self.send(data)
+                tail = encoder.finish()
             if tail:
                 await self.send(tail)
             self.totals["input_tokens"] += job.input_tokens

@@ -331,3 +331,26 @@ def test_the_stretcher_holds_back_little_input(speed):
         out += len(stretcher.process(chunk))
         fed += len(chunk)
         assert out >= (fed - 0.06 * RATE) / speed  # under 60 ms of input not yet turned into output
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac"])
+def test_an_encoder_ended_early_is_closed_by_its_owner_and_one_left_open_is_closed_when_collected(fmt, caplog):
+    """A stream abandoned mid-utterance must close its encoder (PyAV 16 aborts the process when
+    the garbage collector frees an unclosed container with a custom writer); as a last resort,
+    collecting an unclosed one closes it first and says so."""
+    import gc
+    import logging
+
+    signal = mixed_signal(0.5)
+    with caplog.at_level(logging.WARNING, logger="vllm.qwen3tts.server"):
+        with StreamingEncoder(fmt, RATE) as encoder:
+            encoder.write(signal)
+        encoder.close()  # closing again is harmless
+        del encoder
+        gc.collect()
+        assert "left unclosed" not in caplog.text
+        leaked = StreamingEncoder(fmt, RATE)
+        leaked.write(signal)
+        del leaked
+        gc.collect()
+    assert "left unclosed" in caplog.text

@@ -98,6 +98,12 @@ def speech_body(i: int, **kw) -> dict:
             **LONG, **kw}
 
 
+def assert_every_encoder_was_closed(server, offset: int) -> None:
+    """No abandoned stream left its mp3/opus/aac/flac encoder to the garbage collector (which, with
+    PyAV 16, aborts the server process): `audio_output` says so when it has to close one itself."""
+    assert [line for line in log_since(server.log, offset) if "left unclosed" in line] == []
+
+
 def log_since(path, offset: int) -> list[str]:
     with open(path, "rb") as f:
         f.seek(offset)
@@ -107,7 +113,9 @@ def log_since(path, offset: int) -> list[str]:
 # ------------------------------------------------------------------------------------------ HTTP
 
 
-def test_audio_streams_closed_after_their_first_bytes_free_their_codec_streams(base):
+def test_audio_streams_closed_after_their_first_bytes_free_their_codec_streams(base, speech_server):
+    offset = speech_server.log.stat().st_size
+
     async def abandon(i: int, http: httpx.AsyncClient) -> None:
         body = speech_body(i, stream_format="audio")
         async with http.stream("POST", f"{base}/v1/audio/speech", json=body, headers=AUTH) as r:
@@ -117,9 +125,12 @@ def test_audio_streams_closed_after_their_first_bytes_free_their_codec_streams(b
 
     wait_until_idle(base, after=run_abandoned(32, abandon))
     assert_a_normal_request_returns_whole_audio(base)
+    assert_every_encoder_was_closed(speech_server, offset)
 
 
-def test_sse_streams_closed_early_free_their_codec_streams(base):
+def test_sse_streams_closed_early_free_their_codec_streams(base, speech_server):
+    offset = speech_server.log.stat().st_size
+
     async def abandon(i: int, http: httpx.AsyncClient) -> None:
         body = speech_body(i, stream_format="sse")
         async with http.stream("POST", f"{base}/v1/audio/speech", json=body, headers=AUTH) as r:
@@ -133,6 +144,7 @@ def test_sse_streams_closed_early_free_their_codec_streams(base):
 
     wait_until_idle(base, after=run_abandoned(24, abandon))
     assert_a_normal_request_returns_whole_audio(base)
+    assert_every_encoder_was_closed(speech_server, offset)
 
 
 def test_requests_closed_before_the_response_headers_free_everything(base):
@@ -180,13 +192,14 @@ def test_abandoned_whole_file_requests_free_everything_and_log_no_error(base, sp
 # ------------------------------------------------------------------------------------ WebSocket
 
 
-def test_websockets_closed_mid_utterance_free_everything(base):
+def test_websockets_closed_mid_utterance_free_everything(base, speech_server):
+    offset = speech_server.log.stat().st_size
     url = base.replace("http://", "ws://") + "/v1/audio/speech/stream?api_key=alice-key"
 
     async def abandon(i: int, http: httpx.AsyncClient) -> None:
         async with websockets.connect(url) as ws:
-            await ws.send(json.dumps({"type": "session.config", "voice": "vivian", "response_format": "pcm",
-                                      **LONG}))
+            await ws.send(json.dumps({"type": "session.config", "voice": "vivian",
+                                      "response_format": ("pcm", "mp3", "opus", "flac")[i % 4], **LONG}))
             assert json.loads(await ws.recv())["type"] == "session.created"
             await ws.send(json.dumps({"type": "input.text", "text": TEXT}))
             await ws.send(json.dumps({"type": "input.done"}))
@@ -200,6 +213,7 @@ def test_websockets_closed_mid_utterance_free_everything(base):
 
     wait_until_idle(base, after=run_abandoned(24, abandon))
     assert_a_normal_request_returns_whole_audio(base)
+    assert_every_encoder_was_closed(speech_server, offset)
 
 
 # ------------------------------------------------------------------------------ a stalled client
