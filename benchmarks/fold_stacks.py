@@ -1,4 +1,4 @@
-"""Summarise the folded stacks that QWEN3TTS_STACK_SAMPLES_DIR collects (vllm_qwen3tts/stack_sampler.py):
+"""Summarise the folded stacks that QWEN3TTS_STACK_SAMPLES_DIR collects (vllm_qwen3tts/tools/stack_sampler.py):
 per process and thread, the share of samples, then the functions where those samples were
 (innermost frame: "self") and the functions they were under ("total"), leaving out samples of
 threads blocked in a wait.

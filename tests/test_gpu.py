@@ -25,7 +25,10 @@ pytestmark = pytest.mark.gpu
 REFERENCE = Path(__file__).parent.parent / "benchmarks" / "data" / "reference_codes_tiny_1.7b-cv.json"
 SAMPLES_PER_FRAME = 1920
 FP32_WAVE_TOL = 1e-4  # the codec waveform tolerance of the CPU parity tests
-PCM16_WAVE_TOL = 1e-3  # the same through 16-bit PCM and a compiled codec (waveforms here have std ~0.07)
+# Served audio against the CPU decode of the official codes, relative to the waveform's peak: the
+# GPU codec's convolutions (TF32, compiled) moved it by ~2% of the peak on an H100; one wrong frame
+# changes ~0.2 s of it by about the peak itself.
+SERVED_WAVE_REL_TOL = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +117,15 @@ def test_greedy_fp32_speech_over_http_is_the_official_codes_decoded(gpu_server, 
         audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
         expected = whole_decode(reference_checkpoint, np.asarray(item["codes"]))
         assert audio.shape == expected.shape, f"request {i}: {audio.size} samples, expected {expected.size}"
-        assert np.abs(audio - expected).max() <= PCM16_WAVE_TOL, f"request {i}: not the official codes' audio"
+        tolerance = SERVED_WAVE_REL_TOL * np.abs(expected).max()
+        assert np.abs(audio - expected).max() <= tolerance, f"request {i}: not the official codes' audio"
         if i == 0:
             with client.audio.speech.with_streaming_response.create(
                     model="tts-1", response_format="pcm", stream_format="audio", **body) as response:
                 streamed = b"".join(response.iter_bytes())
             streamed_audio = np.frombuffer(streamed, dtype="<i2").astype(np.float32) / 32768
             assert streamed_audio.shape == expected.shape
-            assert np.abs(streamed_audio - expected).max() <= PCM16_WAVE_TOL
+            assert np.abs(streamed_audio - expected).max() <= tolerance
 
 
 def test_a_served_request_end_to_end(gpu_server):

@@ -243,7 +243,7 @@ def test_fused_sampler_draws_the_tokens_of_the_pytorch_sampler_in_triton_interpr
 
 def test_sampler_comparison_notices_a_different_draw():
     """The comparison itself can fail: a sampler that ignores top-k differs from the reference."""
-    from vllm_qwen3tts import sampling
+    from vllm_qwen3tts.model import sampling
 
     def no_top_k(logits, temperature, top_k, top_p, seed, counter):
         return sampling.sample(logits, sampling.SamplingTensors(temperature, torch.zeros_like(top_k), top_p, seed), counter)

@@ -178,7 +178,7 @@ ENVIRONMENT_ALLOWED = {
     ("vllm_qwen3tts/cli.py", "CUDA_VISIBLE_DEVICES"),  # `synthesize --device cuda:N`, before vLLM starts
     ("vllm_qwen3tts/mps.py", "*"),  # the environment of NVIDIA's control binary
     ("vllm_qwen3tts/engine.py", "VLLM_CPU_KVCACHE_SPACE"),
-    ("vllm_qwen3tts/predictor_kernels.py", "TRITON_INTERPRET"),
+    ("vllm_qwen3tts/model/predictor_kernels.py", "TRITON_INTERPRET"),
     ("vllm_qwen3tts/talker/projections.py", "TRITON_INTERPRET"),
 }
 
