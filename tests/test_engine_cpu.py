@@ -46,6 +46,14 @@ def custom_voice(tiny_checkpoint):
         yield tts, load_official(path)
 
 
+def test_prompt_ids_outside_the_talker_vocabulary_are_refused_and_the_engine_keeps_serving(custom_voice):
+    """test_talker_vocab.py's check (a prompt id past the codec vocabulary once killed the engine
+    core), on this module's engine."""
+    from test_talker_vocab import assert_foreign_prompt_ids_are_refused_and_speech_still_served
+
+    assert_foreign_prompt_ids_are_refused_and_speech_still_served(custom_voice[0])
+
+
 CUSTOM_VOICE_CASES = [
     dict(text="Hello there, this is the first test.", speaker="ryan", language="English"),
     dict(text="今天天气很好。", speaker="eric", language="Chinese"),  # dialect speaker
