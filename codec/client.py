@@ -80,6 +80,7 @@ class CodecClient:
         self._socket: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
+        self._closing: set[asyncio.Task] = set()  # closes sent after abandoned opens
         self._pending: dict[int, asyncio.Future] = {}
         self._seq = itertools.count()
         self._connected = False
@@ -103,7 +104,7 @@ class CodecClient:
         """Fail whatever is pending (`CodecUnavailableError(reason)`) and release the socket. Open
         streams are not closed on the worker; close them first (or let the worker's idle timeout
         reclaim them)."""
-        for task in self._tasks:
+        for task in [*self._tasks, *self._closing]:
             if not task.done():
                 task.cancel()
         self._tasks.clear()
@@ -121,12 +122,21 @@ class CodecClient:
         self, stream_id: str, context_codes: np.ndarray | None = None, *, timeout_s: float | None = None
     ) -> None:
         """Reserve a decoder slot for `stream_id`. `context_codes` [T, 16] (voice-clone
-        reference codes) prime it: the stream's audio is then the continuation of theirs."""
+        reference codes) prime it: the stream's audio is then the continuation of theirs.
+
+        An open that times out or is cancelled is followed by a close of `stream_id` (so do not
+        open that id again): the worker may still carry the open out, and would otherwise hold
+        the slot for nobody until its idle reclaim."""
         if context_codes is None:
-            await self._call(OpenStream(self._next_seq(), stream_id), [], Done, timeout_s)
-            return
-        header, buffer = array_frame(_as_codes(context_codes))
-        await self._call(OpenStream(self._next_seq(), stream_id, header), [buffer], Done, timeout_s)
+            request, frames = OpenStream(self._next_seq(), stream_id), []
+        else:
+            header, buffer = array_frame(_as_codes(context_codes))
+            request, frames = OpenStream(self._next_seq(), stream_id, header), [buffer]
+        try:
+            await self._call(request, frames, Done, timeout_s)
+        except (CodecTimeoutError, asyncio.CancelledError):
+            self._close_after_abandoned_open(stream_id)
+            raise
 
     async def decode(
         self, stream_id: str, codes: np.ndarray, final: bool = False, *, timeout_s: float | None = None
@@ -176,6 +186,23 @@ class CodecClient:
         return reply.stats
 
     # -- plumbing ---------------------------------------------------------------------------------
+
+    def _close_after_abandoned_open(self, stream_id: str) -> None:
+        """Send a close behind an open whose reply we stopped waiting for. The worker handles one
+        client's requests in order, so the close lands after the open if the open arrives at
+        all; closing a stream that is not open is no error."""
+        if self._socket is None or self._lost_connection:
+            return  # the worker is gone, and its streams with it
+
+        async def close() -> None:
+            try:
+                await self.close_stream(stream_id)
+            except CodecError as e:
+                logger.warning("closing codec stream %s after its open was abandoned: %s", stream_id, e)
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _next_seq(self) -> int:
         return next(self._seq)

@@ -275,6 +275,27 @@ def test_full_pool_refuses_new_streams_until_a_slot_is_freed(worker):
     with_client(worker.address, scenario)
 
 
+def test_an_open_given_up_on_while_the_worker_is_busy_does_not_hold_a_slot(worker):
+    """The client stops waiting for an open (timeout) that the busy worker carries out later: the
+    slot comes back as soon as the worker is free, not after the idle reclaim (600 s here)."""
+    async def scenario(client):
+        before = (await client.stats()).active_streams
+        await client.open_stream("long")
+        decoding = asyncio.ensure_future(client.decode("long", random_codes(500, seed=50), final=True))
+        await asyncio.sleep(0.3)  # the worker is inside that decoder call (seconds on this CPU)
+        with pytest.raises(CodecTimeoutError):
+            await client.open_stream("given-up", timeout_s=0.05)
+        await decoding
+        deadline = time.monotonic() + 30  # a bound on the wait, not on the worker's speed
+        while (await client.stats()).active_streams != before:
+            assert time.monotonic() < deadline, "the abandoned open still holds its slot"
+            await asyncio.sleep(0.1)
+        with pytest.raises(CodecError, match="not open"):
+            await client.decode("given-up", random_codes(1, seed=51))
+
+    with_client(worker.address, scenario)
+
+
 def test_bad_requests_fail_alone_and_the_worker_keeps_serving(worker, decoder):
     codes = random_codes(6, seed=30)
 
