@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pytest
 
 # The keys of the shared speech server (`speech_server` in conftest.py): two ordinary tenants and
 # one tightly limited.
@@ -107,3 +109,34 @@ def metric(base: str, name: str, labels: dict | None = None, key: str = "alice-k
             continue
         total += float(value)
     return total
+
+
+def audio_difference(a: bytes, b: bytes) -> str | None:
+    """None when two int16 PCM renderings are the same audio up to float rounding (a few LSB: the
+    codec decodes chunks of any size to the same samples); otherwise what differs. Other codes, or
+    another voice, differ by thousands."""
+    x, y = np.frombuffer(a, dtype="<i2").astype(np.int32), np.frombuffer(b, dtype="<i2").astype(np.int32)
+    if x.shape != y.shape or x.size == 0:
+        return f"{x.size} samples against {y.size}"
+    if np.abs(x - y).max() > 2:
+        return f"{int((x != y).sum())} samples differ, by up to {np.abs(x - y).max()}"
+    return None
+
+
+def assert_renders_one_generation(*renders, attempts: int = 3) -> None:
+    """Each of `renders` (a callable returning 16-bit PCM) renders the same greedy request, in its own
+    way (streamed, SSE, whole file, an alias of the voice...): they must give the same audio.
+
+    Separate greedy requests to the CPU server are the same generation almost always, not always:
+    the random checkpoint's code predictor has near-tied logits, and the CPU kernels' rounding
+    varies from run to run, so now and then one request picks another code and the rest of its
+    utterance follows (NOTES §21). So the renderings are asked for again, up to `attempts` times,
+    until one round agrees. A fault of the rendering path (a chunk lost, repeated or out of order;
+    the wrong voice) differs in every round."""
+    problems = []
+    for _ in range(attempts):
+        audios = [render() for render in renders]
+        problems = [(i, d) for i, a in enumerate(audios[1:], 1) if (d := audio_difference(audios[0], a))]
+        if not problems:
+            return
+    pytest.fail(f"in each of {attempts} rounds, renderings differed from the first: {problems}")

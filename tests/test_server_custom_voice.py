@@ -27,7 +27,7 @@ import pytest
 import soundfile as sf
 import websockets
 
-from server_harness import KEYS, metric  # noqa: F401 (KEYS: the keys the tests use)
+from server_harness import KEYS, assert_renders_one_generation, metric  # noqa: F401 (KEYS: the keys the tests use)
 
 pytestmark = pytest.mark.engine
 
@@ -60,15 +60,6 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
         return np.concatenate(frames).astype(np.float32), stream.rate
 
 
-def assert_same_audio(a: bytes, b: bytes) -> None:
-    """Two int16 PCM renderings of the same greedy request: equal up to float rounding. (Once, on a
-    loaded CI machine, repeated greedy requests differed by 1 LSB in a few samples; another voice
-    or other codes differ by far more.)"""
-    x, y = np.frombuffer(a, dtype="<i2").astype(np.int32), np.frombuffer(b, dtype="<i2").astype(np.int32)
-    assert x.shape == y.shape and x.size > 0
-    assert np.abs(x - y).max() <= 2, f"{int((x != y).sum())} samples differ, by up to {np.abs(x - y).max()}"
-
-
 def pcm16(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767
 
@@ -94,26 +85,36 @@ def test_every_format_decodes_with_the_right_rate_and_length(server, fmt):
 
 def test_streamed_chunks_concatenate_to_the_non_streamed_audio(server):
     text = "First sentence here. And a second one follows!"
-    whole = speak(server, response_format="pcm", input=text, voice="ryan")
-    with client(server).audio.speech.with_streaming_response.create(
-        model="tts-1", voice="ryan", input=text, response_format="pcm", stream_format="audio",
-        extra_body={**GREEDY, "max_new_tokens": FRAMES},
-    ) as response:
-        chunks = list(response.iter_bytes())
-    assert len(chunks) >= 3
-    assert b"".join(chunks) == whole
-    assert len(whole) == 2 * FRAMES * 1920 * 2  # two sentences, 16-bit samples
+
+    def whole() -> bytes:
+        audio = speak(server, response_format="pcm", input=text, voice="ryan")
+        assert len(audio) == 2 * FRAMES * 1920 * 2  # two sentences, 16-bit samples
+        return audio
+
+    def streamed() -> bytes:
+        with client(server).audio.speech.with_streaming_response.create(
+            model="tts-1", voice="ryan", input=text, response_format="pcm", stream_format="audio",
+            extra_body={**GREEDY, "max_new_tokens": FRAMES},
+        ) as response:
+            chunks = list(response.iter_bytes())
+        assert len(chunks) >= 3
+        return b"".join(chunks)
+
+    assert_renders_one_generation(streamed, whole)
 
 
 def test_sse_deltas_add_up_to_the_audio_and_end_with_usage(server):
     text = "Server sent events."
-    events = sse_events(server, input=text)
-    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
-    assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
-    audio = b"".join(base64.b64decode(e["audio"]) for e in deltas)
-    assert_same_audio(audio, speak(server, response_format="pcm", input=text, voice="serena"))
-    usage = events[-1]["usage"]
-    assert usage["output_tokens"] == FRAMES and usage["total_tokens"] == usage["input_tokens"] + FRAMES
+
+    def sse() -> bytes:
+        events = sse_events(server, input=text)
+        deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+        assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
+        usage = events[-1]["usage"]
+        assert usage["output_tokens"] == FRAMES and usage["total_tokens"] == usage["input_tokens"] + FRAMES
+        return b"".join(base64.b64decode(e["audio"]) for e in deltas)
+
+    assert_renders_one_generation(sse, lambda: speak(server, response_format="pcm", input=text, voice="serena"))
 
 
 def sse_events(server, **fields) -> list[dict]:
@@ -138,8 +139,11 @@ def test_initial_codec_chunk_frames_sets_the_first_streamed_chunk_and_not_the_au
     assert [len(d) for d in default[:3]] == [frame_bytes, 2 * frame_bytes, 4 * frame_bytes]
     assert [len(d) for d in two[:2]] == [2 * frame_bytes, 4 * frame_bytes]
     assert [len(d) for d in five[:2]] == [5 * frame_bytes, 5 * frame_bytes]  # 5, then the rest of 10 frames
-    assert_same_audio(b"".join(two), b"".join(default))
-    assert_same_audio(b"".join(five), b"".join(default))
+    def rendered(**first) -> bytes:
+        return b"".join(sse_audio_deltas(server, input="One sentence.", **first))
+
+    assert_renders_one_generation(rendered, lambda: rendered(initial_codec_chunk_frames=2),
+                                  lambda: rendered(initial_codec_chunk_frames=5))
 
 
 def test_websocket_text_in_pieces_audio_out_per_sentence(server):
@@ -167,12 +171,19 @@ def test_websocket_text_in_pieces_audio_out_per_sentence(server):
                     break
         return events, audio
 
-    events, audio = asyncio.run(session())
-    starts = [e for e in events if e["type"] == "audio.start"]
-    assert [e["text"] for e in starts] == sentences
-    assert events[0]["type"] == "session.created" and events[-1]["type"] == "session.done"
-    for i, text in enumerate(sentences):
-        assert_same_audio(audio[i], speak(server, key="bob-key", response_format="pcm", input=text, voice="aiden"))
+    def over_websocket() -> bytes:
+        events, audio = asyncio.run(session())
+        starts = [e for e in events if e["type"] == "audio.start"]
+        assert [e["text"] for e in starts] == sentences
+        assert events[0]["type"] == "session.created" and events[-1]["type"] == "session.done"
+        assert sorted(audio) == [0, 1]
+        return audio[0] + audio[1]
+
+    def sentence_by_sentence() -> bytes:
+        return b"".join(speak(server, key="bob-key", response_format="pcm", input=text, voice="aiden")
+                        for text in sentences)
+
+    assert_renders_one_generation(over_websocket, sentence_by_sentence)
 
 
 @pytest.mark.parametrize("speed", [0.5, 2.0])
@@ -216,8 +227,9 @@ def test_min_new_tokens_equal_to_max_forces_the_length(server):
 
 
 def test_openai_voice_names_map_to_builtin_speakers(server):
-    assert_same_audio(speak(server, voice="coral", response_format="pcm"), speak(server, voice="vivian", response_format="pcm"))
-    assert_same_audio(speak(server, voice="echo", response_format="pcm"), speak(server, voice="ryan", response_format="pcm"))
+    for alias, speaker in (("coral", "vivian"), ("echo", "ryan")):
+        assert_renders_one_generation(lambda: speak(server, voice=alias, response_format="pcm"),
+                                      lambda: speak(server, voice=speaker, response_format="pcm"))
 
 
 @pytest.mark.parametrize("body,status,param", [
