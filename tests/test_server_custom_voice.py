@@ -132,18 +132,17 @@ def sse_audio_deltas(server, **fields) -> list[bytes]:
 
 def test_initial_codec_chunk_frames_sets_the_first_streamed_chunk_and_not_the_audio(server):
     frame_bytes = 1920 * 2  # one 80 ms frame of 16-bit PCM
-    default = sse_audio_deltas(server, input="One sentence.")
-    two = sse_audio_deltas(server, input="One sentence.", initial_codec_chunk_frames=2)
-    five = sse_audio_deltas(server, input="One sentence.", initial_codec_chunk_frames=5)
-    # alone on the server: the light-load schedule, 1 frame first
-    assert [len(d) for d in default[:3]] == [frame_bytes, 2 * frame_bytes, 4 * frame_bytes]
-    assert [len(d) for d in two[:2]] == [2 * frame_bytes, 4 * frame_bytes]
-    assert [len(d) for d in five[:2]] == [5 * frame_bytes, 5 * frame_bytes]  # 5, then the rest of 10 frames
-    def rendered(**first) -> bytes:
-        return b"".join(sse_audio_deltas(server, input="One sentence.", **first))
 
-    assert_renders_one_generation(rendered, lambda: rendered(initial_codec_chunk_frames=2),
-                                  lambda: rendered(initial_codec_chunk_frames=5))
+    def rendered(first_chunks: list[int], **fields) -> bytes:
+        deltas = sse_audio_deltas(server, input="One sentence.", **fields)
+        assert [len(d) for d in deltas[: len(first_chunks)]] == [n * frame_bytes for n in first_chunks]
+        return b"".join(deltas)
+
+    assert_renders_one_generation(
+        lambda: rendered([1, 2, 4]),  # alone on the server: the light-load schedule, 1 frame first
+        lambda: rendered([2, 4], initial_codec_chunk_frames=2),
+        lambda: rendered([5, 5], initial_codec_chunk_frames=5),  # 5, then the rest of 10 frames
+    )
 
 
 def test_websocket_text_in_pieces_audio_out_per_sentence(server):
