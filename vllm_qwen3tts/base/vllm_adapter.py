@@ -54,7 +54,8 @@ INTERNALS: dict[str, tuple[tuple[str, str | None], ...]] = {
     "silu_and_mul_kernel": (("torch", "ops._C.silu_and_mul"),),  # registered when vLLM loads its ops
     # Model Runner V2, the production runner (talker/model_state_v2.py; GPU-only modules)
     "DefaultModelState": (("vllm.v1.worker.gpu.model_states.default", "DefaultModelState"),),
-    "resolve_model_state_cls": (("vllm.v1.worker.gpu.model_states", "resolve_model_state_cls"),),  # read only
+    "resolve_model_state_cls": (("vllm.v1.worker.gpu.model_states", "resolve_model_state_cls"),  # 0.32; read only
+                                ("vllm.v1.worker.gpu.model_states", "init_model_state")),  # 0.26
     "InputBatch": (("vllm.v1.worker.gpu.input_batch", "InputBatch"),),  # read only
     "SamplerOutput": (("vllm.v1.worker.gpu.sample.output", "SamplerOutput"),),  # read only
     "Sampler": (("vllm.v1.worker.gpu.sample.sampler", "Sampler"),),  # read only: wrapped
