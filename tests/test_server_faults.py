@@ -291,7 +291,7 @@ def test_when_the_engine_core_dies_health_says_so_and_the_server_exits_non_zero(
     """Its own small server (one codec worker, 10 frames a sentence), which this test ends. vLLM
     cannot restart its engine core; the server must not live on as a zombie that says healthy."""
     args = ["--model", str(tiny_checkpoint("0.6b-custom_voice")), "--max-num-seqs", "2", "--max-model-len", "512",
-            "--max-frames", "10", "--codec-device", "cpu"]
+            "--max-frames", "10", "--codec-device", "cpu", "--enforce-eager"]  # no compile: it is about to die
     with running_server(tmp_path, args, as_server=True) as server:
         api = psutil.Process(server.pid)
         (engine,) = [p for p in api.children(recursive=True) if "EngineCore" in p.name()]

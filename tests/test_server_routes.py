@@ -20,7 +20,6 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from server_harness import KEYS, running_server
 from vllm_qwen3tts.base.settings import ServerSettings
 from vllm_qwen3tts.server.guard import NOT_SERVED, ROUTES, SERVED, WEBSOCKET, Body, Exposure, body_limit
 
@@ -294,31 +293,3 @@ def test_the_completion_that_killed_the_engine_is_not_served(speech_server):
     r = httpx.post(f"{speech_server.base}/v1/audio/speech", headers=ALICE, timeout=300,
                    json={"input": "Still here.", "voice": "ryan", "response_format": "wav", "max_new_tokens": 4})
     assert r.status_code == 200, r.text
-
-
-# ------------------------------------------------------------------------------ vLLM's --api-key
-
-
-@pytest.fixture(scope="module")
-def vllm_key_server(tmp_path_factory, tiny_checkpoint):
-    """Plain `vllm serve` with our plugins, vLLM's own API key (VLLM_API_KEY, as `--api-key`)
-    and a keys file: its own server because the key is a start-up setting."""
-    tmp = tmp_path_factory.mktemp("server-vllm-key")
-    env = {"VLLM_API_KEY": "vllm-key", "QWEN3TTS_WARMUP": "0"}
-    with running_server(tmp, ["--model", str(tiny_checkpoint("0.6b-custom_voice")), "--max-num-seqs", "2",
-                              "--max-model-len", "256", "--max-frames", "8"],
-                        keys=KEYS[:1], env=env, plain_vllm=True, timeout_s=600) as (base, log):
-        yield base
-
-
-def test_vllm_api_key_is_a_speech_key_beside_the_tenants_keys(vllm_key_server):
-    base = vllm_key_server
-    speech = {"input": "Hi.", "voice": "ryan", "response_format": "wav", "max_new_tokens": 4}
-    for key in ("vllm-key", "alice-key"):  # vLLM's key, and a tenant's that vLLM alone would refuse
-        r = httpx.post(f"{base}/v1/audio/speech", json=speech, headers={"Authorization": f"Bearer {key}"}, timeout=300)
-        assert r.status_code == 200, (key, r.text)
-    r = httpx.post(f"{base}/v1/audio/speech", json=speech, timeout=30)
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    r = httpx.post(f"{base}/v1/completions", json={"prompt": [1], "max_tokens": 1},
-                   headers={"Authorization": "Bearer vllm-key"}, timeout=30)
-    assert r.status_code == 404
