@@ -25,6 +25,12 @@ class CodecBusyError(CodecError):
     """Every stream slot of the workers in service is taken: a new stream must wait or be refused."""
 
 
+def default_codec_streams(max_num_seqs: int) -> int:
+    """Stream slots per codec worker unless configured: room for every running request of the
+    engine and as many more finishing their audio or waiting in vLLM's queue."""
+    return max(64, 2 * max_num_seqs)
+
+
 class CodecPool:
     def __init__(self, clients: list[CodecClient], max_streams: int | None = None):
         """`max_streams`: the stream slots each worker was provisioned with (None: unknown, never full)."""
@@ -135,6 +141,10 @@ class CodecPool:
     def open_streams(self) -> list[int]:
         """Open streams per worker, as this pool routed them."""
         return list(self._open)
+
+    def capacity(self) -> int | None:
+        """Stream slots of the workers in service (None: unknown)."""
+        return None if self.max_streams is None else self.max_streams * len(self.live_workers())
 
     def free_slots(self) -> int | None:
         """Stream slots a new stream could take now on the workers in service (None: capacity

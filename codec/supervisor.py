@@ -48,6 +48,7 @@ class RestartPolicy:
     max_delay_s: float = 30.0
     max_restarts: int = 5  # within window_s; one more failure and the worker stays down
     window_s: float = 600.0
+    expected_start_s: float = 30.0  # a worker's start until one has been timed here (a GPU worker's compile)
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     poll_s: float = 0.2  # how often a worker's process is checked (a disconnect is noticed at once)
 
@@ -91,6 +92,8 @@ class CodecSupervisor:
         self.restarts = 0  # successful restarts, all workers
         self._recent: list[deque[float]] = [deque() for _ in workers]  # restart times within the window
         self._doing: dict[int, str] = {}  # worker index -> what the supervisor is doing about it
+        self._back_at: dict[int, float] = {}  # worker index -> when (monotonic) it should serve again
+        self.last_start_s: float | None = None  # how long the last restart took, once one has
         self._stopping = False
 
     async def run(self) -> None:
@@ -108,6 +111,14 @@ class CodecSupervisor:
                 doing = self._doing.get(i)
                 lines.append(f"codec worker {i} ({worker.device}) {why}" + (f"; {doing}" if doing else ""))
         return lines
+
+    def expected_back_s(self) -> float | None:
+        """Seconds until the first worker being restarted should serve again (its restart's delay
+        plus the last restart's duration), or None while none is being restarted: what a 503's
+        Retry-After tells clients."""
+        if not self._back_at:
+            return None
+        return max(0.0, min(self._back_at.values()) - time.monotonic())
 
     def stop_restarting(self) -> None:
         """Restart nothing more (the server is shutting down: its workers may be stopping too)."""
@@ -161,8 +172,11 @@ class CodecSupervisor:
                                   "restart the server")
                 logger.critical("codec worker %d (%s) failed %d times within %g s; it stays down",
                                 i, self.workers[i].device, len(recent), policy.window_s)
+                self._back_at.pop(i, None)
                 return False
-            await asyncio.sleep(policy.delay_s(len(recent)))
+            delay = policy.delay_s(len(recent))
+            self._back_at[i] = time.monotonic() + delay + (self.last_start_s or policy.expected_start_s)
+            await asyncio.sleep(delay)
             recent.append(time.monotonic())
             self._doing[i] = f"restarting (attempt {len(recent)} within {policy.window_s:g} s)"
             started = time.monotonic()
@@ -179,6 +193,8 @@ class CodecSupervisor:
             self.workers[i] = worker
             self.pool.replace(i, client)
             self._doing.pop(i, None)
+            self._back_at.pop(i, None)
+            self.last_start_s = time.monotonic() - started
             self.restarts += 1
             logger.warning("codec worker %d (%s) restarted as pid %s in %.1f s", i, worker.device, worker.pid,
                            time.monotonic() - started)

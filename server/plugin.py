@@ -68,7 +68,7 @@ class SpeechEndpointPlugin:
             return
         from ..base.settings import process_settings
         from ..base.vllm_adapter import current_platform
-        from ..codec.pool import CodecPool
+        from ..codec.pool import CodecPool, default_codec_streams
         from ..codec.supervisor import CodecSupervisor
         from ..codec.worker import launched_workers_from_env
         from ..synthesis import ChunkSchedule, TTSEngine
@@ -81,7 +81,11 @@ class SpeechEndpointPlugin:
         settings = with_vllm_api_keys(process_settings().server, vllm_api_keys(getattr(self, "_app", None), state))
         vllm_config = engine_client.vllm_config
         on_gpu = current_platform.device_type == "cuda"
-        max_streams = max(64, 2 * vllm_config.scheduler_config.max_num_seqs)
+        max_streams = settings.codec_streams
+        if max_streams is None:
+            max_streams = default_codec_streams(vllm_config.scheduler_config.max_num_seqs)
+        elif max_streams < 1:
+            raise ValueError(f"--codec-streams (QWEN3TTS_CODEC_STREAMS) must be at least 1, not {max_streams}")
         chunk_lengths = ChunkSchedule().distinct_sizes()
         launched = launched_workers_from_env()
         if launched:

@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import socket
 import time
 from collections import OrderedDict
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import numpy as np
+import psutil
 
 from ..base.settings import ServerSettings
 from ..base.vllm_adapter import engine_errored
@@ -86,9 +88,14 @@ class SpeechService:
             default_limits=TenantLimits(settings.default_max_concurrency, settings.default_requests_per_minute),
         )
         self.admission = AdmissionController(max_queued_requests=settings.max_queued_requests)
+        # Codec stream slots promised to admitted requests: one each, for the request's whole life,
+        # so that a request's later sentences (one stream each, one at a time) never find the pool
+        # taken by requests admitted after it.
+        self.codec_slots_reserved = 0
         self.voices = VoiceStore(settings.voices_dir)
         self.metrics = speech_metrics()
         self.ready = False
+        self.start_s: float | None = None  # process start to ready
         self._clone_cache: OrderedDict[str, VoiceProfile] = OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
@@ -101,7 +108,9 @@ class SpeechService:
                 async for _ in self.engine.stream(req):
                     pass
             self.ready = True
-            logger.info("speech service ready")
+            # how long a restart of this server takes, for a dying engine's 503 (vLLM cannot restart it)
+            self.start_s = time.time() - psutil.Process().create_time()
+            logger.info("speech service ready %.1f s after the process started", self.start_s)
         except Exception:
             logger.exception("warm-up failed; /ready stays 503")
 
@@ -170,13 +179,24 @@ class SpeechService:
     def healthy(self) -> bool:
         return self.unavailable_reason() is None
 
+    def codec_retry_after_s(self) -> int:
+        """Whole seconds a client refused for want of a codec worker should wait: until the one
+        being restarted should serve again, else CODEC_RETRY_AFTER_S."""
+        back = self.codec_supervisor.expected_back_s() if self.codec_supervisor is not None else None
+        return CODEC_RETRY_AFTER_S if back is None else max(1, math.ceil(back))
+
+    def restart_retry_after_s(self) -> int:
+        """Whole seconds a client refused because the engine died should wait: as long as this
+        server took to start (its replacement should take as long), else CODEC_RETRY_AFTER_S."""
+        return CODEC_RETRY_AFTER_S if self.start_s is None else max(1, math.ceil(self.start_s))
+
     def check_can_synthesize(self) -> None:
         """Raise 503 + Retry-After unless synthesis can start now (the engine runs and at least
         one codec worker serves), so that a request is refused before any audio headers."""
         if self.engine_died or engine_errored(self.engine.engine):
-            raise engine_unavailable("the speech engine has stopped; the server is restarting")
+            raise engine_unavailable("the speech engine has stopped; the server is restarting", self.restart_retry_after_s())
         if not self.engine.codec.live_workers():
-            raise codec_unavailable(self.unavailable_reason() or "no codec worker is running")
+            raise codec_unavailable(self.unavailable_reason() or "no codec worker is running", self.codec_retry_after_s())
 
     def synthesis_error(self, error: Exception) -> APIError | None:
         """The 503 for a synthesis that failed because the engine or the codec went away (not
@@ -184,9 +204,10 @@ class SpeechService:
         if isinstance(error, APIError):
             return None
         if self.engine_died or engine_errored(self.engine.engine):
-            return engine_unavailable("the speech engine stopped during synthesis; the server is restarting")
+            return engine_unavailable("the speech engine stopped during synthesis; the server is restarting",
+                                      self.restart_retry_after_s())
         if isinstance(error, CodecUnavailableError):
-            return codec_unavailable(f"audio decoding failed: {error}")
+            return codec_unavailable(f"audio decoding failed: {error}", self.codec_retry_after_s())
         return None
 
     async def watch_engine(self, poll_s: float = 0.1, exit_after_s: float = 10.0) -> None:
@@ -235,18 +256,29 @@ class SpeechService:
                            code="invalid_api_key") from e
 
     def admit(self, tenant: Tenant, endpoint: str):
-        """Async context manager holding the tenant's admission; HTTP errors on refusal."""
+        """Async context manager holding the tenant's admission and one codec stream slot; HTTP
+        errors on refusal, all before any audio headers."""
         service = self
 
         class _Admit:
             async def __aenter__(self):
-                if service.codec_slots_free() == 0:  # refused before any audio headers
+                if service.codec_slots_free() == 0:
                     service.metrics.requests.labels(tenant.name, endpoint, "503").inc()
                     service.check_can_synthesize()  # no worker in service is not "busy"
                     raise codec_busy()
+                service.codec_slots_reserved += 1  # no await since the check above
+                try:
+                    ticket = await self._enter()
+                except BaseException:
+                    service.codec_slots_reserved -= 1
+                    raise
+                service.metrics.in_flight.inc()
+                return ticket
+
+            async def _enter(self):
                 try:
                     self._cm = service.admission.admit(tenant)
-                    ticket = await self._cm.__aenter__()
+                    return await self._cm.__aenter__()
                 except RateLimited as e:
                     service.metrics.requests.labels(tenant.name, endpoint, "429").inc()
                     raise APIError(429, f"rate limit of {tenant.requests_per_minute} requests/minute exceeded",
@@ -261,23 +293,24 @@ class SpeechService:
                     service.metrics.requests.labels(tenant.name, endpoint, "503").inc()
                     raise APIError(503, "the server is at capacity; retry shortly", type="server_error",
                                    code="overloaded", headers={"Retry-After": "1"}) from e
-                service.metrics.in_flight.inc()
-                return ticket
 
             async def __aexit__(self, *exc):
                 service.metrics.in_flight.dec()
+                service.codec_slots_reserved -= 1
                 return await self._cm.__aexit__(*exc)
 
         return _Admit()
 
     def codec_slots_free(self) -> int | None:
-        """Codec stream slots free now on the workers in service (None: not known, or no worker
-        serves, which `check_can_synthesize` refuses). Every admitted request holds at most one
-        at a time."""
+        """Codec stream slots a new request could be promised now on the workers in service (None:
+        not known, or no worker serves, which `check_can_synthesize` refuses): those neither
+        reserved by an admitted request nor still held by a stream whose close is on its way.
+        An admitted request holds at most one stream at a time."""
         pool = self.engine.codec
         if not hasattr(pool, "free_slots") or not pool.live_workers():
             return None
-        return pool.free_slots()
+        free = pool.free_slots()
+        return None if free is None else max(0, min(free, pool.capacity() - self.codec_slots_reserved))
 
     def not_ready_reason(self) -> str | None:
         """Why /ready answers 503 now, or None: warming up, unable to serve
@@ -429,7 +462,7 @@ class SpeechService:
             profile = await self.engine.clone_voice(audio, None if x_vector_only else ref_text, x_vector_only)
         except PromptError as e:
             if isinstance(e.__cause__, CodecUnavailableError):  # the codec, not the audio
-                raise codec_unavailable(f"voice cloning is unavailable: {e.__cause__}") from e
+                raise codec_unavailable(f"voice cloning is unavailable: {e.__cause__}", self.codec_retry_after_s()) from e
             raise bad_request(_reference_problem(str(e)), param="ref_audio", code="invalid_ref_audio") from e
         self._clone_cache[key] = profile
         while len(self._clone_cache) > 256:
@@ -508,16 +541,16 @@ class SpeechService:
             }))
 
 
-def codec_unavailable(message: str) -> APIError:
+def codec_unavailable(message: str, retry_after_s: int = CODEC_RETRY_AFTER_S) -> APIError:
     """503 + Retry-After while no codec worker can serve (one is restarted automatically)."""
     return APIError(503, message, type="server_error", code="codec_unavailable",
-                    headers={"Retry-After": str(CODEC_RETRY_AFTER_S)})
+                    headers={"Retry-After": str(retry_after_s)})
 
 
-def engine_unavailable(message: str) -> APIError:
+def engine_unavailable(message: str, retry_after_s: int = CODEC_RETRY_AFTER_S) -> APIError:
     """503 + Retry-After once vLLM's engine has died (this server exits; its supervisor restarts it)."""
     return APIError(503, message, type="server_error", code="engine_unavailable",
-                    headers={"Retry-After": str(CODEC_RETRY_AFTER_S)})
+                    headers={"Retry-After": str(retry_after_s)})
 
 
 def codec_busy() -> APIError:

@@ -685,6 +685,8 @@ def test_a_killed_worker_fails_its_streams_at_once_and_is_replaced_while_the_oth
             assert not isinstance(failed.value, CodecTimeoutError), "failed by the client's 30 s timeout, not at once"
             await eventually(lambda: pool.down, "death noticed", 60)
             down = supervisor.problems()
+            await eventually(lambda: supervisor.expected_back_s() is not None, "restart scheduled", 60)
+            expected_back = supervisor.expected_back_s()  # no restart timed yet: the policy's guess
             with pytest.raises(CodecUnavailableError, match="is gone"):
                 await pool.decode("doomed", codes[4:6])
             await pool.close_stream("doomed")  # nothing to close: the stream died with its worker
@@ -692,6 +694,8 @@ def test_a_killed_worker_fails_its_streams_at_once_and_is_replaced_while_the_oth
             await pool.open_stream("meanwhile")
             placed_meanwhile = pool.open_streams
             await eventually(lambda: not supervisor.problems(), "restart")
+            assert supervisor.expected_back_s() is None and 0 < supervisor.last_start_s < 120
+            assert 0 < expected_back <= FAST_RESTARTS.first_delay_s + FAST_RESTARTS.expected_start_s
             replacement = supervisor.workers[0]
             stats = await pool.clients[0].stats()
             await pool.open_stream("after")

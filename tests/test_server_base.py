@@ -1,5 +1,6 @@
 """Voice cloning through the server (a Base checkpoint): saved voices per API key,
-inline references, and every way a reference can be bad."""
+inline references, and every way a reference can be bad. The same server (plain `vllm serve`)
+also shows vLLM's own API key at work and a codec worker whose stream slots are all taken."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import io
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -16,13 +19,14 @@ import openai
 import pytest
 import soundfile as sf
 
-from server_harness import assert_renders_one_generation, running_server
+from server_harness import assert_renders_one_generation, metric, running_server
 
 pytestmark = pytest.mark.engine
 
 KEYS = [{"key": "alice-key", "name": "alice"}, {"key": "bob-key", "name": "bob"}]
 GREEDY = {"temperature": 0, "max_new_tokens": 8}
 EXAMPLES = Path(__file__).parent.parent / "examples"
+CODEC_STREAMS = 3  # this server's codec stream slots (`--codec-streams`; it has one codec worker)
 
 
 def reference_wav(seconds: float = 1.5, seed: int = 0) -> bytes:
@@ -36,11 +40,15 @@ def reference_wav(seconds: float = 1.5, seed: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_checkpoint):
     """Plain `vllm serve` (our plugins, no `vllm-qwen3tts serve`): the server starts its own codec
-    worker once the engine is up."""
+    worker once the engine is up. vLLM's own API key (VLLM_API_KEY, as vLLM's `--api-key`) is set
+    beside the tenants' keys file."""
     tmp = tmp_path_factory.mktemp("server-base")
     with running_server(tmp, ["--model", str(tiny_checkpoint("0.6b-base")), "--max-frames", "40",
-                              "--max-num-seqs", "4", "--max-model-len", "1024", "--allow-url-ref-audio"],
-                        keys=KEYS, env={"QWEN3TTS_MAX_REF_AUDIO_BYTES": str(400_000)}, plain_vllm=True) as (base, log):
+                              "--max-num-seqs", "4", "--max-model-len", "1024", "--allow-url-ref-audio",
+                              "--enforce-eager"],  # no compile: these tests are about voices and keys
+                        keys=KEYS, env={"QWEN3TTS_MAX_REF_AUDIO_BYTES": str(400_000), "VLLM_API_KEY": "vllm-key",
+                                            "QWEN3TTS_CODEC_STREAMS": str(CODEC_STREAMS)},
+                        plain_vllm=True) as (base, log):
         yield base, log
 
 
@@ -54,7 +62,21 @@ def test_plain_vllm_serve_starts_its_codec_worker_itself(served):
     assert "speech endpoints ready to warm up" in log
     assert "started codec worker" not in log and "waiting to be provisioned" not in log
     assert "codec workers provisioned" not in log
-    assert ", 64 stream slots" in log  # max(64, 2 x --max-num-seqs 4), allocated at start
+    assert f", {CODEC_STREAMS} stream slots" in log  # QWEN3TTS_CODEC_STREAMS, allocated at start
+
+
+def test_vllm_api_key_is_a_speech_key_beside_the_tenants_keys(server):
+    """vLLM's key opens the speech routes as a tenant's key does, and none of vLLM's text routes."""
+    ref = "data:audio/wav;base64," + base64.b64encode(reference_wav()).decode()
+    for key in ("vllm-key", "alice-key"):  # vLLM's key, and a tenant's that vLLM alone would refuse
+        r = speak(server, key, ref_audio=ref, x_vector_only_mode=True)
+        assert r.status_code == 200 and len(r.content) == 8 * 1920 * 2, (key, r.text)
+    r = httpx.post(f"{server}/v1/audio/speech", json={"input": "Hi.", "ref_audio": ref, "x_vector_only_mode": True},
+                   timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": [1], "max_tokens": 1},
+                   headers=headers("vllm-key"), timeout=30)
+    assert r.status_code == 404
 
 
 def headers(key: str) -> dict:
@@ -163,3 +185,62 @@ def test_openai_client_clones_through_extra_body(server):
                                                    "ref_text": "A reference.", **GREEDY})
     wav, rate = sf.read(io.BytesIO(audio.content))
     assert rate == 24000 and len(wav) == 8 * 1920
+
+
+def test_with_every_codec_stream_slot_taken_new_requests_get_503_before_any_audio_and_ready_says_so(server):
+    """Three streamed requests of five sentences each hold the server's three codec stream slots,
+    one each for the whole request although every sentence is a codec stream of its own. While
+    they speak, every new request gets 503 `codec_busy` with Retry-After before any audio (a
+    newcomer never takes a slot in the gap between two of their sentences), and /ready says why;
+    each of the three gets all its audio; then the slots are free and a request is served."""
+    frames = 12
+    ref = "data:audio/wav;base64," + base64.b64encode(reference_wav()).decode()
+    long_text = " ".join(f"Sentence number {n} is spoken now." for n in range(5))
+    extra = {"ref_audio": ref, "x_vector_only_mode": True, "temperature": 0, "min_new_tokens": frames,
+             "max_new_tokens": frames}
+    holders: list[bytes | Exception] = []
+
+    def hold() -> None:
+        try:
+            with openai.OpenAI(base_url=f"{server}/v1", api_key="alice-key", max_retries=0, timeout=300) \
+                    .audio.speech.with_streaming_response.create(model="tts-1", voice="ignored", input=long_text,
+                                                                 response_format="pcm", stream_format="audio",
+                                                                 extra_body=extra) as response:
+                holders.append(response.read())
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            holders.append(e)
+
+    threads = [threading.Thread(target=hold) for _ in range(CODEC_STREAMS)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while (r := httpx.get(f"{server}/ready", timeout=10)).status_code == 200 and not holders:
+        assert time.monotonic() < deadline, "the three requests never held every slot"
+        time.sleep(0.01)
+    assert r.status_code == 503 and "every codec stream slot is in use" in r.json()["error"]["message"], r.text
+
+    newcomer = openai.OpenAI(base_url=f"{server}/v1", api_key="bob-key", max_retries=0, timeout=60)
+    refused = 0
+    while any(t.is_alive() for t in threads) and not holders:
+        try:
+            with newcomer.audio.speech.with_streaming_response.create(
+                    model="tts-1", voice="ignored", input="A newcomer.", response_format="pcm", stream_format="audio",
+                    extra_body={**extra, "max_new_tokens": 4, "min_new_tokens": 4}) as response:
+                response.read()
+            break  # admitted: one of the three has just finished (its client may not have seen its end yet)
+        except openai.APIStatusError as e:
+            assert e.status_code == 503 and e.response.headers["retry-after"] == "1", e
+            assert e.response.json()["error"]["code"] == "codec_busy"
+            refused += 1
+        time.sleep(0.02)
+    for t in threads:
+        t.join(timeout=300)
+    assert refused >= 1
+    whole = 5 * frames * 1920 * 2  # five sentences of 16-bit samples
+    assert [len(h) if isinstance(h, bytes) else h for h in holders] == [whole] * CODEC_STREAMS
+
+    deadline = time.monotonic() + 30
+    while metric(server, "qwen3tts_codec_active_streams") or httpx.get(f"{server}/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the slots were not freed"
+        time.sleep(0.1)
+    assert len(speak(server, "bob-key", ref_audio=ref, x_vector_only_mode=True).content) == 8 * 1920 * 2

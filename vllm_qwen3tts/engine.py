@@ -98,6 +98,7 @@ async def start_engine(opts: EngineOptions) -> RunningEngine:
     """A vLLM AsyncLLM for the talker plus a codec worker process, wired into a TTSEngine."""
     from .base.vllm_adapter import AsyncEngineArgs, AsyncLLM
     from .codec.client import CodecClient
+    from .codec.pool import default_codec_streams
     from .codec.worker import CodecWorkerConfig, start_codec_worker
 
     device, dtype = resolve_device(opts.device, opts.dtype)
@@ -113,7 +114,7 @@ async def start_engine(opts: EngineOptions) -> RunningEngine:
     codec_device = opts.codec_device or device
     worker = start_codec_worker(CodecWorkerConfig(model_dir=str(opts.model), device=codec_device,
                                                   dtype="float32" if codec_device == "cpu" else dtype,
-                                                  max_streams=max(64, 2 * opts.max_num_seqs),
+                                                  max_streams=default_codec_streams(opts.max_num_seqs),
                                                   graph_chunk_lengths=opts.chunk_schedule.distinct_sizes()))
     try:
         kwargs = dict(

@@ -95,6 +95,11 @@ class ServerSettings:
         help="run a codec worker on this device, cpu, cuda or cuda:N (repeat the flag, or a comma list in the "
              "variable; streams are spread over them). None: beside the talker, or one on each data-parallel "
              "rank's GPU"))
+    codec_streams: int | None = field(default=None, metadata=setting(
+        env="CODEC_STREAMS", flag="--codec-streams", metavar="N",
+        help="audio decoding stream slots of each codec worker (a request holds one while it is synthesized); "
+             "with every slot taken, new requests get 503 codec_busy before any audio and /ready says 503. "
+             "None: max(64, 2 x --max-num-seqs)"))
     light_load_streams: int = field(default=32, metadata=setting(
         env="LIGHT_LOAD_STREAMS", flag="--light-load-streams", metavar="N",
         help="a request arriving while at most N streams are being synthesized gets a first audio chunk of 1 "
