@@ -96,8 +96,22 @@ class PromptRecipe:
         )
 
 
+ROLE_PREFIX = "assistant\n"  # after <|im_start|>: the role tokens before the text to speak
+
+
 def assistant_text(text: str) -> str:
-    return f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    return f"<|im_start|>{ROLE_PREFIX}{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def split_assistant_ids(ids: list[int]) -> tuple[list[int], list[int]]:
+    """(role tokens, text tokens to speak) of `assistant_text`'s tokens: the text's are tokenized
+    inside the assistant turn, less its 3 role tokens and its 5 closing ones."""
+    return ids[:3], ids[3:-5]
+
+
+def target_text_ids(tokenizer, text: str) -> list[int]:
+    """The text tokens to speak, as the prompt has them."""
+    return split_assistant_ids(_encode(tokenizer, assistant_text(text)))[1]
 
 
 def reference_text(text: str) -> str:
@@ -169,8 +183,7 @@ def build_prompt(cfg: TTSConfig, tokenizer, req: SpeechRequest) -> PromptRecipe:
         non_streaming = kind != "base"
     language_id = resolve_language(cfg, req.language, speaker if kind == "custom_voice" else None)
 
-    ids = _encode(tokenizer, assistant_text(req.text))
-    role, target = ids[:3], ids[3:-5]
+    role, target = split_assistant_ids(_encode(tokenizer, assistant_text(req.text)))
     if not target:
         raise PromptError("input text produced no tokens")
 

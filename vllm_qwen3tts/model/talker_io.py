@@ -14,7 +14,7 @@ from torch import nn
 
 from ..base.config import TalkerConfig
 from ..base.weight_loading import load_mapped
-from .prompt import NO_CODEC, NO_REF, NO_TEXT, SPEAKER_VECTOR, PromptRecipe
+from .prompt import NO_REF, NO_TEXT, SPEAKER_VECTOR, PromptRecipe
 
 
 class TextProjection(nn.Module):
