@@ -4,12 +4,15 @@ Greedy decoding makes the talker deterministic, so vLLM's codes must equal the
 official implementation's frame for frame, whatever the batching: requests run
 together in one engine with chunked prefill on (a 64-token step budget splits
 the prompts), and a second engine with a KV cache too small for all of them at
-once forces preemption and re-prefill.
+once forces preemption and re-prefill. The VoiceDesign and Base engines also speak their text
+arriving in pieces (`stream_text`; the CustomVoice cases are test_engine_text_stream.py's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 
 import numpy as np
 import pytest
@@ -195,6 +198,30 @@ def test_a_request_whose_codec_stream_cannot_open_fails_and_leaves_nothing_runni
     assert tts.generate([as_request(CUSTOM_VOICE_CASES[0])])[0].codes.shape == (FRAMES, 16)
 
 
+# ------------------------------------------------------------------ text in pieces (stream_text)
+
+
+def pieces_of(text: str, rng: random.Random, max_piece: int = 4, max_delay_s: float = 0.0):
+    """`text` cut at random into pieces of 1..max_piece characters, each after a random delay."""
+    i = 0
+    while i < len(text):
+        n = rng.randint(1, max_piece)
+        if max_delay_s:
+            time.sleep(rng.random() * max_delay_s)
+        yield text[i:i + n]
+        i += n
+
+
+def codes_in_pieces(tts: Qwen3TTS, req: SynthesisRequest, rng: random.Random, **cut) -> np.ndarray:
+    chunks = list(tts.stream_text(req, pieces_of(req.text, rng, **cut)))
+    assert chunks[-1].finish_reason in ("stop", "length")
+    return np.concatenate([c.codes for c in chunks])
+
+
+def streaming_text(case: dict) -> SynthesisRequest:
+    return as_request({**case, "non_streaming_mode": False})
+
+
 def test_voice_design_matches_official(tiny_checkpoint):
     path = tiny_checkpoint("1.7b-voice_design")
     cases = [
@@ -204,10 +231,12 @@ def test_voice_design_matches_official(tiny_checkpoint):
     official = load_official(path)
     with engine_for(path) as tts:
         results = tts.generate([as_request(c) for c in cases])
+        in_pieces = codes_in_pieces(tts, as_request(cases[1]), random.Random(5))
     for case, result in zip(cases, results):
         kw = official_kwargs(case)
         ref, _ = official_codes(official, "generate_voice_design", **kw)
         np.testing.assert_array_equal(result.codes, ref, err_msg=str(case))
+    np.testing.assert_array_equal(in_pieces, results[1].codes)  # streaming text mode: the text in pieces
 
 
 def reference_audio(seconds: float, seed: int) -> tuple[np.ndarray, int]:
@@ -228,6 +257,13 @@ def test_base_voice_clone_matches_official(tiny_checkpoint):
             (dict(text="Cloned from the speaker vector only.", language="Auto"), xvec),
         ]
         results = tts.generate([SynthesisRequest(voice=voice, params=GREEDY, **case) for case, voice in cases])
+        # the same clones in streaming text mode, their text in pieces (ICL starts once its text
+        # is longer than its reference)
+        streaming = [SynthesisRequest(voice=voice, params=GREEDY, non_streaming_mode=False, **case)
+                     for case, voice in cases]
+        for req, seed in zip(streaming, (7, 8)):
+            np.testing.assert_array_equal(codes_in_pieces(tts, req, random.Random(seed)),
+                                          tts.generate([req])[0].codes, err_msg=req.text)
     for (case, voice), result in zip(cases, results):
         ref, ref_wav = official_codes(official, "generate_voice_clone", voice_clone_prompt=[official_clone_item(voice)],
                                       **case)

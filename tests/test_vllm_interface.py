@@ -60,6 +60,11 @@ def check_tokens_prompt(cls):
     assert "prompt_token_ids" in cls.__annotations__
 
 
+def check_streaming_input(cls):
+    # TTSEngine.stream_text's turns: StreamingInput(prompt, sampling_params) from an async generator
+    assert params(cls) == ["prompt", "sampling_params"]
+
+
 def check_sampling_params(cls):
     # every field talker_sampling_params sets, and the clone TalkerSampler.add_request makes
     kind = vllm_adapter.resolve("RequestOutputKind")
@@ -222,6 +227,7 @@ CHECKS = {
     "AsyncEngineArgs": check_async_engine_args,
     "AsyncLLM": check_async_llm,
     "TokensPrompt": check_tokens_prompt,
+    "StreamingInput": check_streaming_input,
     "SamplingParams": check_sampling_params,
     "RequestOutputKind": check_request_output_kind,
     "FlatLogprobs": check_flat_logprobs,

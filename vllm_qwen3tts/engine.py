@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,26 @@ class Qwen3TTS:
 
     def stream(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
         """Audio chunks of one request as they are produced."""
+        return self._chunks_of(lambda: self.engine.stream(request))
+
+    def stream_text(self, request: SynthesisRequest, pieces: Iterable[str] | AsyncIterable[str]) -> Iterator[AudioChunk]:
+        """Audio chunks of `request` spoken while its text arrives: `pieces` (strings cut anywhere,
+        e.g. an LLM's output as it is written; a plain iterable is read in a thread of its own, so
+        it may block) replace `request.text`. Streaming text mode; the codes equal those of
+        `stream` of the whole text with `non_streaming_mode=False`. CPU build only for now."""
+        if isinstance(pieces, AsyncIterable):
+            source = pieces
+        else:
+            async def source_from_thread():
+                it, end = iter(pieces), object()
+                while (piece := await asyncio.to_thread(next, it, end)) is not end:
+                    yield piece
+            source = source_from_thread()
+        return self._chunks_of(lambda: self.engine.stream_text(request, source))
+
+    def _chunks_of(self, make_stream) -> Iterator[AudioChunk]:
+        """Iterate, in the caller's thread, the chunks of the async stream `make_stream()` made and
+        run on the engine's event loop."""
         import queue
 
         chunks: queue.Queue = queue.Queue()
@@ -193,7 +213,7 @@ class Qwen3TTS:
 
         async def pump():
             try:
-                async for chunk in self.engine.stream(request):
+                async for chunk in make_stream():
                     chunks.put(chunk)
             except BaseException as e:  # surfaced in the caller's thread
                 chunks.put(e)

@@ -27,7 +27,8 @@ from .base.params import (LARGEST_CHUNK_FRAMES, MAX_NEW_TOKENS, MIN_NEW_TOKENS, 
                      SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K, SUBTALKER_TOP_P, TEMPERATURE, TOP_K, TOP_P, ParamError,
                      PromptTooLong)
 from .model.prompt import PromptError, SpeechRequest, build_prompt
-from .talker.protocol import Code0Params, SubtalkerParams, TalkerRequest, frames_from_output, talker_sampling_params
+from .talker.protocol import (Code0Params, SubtalkerParams, TalkerRequest, frames_from_output, hold_token_id,
+                              talker_sampling_params)
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,10 @@ class SynthesisResult:
     finish_reason: str  # "stop" (EOS) or "length" (frame budget)
 
 
+class _BudgetSpent(Exception):
+    """An incremental request has made every frame its budget allows: it ends ("length")."""
+
+
 class TTSEngine:
     def __init__(self, engine_client: Any, codec: Any, model_dir: str | Path, max_model_len: int,
                  chunk_schedule: ChunkSchedule = ChunkSchedule()):
@@ -174,10 +179,12 @@ class TTSEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def prepare(self, req: SynthesisRequest):
+    def prepare(self, req: SynthesisRequest, tokens: tuple[list[int], list[int]] | None = None,
+                input_closed: bool = True, frames_done: int = 0):
         """(TokensPrompt, SamplingParams) for the talker; raises PromptError on bad input: `ParamError`
         for a parameter out of its bounds (`params.BOUNDS`), `PromptTooLong` for a prompt that leaves
-        the model no room for a frame."""
+        the model no room for a frame. An incremental request's turn (`stream_text`) passes its
+        committed `tokens`, whether its input is closed, and how many frames it has made."""
         from .base.vllm_adapter import TokensPrompt
 
         cfg = self.config
@@ -191,7 +198,7 @@ class TTSEngine:
             text=req.text, language=req.language or "auto", speaker=req.speaker, instructions=req.instructions,
             ref_text=voice.ref_text if voice else None, ref_codes=voice.ref_codes if voice else None,
             xvector=voice.xvector if voice else None, non_streaming_mode=req.non_streaming_mode,
-        ))
+        ), tokens=tokens, input_closed=input_closed)
         # The talker's prompt buffers hold MAX_PROMPT_POSITIONS; every frame takes one more position.
         most = min(self.max_model_len - 1, MAX_PROMPT_POSITIONS)
         if len(recipe) > most:
@@ -202,14 +209,19 @@ class TTSEngine:
         if req.params.max_frames is None:
             # A model that never says EOS would talk until the context is full (minutes of
             # audio per sentence). Speech runs at ~2-5 frames per text token; allow ~4x that.
-            text_tokens = len(self.tokenizer(req.text, add_special_tokens=False)["input_ids"])
+            text_tokens = (len(tokens[1]) if tokens is not None
+                           else len(self.tokenizer(req.text, add_special_tokens=False)["input_ids"]))
             max_frames = min(max_frames, max(DEFAULT_MIN_FRAME_BUDGET, FRAMES_PER_TEXT_TOKEN_BUDGET * text_tokens))
         max_frames = min(max_frames, room)  # the model's room caps any request
-        treq = TalkerRequest(recipe, sub, seed=req.params.seed)
+        treq = TalkerRequest(recipe, sub, seed=req.params.seed, input_closed=input_closed)
         # EOS never among the first two samples (as the reference); a minimum above the maximum is the maximum
         min_frames = min(max(2, req.params.min_frames), max_frames)
-        sp = talker_sampling_params(treq, code0, max_frames, cfg.talker.codec_eos_id, seed=req.params.seed,
-                                    min_frames=min_frames)
+        # a later turn of an incremental request counts its frames anew (vLLM moves them into the prompt)
+        if frames_done >= max_frames:
+            raise _BudgetSpent()
+        sp = talker_sampling_params(treq, code0, max_frames - frames_done, cfg.talker.codec_eos_id,
+                                    seed=req.params.seed, min_frames=max(0, min_frames - frames_done),
+                                    hold_id=None if input_closed and not tokens else hold_token_id(cfg.talker))
         prompt = TokensPrompt(prompt_token_ids=[cfg.talker.codec_pad_id] * len(recipe), cache_salt=treq.cache_salt())
         return prompt, sp
 
@@ -259,6 +271,121 @@ class TTSEngine:
         (it may hold no audio if the talker stopped right after a chunk boundary)."""
         prompt, sp = self.prepare(req)
         request_id = request_id or self.new_request_id()
+        outputs = self.engine.generate(prompt, sp, request_id, priority=priority)
+        turns = ((out.outputs[0], out.finished, False) async for out in outputs)
+        async for chunk in self._speak(req, request_id, outputs, turns):
+            yield chunk
+
+    async def stream_text(self, req: SynthesisRequest, pieces: AsyncIterator[str], request_id: str | None = None,
+                          priority: int = 0) -> AsyncIterator[AudioChunk]:
+        """Audio chunks of `req` (its `text` ignored) spoken while its text arrives as `pieces`.
+
+        The request starts once the text's first token is final (`IncrementalTokenizer`) and
+        speaks one text token per frame (streaming text mode). When the next frame needs a token
+        that has not arrived, the talker ends the turn with HOLD: vLLM's streaming-input session
+        keeps the request's KV cache and slot, out of the batch, and the next turn starts when more
+        text (or its end) comes. The codes equal a one-shot `stream` of the whole text with
+        `non_streaming_mode=False`, however the pieces are cut and timed."""
+        from .base.vllm_adapter import StreamingInput, TokensPrompt
+        from .model.incremental_text import IncrementalTokenizer
+        from .model.prompt import TextIncomplete
+
+        if req.non_streaming_mode:
+            raise PromptError("text arriving in pieces is spoken in streaming text mode (non_streaming_mode false)")
+        if not self.supports_text_streaming():
+            raise PromptError("text arriving in pieces is not supported on Model Runner V2 (GPU) yet")
+        req = replace(req, non_streaming_mode=False)
+        request_id = request_id or self.new_request_id()
+        text = IncrementalTokenizer(self.tokenizer)
+        pieces = aiter(pieces)
+
+        async def more_text() -> bool:
+            """Read pieces until a token is committed or the input ends (False then)."""
+            while True:
+                try:
+                    piece = await anext(pieces)
+                except StopAsyncIteration:
+                    if not text.text.strip():
+                        raise PromptError("input text is empty") from None
+                    text.close()
+                    return False
+                if text.append(piece):
+                    return True
+
+        def turn(frames_done: int):
+            tokens = (text.role_ids, list(text.ids))
+            return self.prepare(replace(req, text=text.text), tokens, text.closed, frames_done)
+
+        # the first turn: as soon as the layout of the prompt is fixed
+        while True:
+            open_input = await more_text()
+            try:
+                prompt, sp = turn(0)
+                break
+            except TextIncomplete:
+                if not open_input:
+                    raise
+        chunks: asyncio.Queue = asyncio.Queue()  # the next turns' inputs; None: no more
+        ended = asyncio.Event()
+
+        async def inputs():
+            yield StreamingInput(prompt, sp)
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+            await ended.wait()  # ending the inputs ends the session (an abort while it is paused)
+
+        outputs = self.engine.generate(inputs(), sp, request_id, priority=priority)
+        hold_id = hold_token_id(self.config.talker)
+        eos_id = self.config.talker.codec_eos_id
+
+        async def turns():
+            made, last_code0 = 0, 0
+            try:
+                async for out in outputs:
+                    completion = out.outputs[0]
+                    frames = frames_from_output(completion, eos_id)
+                    made += len(frames)
+                    last_code0 = frames[-1][0] if frames else last_code0
+                    if completion.finish_reason is None or completion.stop_reason != hold_id:
+                        yield completion, completion.finish_reason is not None, False
+                        if completion.finish_reason is not None:
+                            return
+                        continue
+                    yield completion, False, True  # held: the frames so far go out as audio now
+                    if not text.closed:
+                        await more_text()
+                    try:
+                        _, turn_sp = turn(made)
+                    except _BudgetSpent:
+                        yield replace(completion, token_ids=[], logprobs=None, finish_reason="length"), True, False
+                        return
+                    # the held frame's code 0 again: vLLM dropped it when the turn ended on HOLD
+                    chunks.put_nowait(StreamingInput(TokensPrompt(prompt_token_ids=[last_code0]), turn_sp))
+            finally:
+                ended.set()
+                chunks.put_nowait(None)
+
+        session = turns()
+        try:
+            async for chunk in self._speak(req, request_id, outputs, session):
+                yield chunk
+        finally:
+            await session.aclose()  # its end lets the inputs end: vLLM then closes the session
+
+    @staticmethod
+    def supports_text_streaming() -> bool:
+        """Whether `stream_text` works here: on the V1 model runner (the CPU build), whose sampler
+        hands vLLM the HOLD token; Model Runner V2 (GPUs) does not yet."""
+        from .base.vllm_adapter import current_platform
+
+        return current_platform.device_type != "cuda"
+
+    async def _speak(self, req: SynthesisRequest, request_id: str, outputs: AsyncIterator,
+                     turns: AsyncIterator) -> AsyncIterator[AudioChunk]:
+        """Audio chunks of the frames in `turns` ((CompletionOutput, finished, held) of vLLM's
+        `outputs` for `request_id`; held: the request waits for text, so the frames so far are
+        decoded now): the codec stream, the chunk schedule, and the release of both however the
+        consumer stops."""
         context = None
         if req.voice is not None and req.voice.ref_codes:
             context = np.asarray(req.voice.ref_codes, dtype=np.int64)
@@ -273,19 +400,21 @@ class TTSEngine:
         pending: list[list[int]] = []
         done = False
         self.active_streams += 1
-        outputs = self.engine.generate(prompt, sp, request_id, priority=priority)
         try:
-            async for out in outputs:
-                completion = out.outputs[0]
+            async for completion, finished, held in turns:
                 pending.extend(frames_from_output(completion, self.config.talker.codec_eos_id))
                 # Chunks follow the schedule even when the last output brings many frames at once
                 # (a consumer that fell behind): the client's first audio stays small.
-                while len(pending) > want or (len(pending) == want and not out.finished):
+                while len(pending) > want or (len(pending) == want and not finished):
                     chunk, pending = np.asarray(pending[:want], dtype=np.int64), pending[want:]
                     await asyncio.shield(opening)
                     yield AudioChunk(await self.codec.decode(request_id, chunk, final=False), chunk)
                     want = next(sizes)
-                if out.finished:
+                if held and pending:  # no frame comes until more text does: what there is, now
+                    chunk, pending = np.asarray(pending, dtype=np.int64), []
+                    await asyncio.shield(opening)
+                    yield AudioChunk(await self.codec.decode(request_id, chunk, final=False), chunk)
+                if finished:
                     done = True
                     chunk = np.asarray(pending, dtype=np.int64).reshape(-1, 16)
                     await asyncio.shield(opening)

@@ -30,6 +30,7 @@ INTERNALS: dict[str, tuple[tuple[str, str | None], ...]] = {
     "AsyncEngineArgs": (("vllm.engine.arg_utils", "AsyncEngineArgs"),),
     "AsyncLLM": (("vllm.v1.engine.async_llm", "AsyncLLM"),),
     "TokensPrompt": (("vllm.inputs", "TokensPrompt"),),
+    "StreamingInput": (("vllm.engine.protocol", "StreamingInput"),),  # an incremental request's turns
     "SamplingParams": (("vllm.sampling_params", "SamplingParams"),),
     "RequestOutputKind": (("vllm.sampling_params", "RequestOutputKind"),),
     "FlatLogprobs": (("vllm.logprobs", "FlatLogprobs"),),  # read only: the codes of each frame

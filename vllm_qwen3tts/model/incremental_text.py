@@ -31,6 +31,8 @@ class IncrementalTokenizer:
         self._context = ROLE_PREFIX
         self._final_chars = 0  # self._context[:self._final_chars] is tokenized for good
         self._role_tokens_left = 2
+        # <|im_start|> and the two tokens dropped: the prompt's role tokens (`build_prompt(tokens=...)`)
+        self.role_ids: list[int] = [tokenizer.convert_tokens_to_ids("<|im_start|>")]
         self.ids: list[int] = []
         self.closed = False
 
@@ -74,6 +76,7 @@ class IncrementalTokenizer:
         self._final_chars += final_chars
         skip = min(self._role_tokens_left, len(ids))
         self._role_tokens_left -= skip
+        self.role_ids.extend(ids[:skip])
         new = ids[skip:]
         self.ids.extend(new)
         return new

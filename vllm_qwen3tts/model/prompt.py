@@ -143,10 +143,20 @@ def _encode(tokenizer, s: str) -> list[int]:
     return list(tokenizer(s, add_special_tokens=False)["input_ids"])
 
 
-def build_prompt(cfg: TTSConfig, tokenizer, req: SpeechRequest) -> PromptRecipe:
-    """Prefill recipe and trailing text queue for `req` on this checkpoint."""
+class TextIncomplete(PromptError):
+    """More text is needed before an incremental request can start (its prompt layout is not fixed yet)."""
+
+
+def build_prompt(cfg: TTSConfig, tokenizer, req: SpeechRequest,
+                 tokens: tuple[list[int], list[int]] | None = None, input_closed: bool = True) -> PromptRecipe:
+    """Prefill recipe and trailing text queue for `req` on this checkpoint.
+
+    `tokens`: (role ids, text ids) already tokenized (an incremental request's committed tokens,
+    `IncrementalTokenizer`), instead of tokenizing `req.text`. `input_closed` False: more text will
+    come, so the trailing text has no end-of-text yet; only streaming text mode can start so, and
+    a voice clone's (ICL) only once its text is longer than its reference (`TextIncomplete` before)."""
     t = cfg.talker
-    if not req.text or not req.text.strip():
+    if tokens is None and (not req.text or not req.text.strip()):
         raise PromptError("input text is empty")
     kind = cfg.tts_model_type
     speaker = (req.speaker or "").strip().lower() or None
@@ -183,9 +193,13 @@ def build_prompt(cfg: TTSConfig, tokenizer, req: SpeechRequest) -> PromptRecipe:
         non_streaming = kind != "base"
     language_id = resolve_language(cfg, req.language, speaker if kind == "custom_voice" else None)
 
-    role, target = split_assistant_ids(_encode(tokenizer, assistant_text(req.text)))
+    role, target = tokens if tokens is not None else split_assistant_ids(_encode(tokenizer, assistant_text(req.text)))
     if not target:
-        raise PromptError("input text produced no tokens")
+        raise TextIncomplete("input text produced no tokens") if not input_closed else PromptError(
+            "input text produced no tokens")
+    if not input_closed and non_streaming:
+        raise PromptError("non-streaming text mode needs the whole text before it starts")
+    end = [cfg.tts_eos_token_id] if input_closed else []
 
     text_ids: list[int] = []
     codec_ids: list[int] = []
@@ -223,8 +237,11 @@ def build_prompt(cfg: TTSConfig, tokenizer, req: SpeechRequest) -> PromptRecipe:
         if not ref_codes or any(len(f) != t.num_code_groups for f in ref_codes):
             raise PromptError(f"reference codes must be a non-empty [T, {t.num_code_groups}] array")
         ref_ids = _encode(tokenizer, reference_text(req.ref_text))[3:-2]
-        x = ref_ids + target + [eos]
+        x = ref_ids + target + end
         y = [(t.codec_bos_id, NO_REF)] + [(NO_CODEC, j) for j in range(len(ref_codes))]
+        if not input_closed and not non_streaming and len(x) <= len(y):
+            raise TextIncomplete(f"a voice clone starts once its text is longer than its reference "
+                                 f"({len(x)} of {len(y) + 1} tokens so far)")
         if non_streaming:
             for tok in x:
                 put(tok, t.codec_pad_id)
@@ -247,7 +264,7 @@ def build_prompt(cfg: TTSConfig, tokenizer, req: SpeechRequest) -> PromptRecipe:
         trailing = [pad]
     else:
         put(target[0], t.codec_bos_id)
-        trailing = target[1:] + [eos]
+        trailing = target[1:] + end
 
     return PromptRecipe(
         text_ids=text_ids,

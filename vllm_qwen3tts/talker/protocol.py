@@ -47,6 +47,9 @@ class TalkerRequest:
     recipe: PromptRecipe
     subtalker: SubtalkerParams = field(default_factory=SubtalkerParams)
     seed: int | None = None  # code-predictor draws; None: the worker picks one
+    # False while more text may come (an incremental request): a frame whose next step would need
+    # a text token the recipe does not have yet ends the turn with HOLD instead of stepping on.
+    input_closed: bool = True
 
     def to_extra_args(self) -> dict[str, Any]:
         return {
@@ -54,6 +57,7 @@ class TalkerRequest:
                 "recipe": self.recipe.to_dict(),
                 "subtalker": [self.subtalker.temperature, self.subtalker.top_k, self.subtalker.top_p],
                 "seed": self.seed,
+                "input_closed": self.input_closed,
             }
         }
 
@@ -66,7 +70,8 @@ class TalkerRequest:
             t, k, p = d.get("subtalker", (0.9, 50, 1.0))
             sub = SubtalkerParams(float(t), int(k), float(p))
             seed = d.get("seed")
-            return cls(PromptRecipe.from_dict(d["recipe"]), sub, None if seed is None else int(seed))
+            return cls(PromptRecipe.from_dict(d["recipe"]), sub, None if seed is None else int(seed),
+                       bool(d.get("input_closed", True)))
         except PromptError:
             raise
         except Exception as e:  # malformed payload from a client we do not control
@@ -76,6 +81,14 @@ class TalkerRequest:
         """Prefix-cache salt: KV blocks depend on the embeddings, which token ids do not show."""
         payload = json.dumps(self.recipe.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def hold_token_id(talker_cfg) -> int:
+    """The token an incremental request's turn ends with when its next frame needs text that has
+    not arrived (`TalkerState.hold_mask`): the codec BOS id, a control id the talker never samples
+    (suppressed), put in place of the frame's code 0 for vLLM only. It is a stop id of such
+    requests, so vLLM pauses their streaming-input session there."""
+    return talker_cfg.codec_bos_id
 
 
 @dataclass(frozen=True)
@@ -90,7 +103,7 @@ class Code0Params:
 
 def talker_sampling_params(
     req: TalkerRequest, code0: Code0Params, max_frames: int, eos_id: int, seed: int | None = None,
-    min_frames: int = 2,
+    min_frames: int = 2, hold_id: int | None = None,
 ):
     """vLLM SamplingParams that reproduce the reference's codebook-0 pipeline.
 
@@ -99,6 +112,10 @@ def talker_sampling_params(
     suppression of other control ids happens inside the model. `max_frames`
     bounds the frames produced (the reference's max_new_tokens minus one: its
     last sample is never expanded into a frame, ours always is).
+
+    `hold_id`: a turn of an incremental request (`TTSEngine.stream_text`), which also stops on
+    HOLD, and whose `min_frames` and `max_frames` count this turn's frames only (the two-frame
+    floor applies to the whole request, not to each turn).
     """
     from ..base.vllm_adapter import RequestOutputKind, SamplingParams
 
@@ -108,8 +125,8 @@ def talker_sampling_params(
         top_p=code0.top_p,
         repetition_penalty=code0.repetition_penalty,
         max_tokens=max_frames,
-        min_tokens=min(max(2, min_frames), max_frames),
-        stop_token_ids=[eos_id],
+        min_tokens=min(min_frames if hold_id is not None else max(2, min_frames), max_frames),
+        stop_token_ids=[eos_id] if hold_id is None else [eos_id, hold_id],
         # The text tokenizer's EOS (<|im_end|>, 151645) is not a talker id: vLLM would add it
         # to the min_tokens mask of a 3072-entry vocabulary and fail inside the worker.
         ignore_eos=True,

@@ -9,10 +9,11 @@ predictor runs right after code 0 is sampled.
 
 Everything read here is read-only runner state: `input_batch.req_ids`,
 `input_batch.num_computed_tokens_cpu`, `query_start_loc.np`, `requests[...]`
-(`prompt_token_ids`, `output_token_ids`, `sampling_params`),
-`discard_request_mask.np`. A vLLM change to any of them fails loudly at start-up. One thing is
-written: the generators of discarded rows are swapped for stand-ins on the CPU (see
-`_RewindByState`).
+(`prompt_token_ids`, `output_token_ids`, `sampling_params`; a new `sampling_params` object
+on a known request is a streaming-input session's next turn), `discard_request_mask.np`. A vLLM
+change to any of them fails loudly at start-up. Two things are written: the generators of
+discarded rows are swapped for stand-ins on the CPU (see `_RewindByState`), and the sampled token
+of a row that must hold becomes the HOLD id (`TalkerState.hold_mask`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import weakref
 import numpy as np
 import torch
 
-from .protocol import codes_as_logprobs
+from .protocol import codes_as_logprobs, hold_token_id
 
 REQUIRED_RUNNER_ATTRS = ("input_batch", "query_start_loc", "requests", "sampler", "discard_request_mask")
 
@@ -69,6 +70,7 @@ class V1Driver:
         self.free_slots = list(range(model.state.max_slots - 1, -1, -1))
         self.row_slots: torch.Tensor | None = None
         self.last_positions: torch.Tensor | None = None
+        self._params_seen: dict[str, object] = {}  # the SamplingParams each request's slot was loaded from
 
     @property
     def state(self):
@@ -80,8 +82,14 @@ class V1Driver:
         for req_id in [r for r in state.slot_of if r not in runner.requests]:
             self.free_slots.append(state.slot_of[req_id])
             state.remove_request(req_id)
+            self._params_seen.pop(req_id, None)
         for req_id in req_ids:
             if req_id in state.slot_of:
+                cached = runner.requests[req_id]
+                if cached.sampling_params is not self._params_seen.get(req_id):
+                    # a streaming-input session's next turn: V1 kept the request, with new params
+                    self._params_seen[req_id] = cached.sampling_params
+                    state.update_text(req_id, cached.sampling_params.extra_args)
                 continue
             if not self.free_slots:
                 raise RuntimeError("no free talker slot; max_num_seqs is exceeded")
@@ -89,6 +97,7 @@ class V1Driver:
             prompt_len = len(cached.prompt_token_ids)
             sp = cached.sampling_params
             state.add_request(self.free_slots.pop(), req_id, sp.extra_args if sp else None, prompt_len, prompt_len)
+            self._params_seen[req_id] = sp
 
     def token_slots(self, positions: torch.Tensor) -> torch.Tensor:
         """Slot of every token of this step's batch (null slot for padding and dummy runs)."""
@@ -143,6 +152,10 @@ class V1TalkerSampler:
         discard = torch.from_numpy(discard_np).to(code0.device)
         codes = model.complete_frames(rows, driver.last_positions, code0, ~discard)
         out.logprobs_tensors = codes_as_logprobs(codes, out.logprobs_tensors)
+        hold = model.state.hold_mask(rows, driver.last_positions, code0) & ~discard
+        if bool(hold.any()):
+            # vLLM sees HOLD (a stop id) and pauses the session; the frame's codes went out above
+            out.sampled_token_ids[:, 0] = torch.where(hold, hold_token_id(model.state.cfg), code0)
         return out
 
 

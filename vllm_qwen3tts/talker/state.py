@@ -15,6 +15,11 @@ capturable inside the talker's CUDA graph.
 After vLLM samples code 0 of a frame, `after_sample` runs the code predictor
 for every sampled row at once, stores the 16 codes in `history`, and returns
 them for the output channel.
+
+An incremental request (its text still arriving, `input_closed` False) may reach a frame whose
+next step needs a text token it does not have yet: `hold_mask` names those rows, the runner hands
+vLLM the HOLD id for them (`protocol.hold_token_id`) so their turn ends, and `update_text` loads
+the grown text when the next turn comes.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class TalkerState:
         self.trailing_text = ints(n, max_positions)
         self.trailing_len = ints(n)
         self.pad_text = ints(n)
+        self.input_closed = torch.ones(n, dtype=torch.bool, device=self.device)
         self.xvector = torch.zeros(n, cfg.decoder.hidden_size, dtype=dtype, device=self.device)
         self.ref_codes = ints(n, max(max_ref_frames, 1), q)
         self.history = ints(n, max_frames, q, dt=torch.int16)
@@ -120,8 +126,7 @@ class TalkerState:
         put(self.prompt_text, r.text_ids, NO_TEXT)
         put(self.prompt_codec, r.codec_ids, NO_CODEC)
         put(self.prompt_ref, r.ref_frames, NO_REF)
-        put(self.trailing_text, r.trailing_text_ids, 0)
-        self.trailing_len[slot].fill_(len(r.trailing_text_ids))
+        self._set_text(slot, req)
         self.pad_text[slot].fill_(r.pad_text_id)
         if r.xvector is not None:
             self.xvector[slot] = self._upload(r.xvector, self.xvector.dtype)
@@ -175,6 +180,36 @@ class TalkerState:
         if any(f >= len(refs) for f in r.ref_frames if f != NO_REF):
             raise PromptError("prompt refers to a reference frame it does not carry")
         req.subtalker.validate()
+
+    def update_text(self, req_id: str, extra_args: dict | None) -> None:
+        """An incremental request's next turn: its trailing text has grown (and may be closed).
+        The prompt part of the recipe is the one loaded at first; only the text track changes."""
+        slot = self.slot_of[req_id]
+        try:
+            req = TalkerRequest.from_extra_args(extra_args)
+            trailing = req.recipe.trailing_text_ids
+            if len(trailing) > self.max_positions or not all(0 <= t < self.cfg.text_vocab_size for t in trailing):
+                raise PromptError("trailing text out of range")
+        except PromptError as e:
+            logger.error("request %s: text update rejected (it will end at once): %s", req_id, e)
+            self.poisoned[slot].fill_(True)
+            return
+        self._set_text(slot, req)
+
+    def _set_text(self, slot: int, req: TalkerRequest) -> None:
+        trailing = req.recipe.trailing_text_ids
+        self.trailing_text[slot].fill_(0)
+        if trailing:
+            self.trailing_text[slot, : len(trailing)] = self._upload(trailing, self.trailing_text.dtype)
+        self.trailing_len[slot].fill_(len(trailing))
+        self.input_closed[slot].fill_(req.input_closed)
+
+    def hold_mask(self, slots: torch.Tensor, last_positions: torch.Tensor, code0: torch.Tensor) -> torch.Tensor:
+        """Rows whose frame just sampled leaves the next step without its text token: the input
+        is not closed and the trailing text ends at that frame (an EOS ends the request instead)."""
+        slots = slots.long()
+        frame = last_positions.long() + 1 - self.prompt_len[slots].long()
+        return (~self.input_closed[slots]) & (frame >= self.trailing_len[slots].long()) & (code0 != self.cfg.codec_eos_id)
 
     def remove_request(self, req_id: str) -> None:
         slot = self.slot_of.pop(req_id, None)
