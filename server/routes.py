@@ -18,12 +18,14 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..base.params import PromptError
 from ..synthesis import SAMPLE_RATE, run_to_completion
 from ..base.params import (MAX_CONSENT_CHARS, MAX_DESCRIPTION_CHARS, MAX_EMBEDDING_CHARS, MAX_NAME_CHARS, MAX_REF_TEXT_CHARS,
                       quoted)
@@ -447,7 +449,7 @@ async def speech_stream(ws: WebSocket) -> None:
         await SpeechSession(ws, *opened).run()
 
 
-async def _open_session(ws: WebSocket) -> tuple[SpeechService, Tenant, SpeechBody] | None:
+async def _open_session(ws: WebSocket) -> tuple[SpeechService, Tenant, SpeechBody, str] | None:
     """Authenticate and read the first message, the session's configuration (checked as an HTTP
     request's body is). None once the session has been refused and closed, or the client left."""
     try:
@@ -458,7 +460,11 @@ async def _open_session(ws: WebSocket) -> tuple[SpeechService, Tenant, SpeechBod
         text = first.get("text")
         if text is None and first.get("bytes") is not None:
             text = first["bytes"].decode("utf-8", "replace")
-        return svc, tenant, session_config(text)
+        template, text_mode = session_config(text)
+        if text_mode == "token" and not svc.engine.supports_text_streaming():
+            raise bad_request("text_mode token is not available on this server yet (Model Runner V2, GPUs); "
+                              "use text_mode sentence", param="text_mode", code="unsupported_value")
+        return svc, tenant, template, text_mode
     except APIError as e:
         await _ws_error(ws, e)
         await ws.close(code=1008)
@@ -473,14 +479,28 @@ async def _open_session(ws: WebSocket) -> tuple[SpeechService, Tenant, SpeechBod
 
 
 class SpeechSession:
-    """One configured WebSocket session: the client's text is split into sentences as it arrives
-    and a speaker task synthesises them in order. However the session ends (input.done, a
-    client that leaves or stops reading, a failure), synthesis is stopped and what it held freed."""
+    """One configured WebSocket session, in one of two text modes:
 
-    def __init__(self, ws: WebSocket, svc: SpeechService, tenant: Tenant, template: SpeechBody):
+    - sentence: the client's text is split into sentences as it arrives, and a speaker task
+      synthesises them in order, a request each;
+    - token: each utterance (its text up to input.flush or input.done) is one request that starts
+      speaking at its first words and takes the rest as it arrives (`TTSEngine.stream_text`);
+      input.clear stops what is being spoken and drops the text queued for it.
+
+    However the session ends (input.done, a client that leaves or stops reading, a failure),
+    synthesis is stopped and what it held freed."""
+
+    def __init__(self, ws: WebSocket, svc: SpeechService, tenant: Tenant, template: SpeechBody,
+                 text_mode: str = "sentence"):
         self.ws, self.svc, self.tenant, self.template = ws, svc, tenant, template
+        self.text_mode = text_mode
         self.splitter = IncrementalSplitter(max_chars=svc.settings.max_segment_chars)
         self.sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        # token mode: the utterances to speak, in order, each a queue of its text pieces (None ends
+        # one, and the session's None ends them all); `filling` is the one input.text appends to
+        self.utterances: asyncio.Queue[asyncio.Queue[str | None] | None] = asyncio.Queue()
+        self.filling: asyncio.Queue[str | None] | None = None
+        self.speaking: asyncio.Task | None = None
         self.totals = {"input_tokens": 0, "output_tokens": 0, "sentences": 0}
         self.stall_s = svc.settings.write_stall_timeout_s
         self.received_chars = 0
@@ -488,8 +508,8 @@ class SpeechSession:
 
     async def run(self) -> None:
         await self.ws.send_json({"type": "session.created", "response_format": self.template.response_format,
-                                 "sample_rate": SAMPLE_RATE})
-        self.speaker = asyncio.create_task(self.speak())
+                                 "sample_rate": SAMPLE_RATE, "text_mode": self.text_mode})
+        self.speaker = asyncio.create_task(self.speak() if self.text_mode == "sentence" else self.speak_utterances())
         try:
             while (message := await self.next_message()) is not None:
                 if not await self.handle(message):
@@ -519,18 +539,47 @@ class SpeechSession:
                                                      "characters", code="input_too_long"))
                 await self.ws.close(code=1009)
                 return False
+            if self.text_mode == "token":
+                if text:
+                    if self.filling is None:
+                        self.filling = asyncio.Queue()
+                        await self.utterances.put(self.filling)
+                    await self.filling.put(text)
+                return True
             for sentence in self.splitter.feed(text):
                 await self.sentences.put(sentence)
             return True
         if kind == "input.done":
-            for sentence in self.splitter.flush():
-                await self.sentences.put(sentence)
-            await self.sentences.put(None)
+            if self.text_mode == "token":
+                self.end_utterance()
+                await self.utterances.put(None)
+            else:
+                for sentence in self.splitter.flush():
+                    await self.sentences.put(sentence)
+                await self.sentences.put(None)
             await self.finish()
             return False
-        await _ws_error(self.ws, bad_request(f"unknown message type {quoted(kind)}; expected input.text or "
-                                             "input.done", param="type"))
+        if self.text_mode == "token" and kind == "input.flush":
+            self.end_utterance()
+            return True
+        if self.text_mode == "token" and kind == "input.clear":
+            self.end_utterance()
+            while not self.utterances.empty():  # nothing queued is spoken
+                self.utterances.get_nowait()
+            if self.speaking is not None and not self.speaking.done():
+                self.speaking.cancel()  # stops the request within a decode step
+            return True
+        expected = "input.text, input.flush, input.clear or input.done" if self.text_mode == "token" else \
+            "input.text or input.done"
+        await _ws_error(self.ws, bad_request(f"unknown message type {quoted(kind)}; expected {expected}",
+                                             param="type"))
         return True
+
+    def end_utterance(self) -> None:
+        """Token mode: the utterance being written is complete; later text starts the next one."""
+        if self.filling is not None:
+            self.filling.put_nowait(None)
+            self.filling = None
 
     async def finish(self) -> None:
         """After input.done: wait for the last sentence, then report the usage and close."""
@@ -567,21 +616,75 @@ class SpeechSession:
         async with self.svc.admit(self.tenant, "websocket") as ticket:
             job = await self.svc.prepare(body, self.tenant, ticket.priority, split=False)
             await self.send({"type": "audio.start", "sentence_index": index, "text": text})
-            samples = 0
-            with StreamingEncoder(self.template.response_format, SAMPLE_RATE) as encoder:
-                request_id = f"ws-{uuid.uuid4().hex[:8]}-{index}"
-                async with contextlib.aclosing(self.svc.pcm_stream(job, request_id)) as stream:
-                    async for pcm in stream:
-                        samples += pcm.size
-                        data = encoder.write(pcm)
-                        if data:
-                            await self.send(data)
-                tail = encoder.finish()
-            if tail:
-                await self.send(tail)
+            samples = await self.send_audio(job, index)
             self.totals["input_tokens"] += job.input_tokens
             self.totals["output_tokens"] += job.frames
             await self.send({"type": "audio.done", "sentence_index": index,
+                             "audio_seconds": round(samples / SAMPLE_RATE, 3)})
+
+    async def send_audio(self, job: SpeechJob, index: int, text: AsyncIterator[str] | None = None) -> int:
+        """Synthesize `job` (its text in pieces from `text`, in token mode), sending the encoded
+        audio as it comes; the samples sent."""
+        samples = 0
+        with StreamingEncoder(self.template.response_format, SAMPLE_RATE) as encoder:
+            request_id = f"ws-{uuid.uuid4().hex[:8]}-{index}"
+            async with contextlib.aclosing(self.svc.pcm_stream(job, request_id, text)) as stream:
+                async for pcm in stream:
+                    samples += pcm.size
+                    data = encoder.write(pcm)
+                    if data:
+                        await self.send(data)
+            tail = encoder.finish()
+        if tail:
+            await self.send(tail)
+        return samples
+
+    async def speak_utterances(self) -> None:
+        """Token mode's speaker: each utterance in order; one stopped by input.clear ends with
+        audio.done `"cleared": true`, and the session goes on."""
+        index = 0
+        try:
+            while (pieces := await self.utterances.get()) is not None:
+                self.speaking = asyncio.create_task(self.speak_utterance(pieces, index))
+                await asyncio.wait({self.speaking})
+                if self.speaking.cancelled():
+                    await self.send({"type": "audio.done", "sentence_index": index, "cleared": True})
+                elif isinstance(error := self.speaking.exception(), APIError):
+                    await self.send({"type": "error", **error.to_json(), "sentence_index": index})
+                elif error is not None:
+                    raise error
+                index += 1
+                self.totals["sentences"] = index
+        finally:
+            if self.speaking is not None and not self.speaking.done():
+                self.speaking.cancel()
+                await asyncio.wait({self.speaking})
+
+    async def speak_utterance(self, pieces: asyncio.Queue, index: int) -> None:
+        first = await pieces.get()
+        if first is None:  # flushed before any text
+            return
+        body = self.template.model_copy(update={"input": first, "stream_format": None, "stream": None,
+                                                "non_streaming_mode": False})
+        async with self.svc.admit(self.tenant, "websocket") as ticket:
+            job = await self.svc.prepare(body, self.tenant, ticket.priority, split=False)
+            written = [first]
+
+            async def text() -> AsyncIterator[str]:
+                yield first
+                while (piece := await pieces.get()) is not None:
+                    written.append(piece)
+                    yield piece
+
+            await self.send({"type": "audio.start", "sentence_index": index})
+            try:
+                samples = await self.send_audio(job, index, text())
+            except PromptError as e:
+                raise bad_request(str(e), param="input") from None
+            self.totals["input_tokens"] += len(self.svc.engine.tokenizer("".join(written), add_special_tokens=False)
+                                               ["input_ids"])
+            self.totals["output_tokens"] += job.frames
+            await self.send({"type": "audio.done", "sentence_index": index, "text": "".join(written),
                              "audio_seconds": round(samples / SAMPLE_RATE, 3)})
 
     async def next_message(self) -> dict | None:

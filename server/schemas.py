@@ -254,9 +254,14 @@ def _param_of_loc(loc: Any) -> Any:
     return loc[0] if loc else None
 
 
-def session_config(text: str | None) -> SpeechBody:
-    """The WebSocket's first message, `{"type": "session.config", ...SpeechBody fields but input}`,
-    as the template of every sentence's request; the same 400s as HTTP otherwise."""
+TEXT_MODES = ("sentence", "token")
+
+
+def session_config(text: str | None) -> tuple[SpeechBody, str]:
+    """The WebSocket's first message, `{"type": "session.config", "text_mode": ..., ...SpeechBody
+    fields but input}`: the template of every utterance's request (the same 400s as HTTP
+    otherwise) and the text mode, "sentence" (a request per sentence, the default) or "token" (a
+    request per utterance, speaking while its text arrives)."""
     try:
         message = json.loads(text) if text is not None else None
     except (ValueError, RecursionError):
@@ -265,10 +270,17 @@ def session_config(text: str | None) -> SpeechBody:
         raise bad_request('the first message must be a JSON object {"type": "session.config", ...}',
                           param="type", code="invalid_session_config")
     config = {k: v for k, v in message.items() if k != "type"}
+    text_mode = config.pop("text_mode", "sentence")
+    if text_mode not in TEXT_MODES:
+        raise bad_request(f"text_mode must be one of {', '.join(TEXT_MODES)}", param="text_mode", code="invalid_value")
     if "input" in config:
         raise bad_request("input is not a session.config field: send the text in input.text messages",
                           param="input", code="unknown_parameter")
     try:
-        return SpeechBody.model_validate({**config, "input": "-"})
+        body = SpeechBody.model_validate({**config, "input": "-"})
     except ValidationError as e:
         raise invalid_request(e.errors()) from None
+    if text_mode == "token" and body.non_streaming_mode:
+        raise bad_request("token mode speaks in streaming text mode: non_streaming_mode must be false",
+                          param="non_streaming_mode")
+    return body, text_mode

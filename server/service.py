@@ -484,8 +484,10 @@ class SpeechService:
 
     # ------------------------------------------------------------------ synthesis
 
-    async def pcm_stream(self, job: SpeechJob, request_id: str) -> AsyncIterator[np.ndarray]:
-        """float32 PCM of all segments in order, speed applied, as it is generated."""
+    async def pcm_stream(self, job: SpeechJob, request_id: str,
+                         text: AsyncIterator[str] | None = None) -> AsyncIterator[np.ndarray]:
+        """float32 PCM of all segments in order, speed applied, as it is generated. `text`: the
+        text of the job's one segment, arriving in pieces while it is spoken (`TTSEngine.stream_text`)."""
         stretcher = TimeStretcher(job.speed, SAMPLE_RATE) if job.speed != 1.0 else None
         first = True
         first_audio_s = None
@@ -495,8 +497,9 @@ class SpeechService:
         try:
             for i, seg in enumerate(job.segments):
                 # closed here and now when the consumer stops, not when the generator is collected
-                async with contextlib.aclosing(self.engine.stream(seg, f"{request_id}-{i}",
-                                                                  priority=job.priority)) as chunks:
+                source = (self.engine.stream(seg, f"{request_id}-{i}", priority=job.priority) if text is None
+                          else self.engine.stream_text(seg, text, f"{request_id}-{i}", priority=job.priority))
+                async with contextlib.aclosing(source) as chunks:
                     async for chunk in chunks:
                         job.frames += len(chunk.codes)
                         if chunk.finish_reason == "length":

@@ -145,33 +145,40 @@ def test_initial_codec_chunk_frames_sets_the_first_streamed_chunk_and_not_the_au
     )
 
 
+async def websocket_session(server: str, text_mode: str, send) -> tuple[list[dict], dict[int, bytes]]:
+    """A WebSocket session: `send(ws, events)` writes the client's messages (it may wait on the
+    events so far); returns every event and the audio bytes by sentence (utterance) index."""
+    events, audio = [], {}
+    async with websockets.connect(f"{server.replace('http', 'ws')}/v1/audio/speech/stream?api_key=bob-key",
+                                  max_size=None) as ws:
+        await ws.send(json.dumps({"type": "session.config", "text_mode": text_mode, "voice": "aiden",
+                                  "response_format": "pcm", **GREEDY, "max_new_tokens": FRAMES}))
+        writer = asyncio.create_task(send(ws, events))
+        current = None
+        async for message in ws:
+            if isinstance(message, bytes):
+                audio[current] = audio.get(current, b"") + message
+                continue
+            event = json.loads(message)
+            events.append(event)
+            if event["type"] == "audio.start":
+                current = event["sentence_index"]
+            if event["type"] in ("session.done", "error"):
+                break
+        await writer
+    return events, audio
+
+
 def test_websocket_text_in_pieces_audio_out_per_sentence(server):
     sentences = ["The first sentence arrives in pieces.", "A second one follows."]
 
-    async def session():
-        events, audio = [], {}
-        async with websockets.connect(f"{server.replace('http', 'ws')}/v1/audio/speech/stream?api_key=bob-key",
-                                      max_size=None) as ws:
-            await ws.send(json.dumps({"type": "session.config", "voice": "aiden", "response_format": "pcm",
-                                      **GREEDY, "max_new_tokens": FRAMES}))
-            for word in " ".join(sentences).split(" "):
-                await ws.send(json.dumps({"type": "input.text", "text": word + " "}))
-            await ws.send(json.dumps({"type": "input.done"}))
-            current = None
-            async for message in ws:
-                if isinstance(message, bytes):
-                    audio[current] = audio.get(current, b"") + message
-                    continue
-                event = json.loads(message)
-                events.append(event)
-                if event["type"] == "audio.start":
-                    current = event["sentence_index"]
-                if event["type"] == "session.done":
-                    break
-        return events, audio
+    async def send(ws, events):
+        for word in " ".join(sentences).split(" "):
+            await ws.send(json.dumps({"type": "input.text", "text": word + " "}))
+        await ws.send(json.dumps({"type": "input.done"}))
 
     def over_websocket() -> bytes:
-        events, audio = asyncio.run(session())
+        events, audio = asyncio.run(websocket_session(server, "sentence", send))
         starts = [e for e in events if e["type"] == "audio.start"]
         assert [e["text"] for e in starts] == sentences
         assert events[0]["type"] == "session.created" and events[-1]["type"] == "session.done"
@@ -183,6 +190,62 @@ def test_websocket_text_in_pieces_audio_out_per_sentence(server):
                         for text in sentences)
 
     assert_renders_one_generation(over_websocket, sentence_by_sentence)
+
+
+def test_websocket_token_mode_speaks_each_utterance_as_its_text_arrives(server):
+    """Text cut anywhere (inside words too) in input.text messages, two utterances split by
+    input.flush: each is one request, its audio that of its whole text in streaming text mode."""
+    utterances = ["The first utterance arrives in small pieces.", "Then a second, after a flush."]
+    rng = np.random.default_rng(3)
+
+    async def send(ws, events):
+        for i, text in enumerate(utterances):
+            cuts = sorted(set(rng.integers(1, len(text), size=len(text) // 3)))
+            for piece in np.split(np.array(list(text)), cuts):
+                await ws.send(json.dumps({"type": "input.text", "text": "".join(piece)}))
+                await asyncio.sleep(0.01)
+            await ws.send(json.dumps({"type": "input.flush" if i == 0 else "input.done"}))
+
+    def over_websocket() -> bytes:
+        events, audio = asyncio.run(websocket_session(server, "token", send))
+        assert events[0] == {"type": "session.created", "response_format": "pcm", "sample_rate": 24000,
+                             "text_mode": "token"}
+        done = [e for e in events if e["type"] == "audio.done"]
+        assert [e["text"] for e in done] == utterances and sorted(audio) == [0, 1], events
+        assert events[-1]["type"] == "session.done" and events[-1]["usage"]["sentences"] == 2
+        return audio[0] + audio[1]
+
+    def one_shot() -> bytes:
+        return b"".join(speak(server, key="bob-key", response_format="pcm", input=text, voice="aiden",
+                              extra_body={"non_streaming_mode": False}) for text in utterances)
+
+    assert_renders_one_generation(over_websocket, one_shot)
+
+
+def test_websocket_token_mode_input_clear_stops_speaking_and_the_session_goes_on(server):
+    long_text = " ".join(["Words keep coming for a long while here."] * 6)
+
+    async def send(ws, events):
+        for word in long_text.split(" "):
+            await ws.send(json.dumps({"type": "input.text", "text": word + " "}))
+        while not any(e["type"] == "audio.start" for e in events):
+            await asyncio.sleep(0.01)
+        await ws.send(json.dumps({"type": "input.clear"}))
+        while not any(e["type"] == "audio.done" for e in events):
+            await asyncio.sleep(0.01)
+        await ws.send(json.dumps({"type": "input.text", "text": "After the barge-in."}))
+        await ws.send(json.dumps({"type": "input.done"}))
+
+    events, audio = asyncio.run(websocket_session(server, "token", send))
+    done = [e for e in events if e["type"] == "audio.done"]
+    assert done[0] == {"type": "audio.done", "sentence_index": 0, "cleared": True}, events
+    assert done[1]["sentence_index"] == 1 and done[1]["text"] == "After the barge-in." and len(audio[1]) > 0
+    assert events[-1]["type"] == "session.done"
+    deadline = time.monotonic() + 30  # the cleared request's abort reaches vLLM's gauges within a step or two
+    while metric(server, "qwen3tts_requests_in_flight") or metric(server, "vllm:num_requests_running") \
+            or metric(server, "vllm:num_requests_waiting"):
+        assert time.monotonic() < deadline, "the session left requests behind"
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("speed", [0.5, 2.0])
@@ -426,10 +489,12 @@ def test_examples_produce_audio(server, tmp_path):
     subprocess.run([sys.executable, str(EXAMPLES / "speech_stream.py"), "--base-url", f"{server}/v1", "--api-key",
                     "alice-key", "--out", str(tmp_path / "s.pcm")], check=True, timeout=300)
     assert (tmp_path / "s.pcm").stat().st_size > 0
-    subprocess.run([sys.executable, str(EXAMPLES / "websocket_client.py"), "--url",
-                    f"{server.replace('http', 'ws')}/v1/audio/speech/stream", "--api-key", "alice-key",
-                    "--out", str(tmp_path / "ws.pcm")], check=True, timeout=300)
-    assert (tmp_path / "ws.pcm").stat().st_size > 0
+    for mode in ("token", "sentence"):
+        done = subprocess.run([sys.executable, str(EXAMPLES / "websocket_client.py"), "--url",
+                               f"{server.replace('http', 'ws')}/v1/audio/speech/stream", "--api-key", "alice-key",
+                               "--text-mode", mode, "--out", str(tmp_path / f"ws-{mode}.pcm")],
+                              check=True, timeout=300, capture_output=True, text=True)
+        assert (tmp_path / f"ws-{mode}.pcm").stat().st_size > 0 and "'session.done'" in done.stdout, done.stdout
 
 
 def test_load_generator_measures_this_server(server, tmp_path):

@@ -145,6 +145,9 @@ def test_each_invalid_body_is_one_short_error_naming_its_parameter(body, param, 
     ("not json", "type"),
     ('{"type": "input.text", "text": "too soon"}', "type"),
     ("[" * 100_000, "type"),  # nesting beyond the parser's recursion limit
+    ('{"type": "session.config", "text_mode": "words"}', "text_mode"),
+    ('{"type": "session.config", "text_mode": ["token"]}', "text_mode"),
+    ('{"type": "session.config", "text_mode": "token", "non_streaming_mode": true}', "non_streaming_mode"),
 ])
 def test_a_bad_session_config_is_a_400_naming_the_parameter(message, param):
     with pytest.raises(APIError) as refused:
