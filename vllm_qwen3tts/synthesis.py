@@ -325,6 +325,9 @@ class TTSEngine:
             except TextIncomplete:
                 if not open_input:
                     raise
+        # The salt (vLLM takes the first turn's for the whole session) must not be shared: it
+        # stands for the text track of every cached block, and this session's text is not known yet.
+        prompt = {**prompt, "cache_salt": f"{prompt['cache_salt']}-{request_id}-{uuid.uuid4().hex}"}
         chunks: asyncio.Queue = asyncio.Queue()  # the next turns' inputs; None: no more
         ended = asyncio.Event()
 
