@@ -544,13 +544,13 @@ class SpeechService:
             }))
 
 
-def codec_unavailable(message: str, retry_after_s: int = CODEC_RETRY_AFTER_S) -> APIError:
+def codec_unavailable(message: str, retry_after_s: int) -> APIError:
     """503 + Retry-After while no codec worker can serve (one is restarted automatically)."""
     return APIError(503, message, type="server_error", code="codec_unavailable",
                     headers={"Retry-After": str(retry_after_s)})
 
 
-def engine_unavailable(message: str, retry_after_s: int = CODEC_RETRY_AFTER_S) -> APIError:
+def engine_unavailable(message: str, retry_after_s: int) -> APIError:
     """503 + Retry-After once vLLM's engine has died (this server exits; its supervisor restarts it)."""
     return APIError(503, message, type="server_error", code="engine_unavailable",
                     headers={"Retry-After": str(retry_after_s)})

@@ -115,7 +115,6 @@ class TalkerState:
     def _load(self, slot: int, req_id: str, req: TalkerRequest, prompt_len: int, prefill_len: int) -> None:
         self._validate(req, prompt_len)
         r = req.recipe
-        n = len(r)
         refs = r.ref_codes or []
 
         def put(buf: torch.Tensor, values: list, fill: int) -> None:
@@ -187,9 +186,7 @@ class TalkerState:
         slot = self.slot_of[req_id]
         try:
             req = TalkerRequest.from_extra_args(extra_args)
-            trailing = req.recipe.trailing_text_ids
-            if len(trailing) > self.max_positions or not all(0 <= t < self.cfg.text_vocab_size for t in trailing):
-                raise PromptError("trailing text out of range")
+            self._validate(req, len(req.recipe))
         except PromptError as e:
             logger.error("request %s: text update rejected (it will end at once): %s", req_id, e)
             self.poisoned[slot].fill_(True)
