@@ -1,33 +1,33 @@
 """Speech speed control (OpenAI's `speed`, 0.25-4.0): a pitch-preserving time stretch.
 
 Resampling would change the pitch with the tempo (chipmunk voices), so the tempo is changed
-with WSOLA (waveform-similarity overlap-add, Verhelst & Roelands 1993): Hann-windowed
-segments of the input are overlap-added at a fixed synthesis hop, taken from the input at
-`speed` times that hop; each segment's start is moved by up to +-`SEARCH_TOLERANCE_SECONDS`
-to where it best continues the previously copied segment, so periodic waveforms (voiced
-speech) join in phase and the pitch is kept.
+by FFmpeg's `atempo` filter through PyAV (already here for the encoders): WSOLA, overlapping
+Hann windows of the input each moved to where it best continues the previous one. It replaced
+a hand-written WSOLA that kept the pitch less well (benchmarks/NOTES.md §24).
 
 `TimeStretcher` works chunk by chunk and gives exactly the samples that stretching the whole
-signal at once gives (`time_stretch` is that same object fed one chunk): every decision
-depends only on input that both ways have seen, and the end of the signal is handled only
-in `flush()`. It holds back about one window plus the search tolerance (~40 ms of input).
-
-Position convention: the input is preceded by half a window of silence, so that frame k's
-window is centred on input sample round(k * hop * speed) and on output sample k * hop; the
-first half window of output (which would fade in from that silence) is dropped. The output
-has round(len(input) / speed) samples.
+signal at once gives (`time_stretch` is that same object fed one chunk): atempo's output
+depends only on the frames it is handed, so it is handed the input in fixed blocks whatever
+the chunks. Small blocks also keep the latency down, since atempo passes output on only in
+buffers as long as the stretched frame they came from; what is held back is at most about one atempo
+window (a power of two near sample_rate / 24: 1024 samples at 24 kHz), a block, and half a
+window per unit of speed. The end of the input is followed by silence so that atempo's last
+windows come out, and the output is cut to round(len(input) / speed) samples.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
+
+import av
 import numpy as np
 
 from ..base.params import SPEED
 
 MIN_SPEED = SPEED.lo  # OpenAI's range, the request parameter's bounds
 MAX_SPEED = SPEED.hi
-WINDOW_SECONDS = 0.030  # long enough to hold a pitch period of low voices (~12 ms at 80 Hz)
-SEARCH_TOLERANCE_SECONDS = 0.010  # +-10 ms covers a full period of any voice above 50 Hz
+ATEMPO_MIN = 0.5  # one atempo's lowest tempo; its highest is 100 (2 on FFmpeg builds older than PyAV's)
+BLOCK_SECONDS = 0.020  # input per frame handed to atempo
 
 
 def check_speed(speed: float) -> float:
@@ -44,26 +44,19 @@ def stretched_length(num_samples: int, speed: float) -> int:
 
 
 class TimeStretcher:
-    """Streaming WSOLA time stretch of mono float PCM; `speed` > 1 is faster (shorter)."""
+    """Streaming time stretch of mono float PCM by FFmpeg's atempo; `speed` > 1 is faster (shorter)."""
 
     def __init__(self, speed: float, sample_rate: int = 24_000) -> None:
         self.speed = check_speed(speed)
         self.sample_rate = int(sample_rate)
-        half_window = max(1, round(self.sample_rate * WINDOW_SECONDS / 2))
-        self._hop = half_window  # synthesis hop: half a window, so Hann windows sum to 1
-        self._window_length = 2 * half_window
-        self._tolerance = round(self.sample_rate * SEARCH_TOLERANCE_SECONDS)
-        # Periodic Hann: shifted by half its length, copies sum to exactly 1 (sin^2 + cos^2).
-        n = np.arange(self._window_length)
-        self._window = (0.5 - 0.5 * np.cos(2 * np.pi * n / self._window_length)).astype(np.float32)
-
-        # Input in "padded" coordinates: half a window of silence, then the signal.
-        self._input = np.zeros(half_window, dtype=np.float32)
-        self._input_start = 0  # padded index of self._input[0]
-        self._signal_length = 0  # real input samples received
-        self._next_frame = 0
-        self._previous_segment_start: int | None = None  # padded index of the last copied segment
-        self._tail = np.zeros(half_window, dtype=np.float32)  # second half of the last frame
+        self._block = max(1, round(self.sample_rate * BLOCK_SECONDS))
+        window = 1 << max(0, (self.sample_rate // 24 - 1).bit_length())  # atempo's, as af_atempo.c picks it
+        # Silence after the end that brings out every window holding input, whatever the speed.
+        self._end_padding = int(2 * window * max(1.0, self.speed))
+        self._graph = _atempo_graph(self.speed, self.sample_rate) if self.speed != 1.0 else None
+        self._pending = np.zeros(0, dtype=np.float32)  # input short of a block
+        self._signal_length = 0  # input samples received
+        self._pts = 0  # input samples handed to atempo
         self._emitted = 0  # output samples returned so far
         self._flushed = False
 
@@ -72,85 +65,64 @@ class TimeStretcher:
         if self._flushed:
             raise RuntimeError("process() after flush()")
         chunk = _as_mono_float32(chunk)
-        if self.speed == 1.0:
+        if self._graph is None:
             return chunk.copy()
         self._signal_length += chunk.size
-        self._input = np.concatenate([self._input, chunk])
-        return self._run_frames(last_frame=None)
+        pending = np.concatenate([self._pending, chunk])
+        whole_blocks = pending.size - pending.size % self._block
+        out = [self._filter(pending[begin : begin + self._block]) for begin in range(0, whole_blocks, self._block)]
+        self._pending = pending[whole_blocks:].copy()
+        return self._count(np.concatenate(out) if out else np.zeros(0, dtype=np.float32))
 
     def flush(self) -> np.ndarray:
         """End of input: the remaining output, up to round(total input / speed) samples."""
         if self._flushed:
             raise RuntimeError("flush() called twice")
         self._flushed = True
-        if self.speed == 1.0:
+        if self._graph is None:
             return np.zeros(0, dtype=np.float32)
-        target = stretched_length(self._signal_length, self.speed)
-        # Frame k > 0 yields output [(k-1) * hop, k * hop); the last one needed covers `target`.
-        last_frame = -(-target // self._hop)
-        emitted_before = self._emitted
-        tail = self._run_frames(last_frame=last_frame)
-        return tail[: max(0, target - emitted_before)]
+        out = self._filter(np.concatenate([self._pending, np.zeros(self._end_padding, dtype=np.float32)]), end=True)
+        missing = max(0, stretched_length(self._signal_length, self.speed) - self._emitted)
+        out = out[:missing]
+        if out.size < missing:  # not expected with the padding above; the length is a promise
+            out = np.concatenate([out, np.zeros(missing - out.size, dtype=np.float32)])
+        return self._count(out)
 
-    def _run_frames(self, last_frame: int | None) -> np.ndarray:
-        """Overlap-add every frame whose input is available (padding with silence up to
-        `last_frame` when the input has ended); returns the output they completed."""
-        hop, window_length = self._hop, self._window_length
-        completed: list[np.ndarray] = []
-        while last_frame is None or self._next_frame <= last_frame:
-            k = self._next_frame
-            nominal = int(round(k * hop * self.speed))
-            if self._previous_segment_start is None:
-                search_from, search_to = nominal, nominal  # nothing to continue yet
-            else:
-                search_from, search_to = max(0, nominal - self._tolerance), nominal + self._tolerance
-            continuation_start = None if self._previous_segment_start is None else self._previous_segment_start + hop
-            needed_end = search_to + window_length
-            if continuation_start is not None:
-                needed_end = max(needed_end, continuation_start + window_length)
-            available_end = self._input_start + self._input.size
-            if needed_end > available_end:
-                if last_frame is None:
-                    break
-                self._input = np.concatenate([self._input, np.zeros(needed_end - available_end, np.float32)])
+    def _filter(self, block: np.ndarray, end: bool = False) -> np.ndarray:
+        """Hand `block` to atempo (then the end of input, if `end`); returns what atempo gave back."""
+        frame = av.AudioFrame.from_ndarray(block[np.newaxis, :], format="flt", layout="mono")
+        frame.sample_rate = self.sample_rate
+        frame.time_base = Fraction(1, self.sample_rate)
+        frame.pts = self._pts
+        self._pts += block.size
+        self._graph.push(frame)
+        if end:
+            self._graph.push(None)
+        out = []
+        while True:
+            try:
+                out.append(self._graph.pull().to_ndarray()[0])
+            except (av.error.BlockingIOError, av.error.EOFError):  # wants more input / has ended
+                break
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, dtype=np.float32)
 
-            start = self._best_segment_start(search_from, search_to, continuation_start, nominal)
-            segment = self._input_slice(start, start + window_length) * self._window
-            block = self._tail + segment[:hop]  # final now: later frames start at or after (k+1) * hop
-            self._tail = segment[hop:]
-            if k > 0:  # frame 0's first half is the fade-in over the leading silence, dropped
-                completed.append(block)
-            self._previous_segment_start = start
-            self._next_frame += 1
-            self._drop_consumed_input()
-
-        out = np.concatenate(completed) if completed else np.zeros(0, dtype=np.float32)
+    def _count(self, out: np.ndarray) -> np.ndarray:
         self._emitted += out.size
         return out
 
-    def _best_segment_start(self, search_from: int, search_to: int, continuation_start: int | None, nominal: int) -> int:
-        if continuation_start is None or search_from == search_to:
-            return search_from
-        window_length = self._window_length
-        natural_continuation = self._input_slice(continuation_start, continuation_start + window_length)
-        candidates = self._input_slice(search_from, search_to + window_length)
-        similarity = np.correlate(candidates, natural_continuation, mode="valid")
-        best = int(np.argmax(similarity))
-        if similarity[best] <= 0:  # silence (or nothing alike): stay on the nominal position
-            return nominal
-        return search_from + best
 
-    def _input_slice(self, begin: int, end: int) -> np.ndarray:
-        return self._input[begin - self._input_start : end - self._input_start]
-
-    def _drop_consumed_input(self) -> None:
-        """Forget input that no later frame can read (its search range or continuation)."""
-        nominal = int(round(self._next_frame * self._hop * self.speed))
-        keep_from = min(max(0, nominal - self._tolerance), self._previous_segment_start + self._hop)
-        drop = keep_from - self._input_start
-        if drop > 0:
-            self._input = self._input[drop:]
-            self._input_start = keep_from
+def _atempo_graph(speed: float, sample_rate: int) -> av.filter.Graph:
+    """abuffer -> atempo x n -> abuffersink for float mono PCM: n = 1, or for speeds below one
+    atempo's range, the fewest instances whose equal tempos multiply to `speed`."""
+    stages = 1
+    while speed ** (1 / stages) < ATEMPO_MIN:
+        stages += 1
+    graph = av.filter.Graph()
+    source = graph.add_abuffer(sample_rate=sample_rate, format="flt", layout="mono",
+                               time_base=Fraction(1, sample_rate))
+    tempos = [graph.add("atempo", f"tempo={speed ** (1 / stages)!r}") for _ in range(stages)]
+    graph.link_nodes(source, *tempos, graph.add("abuffersink")).configure()
+    return graph
 
 
 def time_stretch(pcm: np.ndarray, speed: float, sample_rate: int = 24_000) -> np.ndarray:

@@ -3,6 +3,7 @@ was given (exactly for wav/pcm/flac, closely for mp3/opus/aac); speed stretches 
 
 from __future__ import annotations
 
+import gc
 import io
 
 import av
@@ -324,13 +325,24 @@ def test_streamed_stretch_equals_the_whole_signal_stretch(speed):
     np.testing.assert_array_equal(stretch_in_chunks(pcm, speed, (1, 17, 3840, 7680, 1000, 48000)), time_stretch(pcm, speed))
 
 
-@pytest.mark.parametrize("speed", [0.5, 2.0])
-def test_the_stretcher_holds_back_little_input(speed):
-    stretcher, fed, out = TimeStretcher(speed), 0, 0
-    for chunk in np.array_split(mixed_signal(2.0), 20):
-        out += len(stretcher.process(chunk))
-        fed += len(chunk)
-        assert out >= (fed - 0.06 * RATE) / speed  # under 60 ms of input not yet turned into output
+@pytest.mark.parametrize("chunk", [1920, 48000], ids=["codec frames", "2 s chunks"])
+@pytest.mark.parametrize("speed", [0.25, 0.5, 2.0, 4.0])
+def test_the_stretcher_holds_back_under_two_codec_frames_of_input_whatever_the_chunks(speed, chunk):
+    pcm, stretcher, out = mixed_signal(4.0), TimeStretcher(speed), 0
+    for fed in range(chunk, pcm.size + 1, chunk):
+        out += len(stretcher.process(pcm[fed - chunk : fed]))
+        assert out >= (fed - 2 * 1920) / speed  # under 160 ms of input not yet turned into output
+
+
+def test_a_stretcher_abandoned_mid_stream_is_freed_without_harm():
+    """A client that goes away drops its request's stretcher unflushed; collecting it must not
+    take the process down (PyAV frees FFmpeg objects when they are collected)."""
+    for speed in (0.25, 2.0, 4.0):
+        stretcher = TimeStretcher(speed)
+        stretcher.process(mixed_signal(0.5))
+        del stretcher
+        gc.collect()
+    assert len(time_stretch(mixed_signal(0.5), 2.0)) == RATE // 4
 
 
 @pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac"])
