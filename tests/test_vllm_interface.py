@@ -117,6 +117,15 @@ def check_api_server(module):
     assert 'if __name__ == "__main__"' in inspect.getsource(module)  # `python -m` runs it (cli.py)
 
 
+def check_serve_http(fn):
+    # vllm_adapter.before_engine_shutdown: on a signal, the engine client is shut down (in a
+    # thread) before uvicorn is told to stop, so a drain hooked there runs while the server answers
+    source = inspect.getsource(fn)
+    assert "add_signal_handler(signal.SIGTERM" in source
+    shutdown = re.search(r"run_in_executor\(\s*None, partial\(engine_client\.shutdown, timeout=", source)
+    assert shutdown and shutdown.start() < source.index("server.should_exit = True") < source.index("server_task.cancel()")
+
+
 def check_authentication_middleware(cls):
     # vllm_adapter.vllm_api_key_middleware_tokens matches it by name and reads tokens=
     assert cls.__name__ == "AuthenticationMiddleware" and cls.__module__.startswith("vllm.")
@@ -223,6 +232,48 @@ def check_cached_request_state(cls):
     assert {"prompt_token_ids", "sampling_params", "output_token_ids"} <= fields(cls)
 
 
+def check_verify_and_update_config(cls):
+    # talker/plugin.py configure_model / configure_engine, through vllm_adapter.install_model_config_hook
+    assert params(cls.verify_and_update_config) == ["vllm_config"]
+    assert params(cls.verify_and_update_model_config) == ["model_config"]
+
+
+def check_models_config_map(table):
+    from vllm.config import ModelConfig, VllmConfig
+
+    assert isinstance(table, dict)
+    # each hook is looked up by architecture when the configuration is built
+    assert "MODELS_CONFIG_MAP" in inspect.getsource(ModelConfig._try_verify_and_update_model_config)
+    assert "MODELS_CONFIG_MAP" in inspect.getsource(VllmConfig.try_verify_and_update_config)
+
+
+def check_plugins(module):
+    # vllm_adapter.autoload_endpoint_plugin replaces load_endpoint_plugins; the app builder must
+    # look it up at each call (0.32: plugins.endpoint_plugins.interface; 0.26: the API server)
+    assert params(module.load_endpoint_plugins) == ["supported_tasks"]
+    assert module.ENDPOINT_PLUGINS_GROUP == "vllm.endpoint_plugins"
+    callers = []
+    for name in ("vllm.plugins.endpoint_plugins.interface", vllm_adapter.API_SERVER_MODULE):
+        try:
+            callers.append(inspect.getsource(importlib.import_module(name)))
+        except ImportError:
+            pass
+    assert any("from vllm.plugins import load_endpoint_plugins" in src for src in callers)
+
+
+def check_scheduler(cls):
+    # vllm_adapter.install_session_rollback wraps _handle_stopped_request before 0.32; 0.32 rolls back itself
+    assert params(cls._handle_stopped_request) == ["self", "request"]
+    from vllm.v1.request import Request
+
+    source = inspect.getsource(Request.__init__)
+    assert "self.num_output_placeholders" in source and "self.resumable" in source
+    if vllm_adapter.vllm_version() >= (0, 32):
+        assert "num_output_placeholders" in inspect.getsource(cls._handle_stopped_request)
+    else:
+        assert "self.async_tokens_to_discard" in source
+
+
 CHECKS = {
     "AsyncEngineArgs": check_async_engine_args,
     "AsyncLLM": check_async_llm,
@@ -237,7 +288,12 @@ CHECKS = {
     "ModelRegistry": check_model_registry,
     "current_platform": check_current_platform,
     "envs": check_envs,
+    "VerifyAndUpdateConfig": check_verify_and_update_config,
+    "MODELS_CONFIG_MAP": check_models_config_map,
+    "plugins": check_plugins,
+    "Scheduler": check_scheduler,
     "api_server": check_api_server,
+    "serve_http": check_serve_http,
     "AuthenticationMiddleware": check_authentication_middleware,
     "VllmConfig": check_vllm_config,
     "CUDAGraphMode": check_cudagraph_mode,

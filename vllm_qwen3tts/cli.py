@@ -6,12 +6,27 @@ import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
-    from .tools.checkpoint import make_checkpoint
+    import tempfile
 
-    path = make_checkpoint(args.variant, args.scale, args.out, seed=args.seed)
+    from .tools.checkpoint import make_checkpoint
+    from .tools.hub_cache import place_in_hub_cache
+
+    shape = {"shards": args.shards, "extra_speaker": args.extra_speaker}
+    if args.hub_id is None:
+        if args.out is None:
+            print("error: give --out, or --hub-id to write into the Hugging Face cache", file=sys.stderr)
+            return 2
+        path = make_checkpoint(args.variant, args.scale, args.out, seed=args.seed, **shape)
+    else:
+        from huggingface_hub import constants
+
+        with tempfile.TemporaryDirectory() as tmp:
+            made = make_checkpoint(args.variant, args.scale, Path(tmp) / "ckpt", seed=args.seed, **shape)
+            path = place_in_hub_cache(made, args.hub_id, args.out or constants.HF_HUB_CACHE, args.revision)
     print(f"wrote {args.variant} ({args.scale}) checkpoint to {path}")
     return 0
 
@@ -47,8 +62,8 @@ def _synthesize(args: argparse.Namespace) -> int:
             # and its children see only that one, as `serve` does for its server
             os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
             device = "cuda"
-        with Qwen3TTS(args.model, device=device, dtype=args.dtype, max_model_len=args.max_model_len,
-                      enforce_eager=args.enforce_eager) as tts:
+        with Qwen3TTS(args.model, revision=args.revision, device=device, dtype=args.dtype,
+                      max_model_len=args.max_model_len, enforce_eager=args.enforce_eager) as tts:
             voice = None
             if args.ref_audio:
                 voice = tts.clone_voice(Path(args.ref_audio).read_bytes(), args.ref_text, x_vector_only=args.x_vector_only)
@@ -114,9 +129,13 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
     from .base.vllm_adapter import API_SERVER_MODULE
     from .engine import DeviceError, resolve_device
 
-    model = args.model or default_checkpoint()
     from .base.config import load_tts_config
+    from .base.model_source import resolve_checkpoint
 
+    named = args.model or default_checkpoint()
+    # a hub id is resolved once, here: vLLM and the codec workers then read the same snapshot
+    model = str(resolve_checkpoint(named, option_value(vllm_args, "--revision"),
+                                   option_value(vllm_args, "--download-dir")))
     load_tts_config(model)  # clear errors before starting anything
     device, dtype = resolve_device(args.device, args.dtype)
     env = dict(os.environ)
@@ -142,6 +161,8 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
             raise DeviceError("--mps shares a CUDA GPU between the engine and the codec worker; this server runs on the CPU")
     # the server process (vLLM's, with our plugin) reads its settings from these variables
     env.update(to_env(dataclasses.replace(server, codec_devices=tuple(codec_devices))))
+    if model != named and option_value(vllm_args, "--served-model-name") is None:
+        vllm_args = [*vllm_args, "--served-model-name", named]  # clients name the model as the user did
     argv = [sys.executable, "-m", API_SERVER_MODULE, "--model", model,
             "--host", args.host, "--port", str(args.port), "--dtype", dtype,
             "--max-model-len", str(args.max_model_len), "--scheduling-policy", "priority",
@@ -156,6 +177,17 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> ServePlan:
             shares_gpu = not codec_devices or any(d in ("cuda", "cuda:0") for d in codec_devices)
             argv += ["--gpu-memory-utilization", f"{engine_memory_share(_gpu_total_bytes(), shares_gpu):.2f}"]
     return ServePlan(argv + vllm_args, env, codec_launch_devices(device, codec_devices, vllm_args))
+
+
+def option_value(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` in an argument list (`--flag V` or `--flag=V`; the last one wins)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
 
 
 # What a codec worker holds on its GPU at the defaults: the decoder, 2 x max_num_seqs stream states
@@ -226,22 +258,54 @@ def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     os.execvpe(argv[0], argv, env)  # vLLM's server owns the process (signals, shutdown) from here
 
 
+def version_text() -> str:
+    """This package's version and the installed vLLM's (read from its metadata: vLLM is not
+    imported, so this answers in a moment)."""
+    from . import __version__
+    from .base.vllm_adapter import installed_vllm_version
+
+    vllm = installed_vllm_version()
+    return f"vllm-qwen3tts {__version__} (vLLM {vllm or 'not installed'})"
+
+
+class _PrintVersion(argparse.Action):
+    """`--version`: print `version_text()` and exit 0 (computed only when asked for)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "print this package's version and vLLM's, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .base.settings import add_arguments, process_settings
     from .tools.checkpoint import SCALES, VARIANTS
 
     parser = argparse.ArgumentParser(prog="vllm-qwen3tts", description=__doc__)
+    parser.add_argument("--version", action=_PrintVersion)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the released layout")
     p.add_argument("--variant", required=True, choices=VARIANTS)
     p.add_argument("--scale", required=True, choices=SCALES)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", help="output directory (with --hub-id: the hub cache, default HF_HUB_CACHE)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1,
+                   help="the model weights in this many safetensors files with an index, as large releases are")
+    p.add_argument("--extra-speaker", metavar="NAME",
+                   help="a CustomVoice checkpoint with one more speaker, as Qwen's fine-tuning recipe adds one")
+    p.add_argument("--hub-id", metavar="OWNER/NAME",
+                   help="lay the checkpoint out in the Hugging Face cache as this repository, as a download "
+                        "would leave it (then `--model OWNER/NAME` reads it, also with HF_HUB_OFFLINE=1)")
+    p.add_argument("--revision", default="main", help="with --hub-id: the ref that names the snapshot")
     p.set_defaults(func=_make_checkpoint)
 
     p = sub.add_parser("synthesize", help="text to a WAV file (one utterance, or one per line of --text-file)")
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("--revision", help="of a hub id: branch, tag or commit (default: main)")
     p.add_argument("--text")
     p.add_argument("--text-file", help="one utterance per line; outputs OUT_0000.wav, OUT_0001.wav, ...")
     p.add_argument("--voice", help="CustomVoice preset speaker (e.g. ryan, vivian)")
@@ -270,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible speech server (vLLM's API server with our plugins)",
                        epilog="Arguments this command does not know are passed to vLLM's server "
                               "(e.g. --max-num-seqs 128 --gpu-memory-utilization 0.8 --data-parallel-size 2).")
-    p.add_argument("--model", help="checkpoint directory (default: a generated tiny CustomVoice checkpoint)")
+    p.add_argument("--model", help="checkpoint directory or Hugging Face hub id (default: a generated tiny "
+                                    "CustomVoice checkpoint); vLLM's --revision and --download-dir apply")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     # the server's settings: one flag each, defaulting to its QWEN3TTS_* variable (base/settings.py)

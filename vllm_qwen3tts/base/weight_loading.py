@@ -7,6 +7,7 @@ separate matrices through `STACKED_PARAMS`, vLLM's `stacked_params_mapping` tabl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,20 +21,32 @@ from .config import CheckpointError
 def read_safetensors(path: str | Path, prefix: str = "", *, strip_prefix: bool = False,
                      what: str = "weights") -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of a safetensors file whose name starts with `prefix`, on the
-    CPU in the file's dtype; `strip_prefix` drops the prefix from the names. A missing file is a
-    `CheckpointError` ("missing {what} {path}"), raised before the first tensor is read."""
+    CPU in the file's dtype; `strip_prefix` drops the prefix from the names. A checkpoint saved in
+    shards has `<path>.index.json` instead of `path` (the Hugging Face layout: a `weight_map` from
+    tensor name to shard file); its shards are read in turn. A missing file is a `CheckpointError`
+    ("missing {what} {path}"), raised before the first tensor is read."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_file():
+        return _tensors([path], prefix, strip_prefix)
+    index = path.with_name(path.name + ".index.json")
+    if not index.is_file():
         raise CheckpointError(f"missing {what} {path}")
-    return _tensors(path, prefix, strip_prefix)
+    with open(index, encoding="utf-8") as f:
+        weight_map: dict[str, str] = json.load(f).get("weight_map") or {}
+    shards = [path.with_name(name) for name in dict.fromkeys(weight_map.values())]
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"missing {what} shard {shard} (named in {index.name})")
+    return _tensors(shards, prefix, strip_prefix)
 
 
-def _tensors(path: Path, prefix: str, strip_prefix: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(paths: list[Path], prefix: str, strip_prefix: bool) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for name in [n for n in f.keys() if n.startswith(prefix)]:  # noqa: SIM118 - a file handle, not a dict
-            yield (name[len(prefix):] if strip_prefix else name), f.get_tensor(name)
+    for path in paths:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in [n for n in f.keys() if n.startswith(prefix)]:  # noqa: SIM118 - a file handle, not a dict
+                yield (name[len(prefix):] if strip_prefix else name), f.get_tensor(name)
 
 
 @dataclass(frozen=True)

@@ -539,10 +539,20 @@ def mimi_encoder_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def make_checkpoint(variant: str, scale: str, out: str | Path, seed: int = 0) -> Path:
-    """Write a complete random-weight checkpoint directory and return its path."""
-    from safetensors.torch import save_file
+# The codec-embedding row Qwen's fine-tuning recipe (`finetuning/sft_12hz.py`) gives the one
+# speaker it adds, which it names in `spk_id` as a plain int (released checkpoints write lists).
+FINE_TUNED_SPEAKER_ID = 3000
 
+
+def make_checkpoint(variant: str, scale: str, out: str | Path, seed: int = 0, *, shards: int = 1,
+                    extra_speaker: str | None = None) -> Path:
+    """Write a complete random-weight checkpoint directory and return its path.
+
+    `shards` > 1: the model weights as `model-0000i-of-0000N.safetensors` with the
+    `model.safetensors.index.json` that names each tensor's shard, as large released
+    checkpoints are saved. `extra_speaker`: a CustomVoice checkpoint whose `spk_id` also
+    names this speaker (lower-cased, as the official code looks names up), with the id and
+    form Qwen's fine-tuning recipe writes."""
     from ..model.text_tokenizer import write_text_tokenizer
 
     g = geometry(variant, scale)
@@ -552,18 +562,26 @@ def make_checkpoint(variant: str, scale: str, out: str | Path, seed: int = 0) ->
     # and a directory left without config.json is not mistaken for a checkpoint later.
     write_text_tokenizer(out)
     cfg = model_config(variant, scale)
+    if extra_speaker is not None:
+        if cfg["tts_model_type"] != "custom_voice":
+            raise ValueError(f"an extra speaker needs a CustomVoice variant, not {variant}")
+        name = extra_speaker.strip().lower()
+        if not name or name in cfg["talker_config"]["spk_id"]:
+            raise ValueError(f"extra speaker name {extra_speaker!r} is empty or already a speaker")
+        cfg["talker_config"]["spk_id"][name] = FINE_TUNED_SPEAKER_ID
+        cfg["talker_config"]["spk_is_dialect"][name] = False
 
     shapes = talker_shapes(g)
     if cfg["tts_model_type"] == "base":
         shapes.update(speaker_encoder_shapes(g))
-    weights = random_weights(shapes, seed, torch.bfloat16)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = random_weights(shapes, seed, torch.bfloat16)  # bf16, as released
+    save_weights(weights, out, "model", shards)
     del weights
 
     codec_cfg = speech_tokenizer_config(scale)
     codec = random_weights(codec_decoder_shapes(g), seed + 1, torch.float32)
     codec.update(mimi_encoder_weights(codec_cfg["encoder_config"], seed + 2))
-    save_file(codec, str(out / "speech_tokenizer" / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(codec, out / "speech_tokenizer", "model", 1)
 
     _write_json(out / "config.json", cfg)
     _write_json(out / "generation_config.json", generation_config())
@@ -572,6 +590,32 @@ def make_checkpoint(variant: str, scale: str, out: str | Path, seed: int = 0) ->
     _write_json(out / "speech_tokenizer" / "preprocessor_config.json", SPEECH_PREPROCESSOR_CONFIG)
     _write_json(out / "speech_tokenizer" / "configuration.json", {"framework": "pytorch", "task": "text-to-speech"})
     return out
+
+
+def save_weights(weights: dict[str, torch.Tensor], directory: Path, stem: str, shards: int) -> None:
+    """`stem.safetensors`, or `shards` files `stem-0000i-of-0000N.safetensors` of about equal
+    size (tensors in name order) and `stem.safetensors.index.json`, the Hugging Face layout."""
+    from safetensors.torch import save_file
+
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, not {shards}")
+    if shards == 1:
+        save_file(weights, str(directory / f"{stem}.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(weights)
+    total = sum(weights[n].numel() * weights[n].element_size() for n in names)
+    groups: list[list[str]] = [[] for _ in range(shards)]
+    done = 0
+    for name in names:
+        groups[min(shards - 1, done * shards // max(total, 1))].append(name)
+        done += weights[name].numel() * weights[name].element_size()
+    weight_map = {}
+    for i, group in enumerate(groups, start=1):
+        file = f"{stem}-{i:05d}-of-{shards:05d}.safetensors"
+        save_file({n: weights[n] for n in group}, str(directory / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in group})
+    _write_json(directory / f"{stem}.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_json(path: Path, obj: dict) -> None:
