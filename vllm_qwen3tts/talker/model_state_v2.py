@@ -3,7 +3,8 @@
 MRv2 lets a model supply its own per-request state class. Ours forwards request
 arrival/departure to `TalkerState`, gives the forward a per-token slot tensor
 (a persistent buffer, so FULL CUDA graphs replay with the right addresses), and
-wraps the sampler so the code predictor runs right after code 0 is sampled.
+wraps the sampler so the code predictor runs right after code 0 is sampled, and hands vLLM the
+HOLD token for an incremental request whose text has not arrived (as the V1 runner does).
 
 Overridden: add_request, remove_request, prepare_inputs, prepare_dummy_inputs,
 custom_sampler — their signatures are the same from vLLM 0.26 to 0.32. We
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from ..base.vllm_adapter import DefaultModelState, split_sampler_add_request_args
-from .protocol import codes_as_logprobs
+from .protocol import codes_as_logprobs, hold_token_id
 
 
 class Qwen3TTSModelState(DefaultModelState):
@@ -101,4 +102,9 @@ class TalkerSampler:
         sampled = torch.ones_like(code0, dtype=torch.bool)
         codes = self.talker.complete_frames(slots, last_positions, code0, sampled)
         out.logprobs_tensors = codes_as_logprobs(codes, out.logprobs_tensors)
+        if state.any_open_input:
+            # an incremental request whose next step lacks its text token: vLLM sees HOLD (a stop id)
+            # and pauses the session; the frame's codes went out above. On the device, no sync.
+            hold = state.hold_mask(slots, last_positions, code0)
+            out.sampled_token_ids[:, 0] = torch.where(hold, hold_token_id(state.cfg), code0)
         return out

@@ -50,6 +50,9 @@ class TalkerRequest:
     # False while more text may come (an incremental request): a frame whose next step would need
     # a text token the recipe does not have yet ends the turn with HOLD instead of stepping on.
     input_closed: bool = True
+    # Every turn of an incremental request (`TTSEngine.stream_text`): vLLM moves the frames of
+    # earlier turns into the prompt, so the talker's prompt is the recipe's, not vLLM's.
+    incremental: bool = False
 
     def to_extra_args(self) -> dict[str, Any]:
         return {
@@ -58,6 +61,7 @@ class TalkerRequest:
                 "subtalker": [self.subtalker.temperature, self.subtalker.top_k, self.subtalker.top_p],
                 "seed": self.seed,
                 "input_closed": self.input_closed,
+                "incremental": self.incremental,
             }
         }
 
@@ -71,7 +75,7 @@ class TalkerRequest:
             sub = SubtalkerParams(float(t), int(k), float(p))
             seed = d.get("seed")
             return cls(PromptRecipe.from_dict(d["recipe"]), sub, None if seed is None else int(seed),
-                       bool(d.get("input_closed", True)))
+                       bool(d.get("input_closed", True)), bool(d.get("incremental", False)))
         except PromptError:
             raise
         except Exception as e:  # malformed payload from a client we do not control

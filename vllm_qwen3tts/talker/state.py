@@ -84,6 +84,7 @@ class TalkerState:
         self.seed = ints(n, dt=torch.int64)
 
         self.slot_of: dict[str, int] = {}
+        self.open_input_slots: set[int] = set()  # slots of requests whose input is not closed
         # Histories of removed requests, kept because removal may be a preemption:
         # the request then comes back as "new" with its generated tokens appended
         # to the prompt, and re-prefilling them needs their residual codes.
@@ -102,7 +103,13 @@ class TalkerState:
         self.prompt_len[slot].fill_(prompt_len)
         self.prefill_len[slot].fill_(prefill_len)
         try:
-            self._load(slot, req_id, TalkerRequest.from_extra_args(extra_args), prompt_len, prefill_len)
+            req = TalkerRequest.from_extra_args(extra_args)
+            if req.incremental and prompt_len > len(req.recipe):
+                # A later turn re-added by Model Runner V2 (or a preempted incremental request): vLLM's
+                # prompt has the earlier turns' frames in it; the talker's is the recipe's.
+                prompt_len = len(req.recipe)
+                self.prompt_len[slot].fill_(prompt_len)
+            self._load(slot, req_id, req, prompt_len, prefill_len)
             self.poisoned[slot].fill_(False)
         except PromptError as e:
             # vLLM's own dummy requests (ids starting with "_", e.g. Model Runner V2's kernel
@@ -144,7 +151,9 @@ class TalkerState:
             if parked is None:
                 raise PromptError(f"resumed with {generated} generated frames but their codes were not kept")
             self.history[slot] = parked
-            logger.info("request %s resumed: re-prefilling %d generated frames", req_id, generated)
+            # each later turn of an incremental request comes this way on Model Runner V2: not news
+            logger.log(logging.DEBUG if req.incremental else logging.INFO,
+                       "request %s resumed: re-prefilling %d generated frames", req_id, generated)
 
     def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """A host list as a device tensor without waiting for the GPU. A copy from pageable
@@ -200,6 +209,10 @@ class TalkerState:
             self.trailing_text[slot, : len(trailing)] = self._upload(trailing, self.trailing_text.dtype)
         self.trailing_len[slot].fill_(len(trailing))
         self.input_closed[slot].fill_(req.input_closed)
+        if req.input_closed:
+            self.open_input_slots.discard(slot)
+        else:
+            self.open_input_slots.add(slot)
 
     def hold_mask(self, slots: torch.Tensor, last_positions: torch.Tensor, code0: torch.Tensor) -> torch.Tensor:
         """Rows whose frame just sampled leaves the next step without its text token: the input
@@ -208,10 +221,17 @@ class TalkerState:
         frame = last_positions.long() + 1 - self.prompt_len[slots].long()
         return (~self.input_closed[slots]) & (frame >= self.trailing_len[slots].long()) & (code0 != self.cfg.codec_eos_id)
 
+    @property
+    def any_open_input(self) -> bool:
+        """Whether a loaded request may still get text (so may have to hold): a host-side check
+        that spares every other step the hold mask's kernels."""
+        return bool(self.open_input_slots)
+
     def remove_request(self, req_id: str) -> None:
         slot = self.slot_of.pop(req_id, None)
         if slot is None:
             return
+        self.open_input_slots.discard(slot)
         self.parked[req_id] = self.history[slot].clone()
         while len(self.parked) > self.max_parked:
             self.parked.popitem(last=False)
