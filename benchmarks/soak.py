@@ -252,7 +252,7 @@ async def ws_exchange(base_url: str, headers: dict, plan: Plan, res: Result) -> 
     config = {k: v for k, v in speech_body(plan).items() if k not in ("input", "stream_format")}
     url = base_url.replace("http", "ws", 1).rstrip("/") + "/v1/audio/speech/stream"
     async with websockets.connect(url, additional_headers=headers, max_size=None, open_timeout=30) as ws:
-        await ws.send(json.dumps({"type": "session.config", **config}))
+        await ws.send(json.dumps({"type": "session.config", "text_mode": "sentence", **config}))  # audio per sentence
         for piece in plan.pieces:
             await ws.send(json.dumps({"type": "input.text", "text": piece}))
         await ws.send(json.dumps({"type": "input.done"}))

@@ -1,12 +1,13 @@
 """WebSocket streaming: send text as it is produced (an LLM's tokens), get audio back while it is written.
 
-    python examples/websocket_client.py --out ws.pcm                       # token mode
+    python examples/websocket_client.py --out ws.pcm                       # token mode (the default)
+    python examples/websocket_client.py --min-text-tokens 8 --out ws.pcm   # a lead of 8 text tokens
     python examples/websocket_client.py --text-mode sentence --out ws.pcm  # a request per sentence
 
 The text is fed as an LLM would write it: pieces of a few characters (cut inside words too) at
 --pieces-per-second. In token mode each utterance is one request that starts speaking at its
-first words and takes the rest as it comes (on servers that support it: the CPU build for now);
-in sentence mode each complete sentence is a request of its own.
+first words (or once --min-text-tokens of them are final) and takes the rest as it comes; in
+sentence mode each complete sentence is a request of its own.
 
 Messages (JSON text frames, audio as binary frames):
   client -> server  {"type": "session.config", "text_mode": "token", "voice": "vivian", "response_format": "pcm", ...}
@@ -43,8 +44,9 @@ def llm_pieces(text: str, seed: int = 0):
 async def main(args) -> None:
     url = args.url + (f"?api_key={args.api_key}" if args.api_key else "")
     async with websockets.connect(url, max_size=None) as ws, asyncio.TaskGroup() as tg:
+        lead = {"min_text_tokens": args.min_text_tokens} if args.text_mode == "token" else {}
         await ws.send(json.dumps({"type": "session.config", "text_mode": args.text_mode, "voice": args.voice,
-                                  "response_format": "pcm"}))
+                                  "response_format": "pcm", **lead}))
         started = time.perf_counter()
 
         async def send_text():
@@ -76,6 +78,7 @@ if __name__ == "__main__":
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--voice", default="vivian")
     ap.add_argument("--text-mode", choices=["token", "sentence"], default="token")
+    ap.add_argument("--min-text-tokens", type=int, default=0, help="token mode: text tokens buffered first")
     ap.add_argument("--pieces-per-second", type=float, default=30.0)
     ap.add_argument("--text", default="Text arrives a few characters at a time, as an LLM writes it. "
                                       "The voice starts speaking before the sentence is finished.")

@@ -21,12 +21,18 @@ meanwhile the guard does not serve it).
 
 WebSocket connections are checked for the path here; the route authenticates them itself
 (header or `api_key` query parameter) before reading any message.
+
+Every response of a `/v1/audio/` path, the guard's own refusals and the WebSocket handshake
+included, carries `X-Request-Id`: the client's own where it sent a safe one (`request_id_for`),
+else the id the server gives the request's synthesis, so that client and log lines agree. The
+route finds it in `request.state.request_id` (a `RequestId`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -188,6 +194,47 @@ def too_large(limit: int) -> APIError:
     return APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
 
 
+# ------------------------------------------------------------------------------ request ids
+
+REQUEST_ID_PATHS = "/v1/audio/"  # the speech routes, whose responses carry X-Request-Id
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID_CHARS = 128
+_SAFE_REQUEST_ID = re.compile(f"[!-~]{{1,{MAX_REQUEST_ID_CHARS}}}")  # printable ASCII, no spaces
+
+
+@dataclass(frozen=True)
+class RequestId:
+    """A speech request's ids. `shown`: what its responses' `X-Request-Id` and the server's log
+    lines say, the client's own id or else `unique`; `unique`: the server's, never reused, which
+    the engine's and the codec's requests are named after (a client's id may repeat)."""
+
+    shown: str
+    unique: str
+
+
+def request_id_for(headers: dict[str, str], websocket: bool = False) -> RequestId:
+    """The ids of a request with these (lower-case) headers: the client's `X-Request-Id` is kept
+    where it is 1 to MAX_REQUEST_ID_CHARS printable ASCII characters, and replaced otherwise."""
+    unique = f"{'ws' if websocket else 'speech'}-{uuid.uuid4().hex[:12]}"
+    sent = headers.get("x-request-id")
+    return RequestId(sent if sent is not None and _SAFE_REQUEST_ID.fullmatch(sent) else unique, unique)
+
+
+def _with_request_id(send, request_id: str):
+    """`send`, with the X-Request-Id header set on the response's start (HTTP, or a WebSocket's
+    acceptance or refusal), in place of any other layer's."""
+    starts = ("http.response.start", "websocket.accept", "websocket.http.response.start")
+    value = request_id.encode("ascii")
+
+    async def sending(message) -> None:
+        if message["type"] in starts:
+            headers = [(k, v) for k, v in message.get("headers") or () if k.lower() != REQUEST_ID_HEADER]
+            message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, value)]}
+        await send(message)
+
+    return sending
+
+
 class BodyTooLarge(Exception):
     """Raised into the route by `receive` when a body without Content-Length passes its limit."""
 
@@ -210,6 +257,10 @@ class SpeechGuard:
             path = path[len(root):] or "/"
         method = scope["method"] if scope["type"] == "http" else WEBSOCKET
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if path.startswith(REQUEST_ID_PATHS):
+            request_id = request_id_for(headers, websocket=scope["type"] == "websocket")
+            scope.setdefault("state", {})["request_id"] = request_id
+            send = _with_request_id(send, request_id.shown)
         decision = admit(path, method, headers, getattr(self.state, "qwen3tts", None))
         if isinstance(decision, APIError):
             if scope["type"] == "websocket":
@@ -280,5 +331,5 @@ async def _deny_websocket(scope, receive, send, error: APIError) -> None:
         await send({"type": "websocket.close", "code": 1008})
 
 
-__all__ = ["ROUTES", "SERVED", "NOT_SERVED", "Exposure", "Body", "Route", "SpeechGuard", "admit", "body_limit",
-           "route_for"]
+__all__ = ["ROUTES", "SERVED", "NOT_SERVED", "Exposure", "Body", "RequestId", "Route", "SpeechGuard", "admit",
+           "body_limit", "request_id_for", "route_for"]

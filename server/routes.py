@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,8 +29,10 @@ from ..synthesis import SAMPLE_RATE, run_to_completion
 from ..base.params import (MAX_CONSENT_CHARS, MAX_DESCRIPTION_CHARS, MAX_EMBEDDING_CHARS, MAX_NAME_CHARS, MAX_REF_TEXT_CHARS,
                       quoted)
 from .audio_output import StreamingEncoder, content_type, encode_audio
-from .schemas import EMBEDDING_PATTERN, APIError, ErrorBody, SpeechBody, Usage, bad_request, session_config
-from .service import SpeechJob, SpeechService
+from .guard import RequestId, request_id_for
+from .schemas import (EMBEDDING_PATTERN, APIError, ClientMessage, ErrorBody, SessionConfig, SpeechBody, Usage,
+                      bad_request, client_message, session_config)
+from .service import SpeechJob, SpeechService, TextCuts, UtteranceText
 from .tenants import Tenant
 from .text_split import IncrementalSplitter
 from .validation import SpeechRoute
@@ -71,6 +72,12 @@ def caller(conn: Request | WebSocket) -> tuple[SpeechService, Tenant]:
     return svc, svc.authenticate(key)
 
 
+def request_id_of(conn: Request | WebSocket) -> RequestId:
+    """The ids the guard gave this request (its responses' `X-Request-Id` is `shown`)."""
+    found = getattr(conn.state, "request_id", None)
+    return found if isinstance(found, RequestId) else request_id_for({}, websocket=isinstance(conn, WebSocket))
+
+
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.to_json(), status_code=e.status, headers=e.headers)
 
@@ -85,6 +92,7 @@ def usage_of(job: SpeechJob) -> Usage:
 @router.post("/v1/audio/speech", responses={**AUDIO_RESPONSE, **ERROR_RESPONSES}, response_class=Response)
 async def create_speech(body: SpeechBody, request: Request) -> Response:
     received = getattr(request.state, "arrival", None) or time.perf_counter()  # plugin.ArrivalTime
+    ids = request_id_of(request)
     try:
         svc, tenant = caller(request)
     except APIError as e:
@@ -102,7 +110,7 @@ async def create_speech(body: SpeechBody, request: Request) -> Response:
             svc.metrics.requests.labels(tenant.name, "speech", str(e.status)).inc()
         return error_response(e)
 
-    request_id = f"speech-{uuid.uuid4().hex[:12]}"
+    job.request_id, request_id = ids.shown, ids.unique  # the engine's requests: request_id-0, -1, ...
     if body.streaming is None:
         async with stack:
             try:
@@ -121,7 +129,7 @@ async def create_speech(body: SpeechBody, request: Request) -> Response:
     media = "text/event-stream" if body.streaming == "sse" else content_type(body.response_format)
     return SpeechStreamingResponse(_holding(stack, generator, svc, tenant), media_type=media,
                                    headers={"X-Input-Tokens": str(job.input_tokens), "Cache-Control": "no-cache"},
-                                   stall_timeout_s=svc.settings.write_stall_timeout_s, request_id=request_id)
+                                   stall_timeout_s=svc.settings.write_stall_timeout_s, request_id=ids.shown)
 
 
 class SpeechStreamingResponse(StreamingResponse):
@@ -299,7 +307,7 @@ async def _sse_events(svc: SpeechService, job: SpeechJob, request_id: str, body:
         if isinstance(e, APIError):
             error = e.to_json()["error"]
         else:
-            logger.exception("speech request %s failed", request_id)
+            logger.exception("speech request %s failed", job.request_id)
             error = {"message": "speech synthesis failed", "type": "server_error"}
         yield event("speech.audio.error", {"error": error})
     finally:
@@ -446,134 +454,185 @@ async def speech_stream(ws: WebSocket) -> None:
     await ws.accept()
     opened = await _open_session(ws)
     if opened is not None:
-        await SpeechSession(ws, *opened).run()
+        with opened[0].open_session():  # a shutdown's drain waits for the session
+            await SpeechSession(ws, *opened).run()
 
 
-async def _open_session(ws: WebSocket) -> tuple[SpeechService, Tenant, SpeechBody, str] | None:
+async def _open_session(ws: WebSocket) -> tuple[SpeechService, Tenant, SessionConfig] | None:
     """Authenticate and read the first message, the session's configuration (checked as an HTTP
-    request's body is). None once the session has been refused and closed, or the client left."""
+    request's body is; it must come within the idle timeout). None once the session has been
+    refused and closed, or the client left."""
     try:
         svc, tenant = caller(ws)
-        first = await ws.receive()
+        try:
+            first = await asyncio.wait_for(ws.receive(), svc.settings.websocket_idle_timeout_s)
+        except TimeoutError:
+            raise idle_timeout(svc.settings.websocket_idle_timeout_s) from None
         if first["type"] == "websocket.disconnect":
             return None
         text = first.get("text")
         if text is None and first.get("bytes") is not None:
             text = first["bytes"].decode("utf-8", "replace")
-        template, text_mode = session_config(text)
-        if text_mode == "token" and not svc.engine.supports_text_streaming():
-            raise bad_request("text_mode token is not available on this server yet (Model Runner V2, GPUs); "
-                              "use text_mode sentence", param="text_mode", code="unsupported_value")
-        return svc, tenant, template, text_mode
+        config = session_config(text, token_mode=svc.engine.supports_text_streaming())
+        most = svc.settings.websocket_idle_timeout_s
+        if config.idle_timeout_s is not None and config.idle_timeout_s > most:
+            raise bad_request(f"idle_timeout_s must be at most {most:g} on this server", param="idle_timeout_s",
+                              code="invalid_value")
+        svc.check_accepting()  # 503 once the server drains for its shutdown
+        return svc, tenant, config
     except APIError as e:
         await _ws_error(ws, e)
         await ws.close(code=1008)
     except WebSocketDisconnect:
         pass
     except Exception:
-        logger.exception("WebSocket session.config failed")
+        logger.exception("speech session %s: session.config failed", request_id_of(ws).shown)
         await _ws_error(ws, APIError(500, "internal error; the server log has the details", type="server_error",
                                      code="internal_error"))
         await ws.close(code=1011)
     return None
 
 
+def idle_timeout(seconds: float) -> APIError:
+    """The error of a WebSocket session closed for sending nothing for `seconds` while nothing was
+    being spoken for it (it would otherwise hold its connection, and a held request, for ever)."""
+    return APIError(408, f"the session sent nothing for {seconds:g} s while nothing was being spoken for it; "
+                    "it is closed", code="idle_timeout")
+
+
 class SpeechSession:
     """One configured WebSocket session, in one of two text modes:
 
+    - token (the default): each utterance (its text up to input.flush or input.done) is spoken by
+      a request that starts at its first words (or once `min_text_tokens` are final) and takes the
+      rest as it arrives (`TTSEngine.stream_text`). A long one continues in a new request at a
+      sentence end before the first runs out of room (`UtteranceText`), its audio on the same
+      stream. input.clear stops what is being spoken and drops the text queued for it;
     - sentence: the client's text is split into sentences as it arrives, and a speaker task
-      synthesises them in order, a request each;
-    - token: each utterance (its text up to input.flush or input.done) is one request that starts
-      speaking at its first words and takes the rest as it arrives (`TTSEngine.stream_text`);
-      input.clear stops what is being spoken and drops the text queued for it.
+      synthesises them in order, a request each.
 
-    However the session ends (input.done, a client that leaves or stops reading, a failure),
-    synthesis is stopped and what it held freed."""
+    Text waiting to be spoken is bounded (max_input_chars: beyond, the text is refused with an
+    error event and the session goes on), as is a malformed message. A session that sends nothing
+    for its idle timeout while nothing is being spoken for it is closed. However the session ends
+    (input.done, a client that leaves, stops reading or idles, a failure), synthesis is stopped
+    and what it held freed."""
 
-    def __init__(self, ws: WebSocket, svc: SpeechService, tenant: Tenant, template: SpeechBody,
-                 text_mode: str = "sentence"):
-        self.ws, self.svc, self.tenant, self.template = ws, svc, tenant, template
-        self.text_mode = text_mode
+    def __init__(self, ws: WebSocket, svc: SpeechService, tenant: Tenant, config: SessionConfig):
+        self.ws, self.svc, self.tenant = ws, svc, tenant
+        self.template, self.text_mode, self.min_text_tokens = config.template, config.text_mode, config.min_text_tokens
+        self.idle_timeout_s = config.idle_timeout_s or svc.settings.websocket_idle_timeout_s
         self.splitter = IncrementalSplitter(max_chars=svc.settings.max_segment_chars)
         self.sentences: asyncio.Queue[str | None] = asyncio.Queue()
         # token mode: the utterances to speak, in order, each a queue of its text pieces (None ends
-        # one, and the session's None ends them all); `filling` is the one input.text appends to
+        # one, and the session's None ends them all); `filling` is the one input.text appends to,
+        # `spoken` the one being spoken
         self.utterances: asyncio.Queue[asyncio.Queue[str | None] | None] = asyncio.Queue()
         self.filling: asyncio.Queue[str | None] | None = None
+        self.spoken: asyncio.Queue[str | None] | None = None
         self.speaking: asyncio.Task | None = None
         self.totals = {"input_tokens": 0, "output_tokens": 0, "sentences": 0}
         self.stall_s = svc.settings.write_stall_timeout_s
-        self.received_chars = 0
+        self.queued_chars = 0  # text queued to be spoken that the speaker has not taken yet
+        # The idle clock runs while the speaker waits for the client's text (`from_client`), from the
+        # later of the client's last message and the start of that wait.
+        self.waiting = asyncio.Event()
+        self.idle_since = asyncio.get_running_loop().time()
         self.speaker: asyncio.Task | None = None
+        self.request_id = request_id_of(ws)  # the engine's requests: unique-0, unique-1, ... (one per sentence)
 
     async def run(self) -> None:
         await self.ws.send_json({"type": "session.created", "response_format": self.template.response_format,
                                  "sample_rate": SAMPLE_RATE, "text_mode": self.text_mode})
         self.speaker = asyncio.create_task(self.speak() if self.text_mode == "sentence" else self.speak_utterances())
         try:
-            while (message := await self.next_message()) is not None:
-                if not await self.handle(message):
+            while True:
+                try:
+                    message = await self.next_message()
+                except APIError as e:  # a malformed message: said, and the session goes on
+                    await _ws_error(self.ws, e)
+                    continue
+                if message is None or not await self.handle(message):
                     return
         except WebSocketDisconnect:
             pass
         except Exception:
+            logger.exception("speech session %s failed", self.request_id.shown)
             with contextlib.suppress(Exception):
-                await _ws_error(self.ws, bad_request('invalid message: expected a JSON object {"type": '
-                                                     '"input.text", "text": ...} or {"type": "input.done"}',
-                                                     param="type"))
-                await self.ws.close(code=1003)
+                await _ws_error(self.ws, APIError(500, "internal error; the server log has the details",
+                                                  type="server_error", code="internal_error"))
+                await self.ws.close(code=1011)
         finally:
             if not self.speaker.done():
                 self.speaker.cancel()  # the client left: stop synthesis, which frees what it holds
             with contextlib.suppress(BaseException):  # also takes its exception, if it failed
                 await self.speaker
 
-    async def handle(self, message: dict) -> bool:
+    async def handle(self, message: ClientMessage) -> bool:
         """Act on one client message; False once the session is over."""
-        kind = message.get("type")
-        if kind == "input.text":
-            text = str(message.get("text", ""))
-            self.received_chars += len(text)
-            if self.received_chars > self.svc.settings.max_input_chars:
-                await _ws_error(self.ws, bad_request(f"a session may send at most {self.svc.settings.max_input_chars} "
-                                                     "characters", code="input_too_long"))
-                await self.ws.close(code=1009)
-                return False
-            if self.text_mode == "token":
-                if text:
-                    if self.filling is None:
-                        self.filling = asyncio.Queue()
-                        await self.utterances.put(self.filling)
-                    await self.filling.put(text)
-                return True
-            for sentence in self.splitter.feed(text):
-                await self.sentences.put(sentence)
-            return True
-        if kind == "input.done":
+        if message.type == "input.text":
+            await self.queue_text(message.text)
+        elif message.type == "input.done":
             if self.text_mode == "token":
                 self.end_utterance()
                 await self.utterances.put(None)
             else:
                 for sentence in self.splitter.flush():
-                    await self.sentences.put(sentence)
+                    self.queue_sentence(sentence)
                 await self.sentences.put(None)
             await self.finish()
             return False
-        if self.text_mode == "token" and kind == "input.flush":
+        elif message.type == "input.flush":
             self.end_utterance()
-            return True
-        if self.text_mode == "token" and kind == "input.clear":
-            self.end_utterance()
-            while not self.utterances.empty():  # nothing queued is spoken
-                self.utterances.get_nowait()
-            if self.speaking is not None and not self.speaking.done():
-                self.speaking.cancel()  # stops the request within a decode step
-            return True
-        expected = "input.text, input.flush, input.clear or input.done" if self.text_mode == "token" else \
-            "input.text or input.done"
-        await _ws_error(self.ws, bad_request(f"unknown message type {quoted(kind)}; expected {expected}",
-                                             param="type"))
+        elif message.type == "input.clear":
+            self.clear()
         return True
+
+    async def queue_text(self, text: str) -> None:
+        """input.text: queue `text` to be spoken, unless the text waiting to be spoken would then
+        exceed max_input_chars: it is refused then (an error event), and the session goes on."""
+        limit = self.svc.settings.max_input_chars
+        if self.queued_chars + len(text) > limit:
+            await _ws_error(self.ws, bad_request(
+                f"text of {len(text)} characters not accepted: {self.queued_chars} characters are waiting to be "
+                f"spoken, and at most {limit} may wait (max_input_chars); send it again once more audio has come",
+                param="text", code="text_queue_full"))
+            return
+        if self.text_mode == "sentence":
+            for sentence in self.splitter.feed(text):
+                self.queue_sentence(sentence)
+        elif text:
+            if self.filling is None:
+                self.filling = asyncio.Queue()
+                self.utterances.put_nowait(self.filling)
+            self.filling.put_nowait(text)
+            self.queued_chars += len(text)
+
+    def queue_sentence(self, sentence: str) -> None:
+        self.sentences.put_nowait(sentence)
+        self.queued_chars += len(sentence)
+
+    async def from_client(self, queue: asyncio.Queue):
+        """The next item of `queue` (text the client sent, an utterance, or None at an end), its text
+        counted out of the text waiting to be spoken. While `queue` is empty the speaker waits on
+        the client: the idle clock runs."""
+        if queue.empty():
+            self.idle_since = asyncio.get_running_loop().time()
+            self.waiting.set()
+            try:
+                item = await queue.get()
+            finally:
+                self.waiting.clear()
+        else:
+            item = queue.get_nowait()
+        if isinstance(item, str):
+            self.queued_chars -= len(item)
+        return item
+
+    def discard(self, pieces: asyncio.Queue) -> None:
+        """Drop the text queued in `pieces` (an utterance's): it will not be spoken."""
+        while not pieces.empty():
+            if isinstance(piece := pieces.get_nowait(), str):
+                self.queued_chars -= len(piece)
 
     def end_utterance(self) -> None:
         """Token mode: the utterance being written is complete; later text starts the next one."""
@@ -581,9 +640,25 @@ class SpeechSession:
             self.filling.put_nowait(None)
             self.filling = None
 
+    def clear(self) -> None:
+        """input.clear: the utterance being written is over, nothing queued is spoken, and the one
+        being spoken stops within a decode step (`speak_utterances` reports it cleared)."""
+        self.end_utterance()
+        ended = False
+        while not self.utterances.empty():
+            if (pieces := self.utterances.get_nowait()) is None:
+                ended = True  # input.done came: the session still ends
+            else:
+                self.discard(pieces)
+        if ended:
+            self.utterances.put_nowait(None)
+        if self.speaking is not None and not self.speaking.done():
+            self.discard(self.spoken)
+            self.speaking.cancel()  # stops the request within a decode step
+
     async def finish(self) -> None:
         """After input.done: wait for the last sentence, then report the usage and close."""
-        if not await _speaker_done_unless_client_leaves(self.ws, self.speaker):
+        if not await self.until_spoken():
             return  # the client left: the speaker is stopped by run()
         if self.speaker.cancelled() or self.speaker.exception() is not None:
             await self.end_early()
@@ -592,6 +667,31 @@ class SpeechSession:
         await self.ws.send_json({"type": "session.done", "usage": {
             **totals, "total_tokens": totals["input_tokens"] + totals["output_tokens"]}})
         await self.ws.close()
+
+    async def until_spoken(self) -> bool:
+        """After input.done, wait for the speaker to finish; False as soon as the client disconnects
+        instead (a sentence queued in the engine would otherwise hold its slots until its first audio
+        fails to send). Meanwhile input.clear still stops the utterance being spoken (token mode);
+        any other message gets an error event."""
+        while not self.speaker.done():
+            leaving = asyncio.ensure_future(self.ws.receive())
+            await asyncio.wait({self.speaker, leaving}, return_when=asyncio.FIRST_COMPLETED)
+            if not leaving.done():
+                leaving.cancel()
+                continue
+            if leaving.exception() is not None or leaving.result()["type"] == "websocket.disconnect":
+                return False
+            try:
+                message = client_message(leaving.result(), self.text_mode)
+            except APIError as e:
+                await _ws_error(self.ws, e)
+                continue
+            if message.type == "input.clear":
+                self.clear()
+            else:
+                await _ws_error(self.ws, bad_request(f"{message.type} after input.done: the session takes no more "
+                                                     "input", param="type", code="input_after_done"))
+        return True
 
     async def send(self, message: dict | bytes) -> None:
         """One write to the client; one that waits more than the stall timeout ends the session."""
@@ -603,7 +703,7 @@ class SpeechSession:
 
     async def speak(self) -> None:
         index = 0
-        while (text := await self.sentences.get()) is not None:
+        while (text := await self.from_client(self.sentences)) is not None:
             try:
                 await self.speak_sentence(text, index)
             except APIError as e:
@@ -615,6 +715,7 @@ class SpeechSession:
         body = self.template.model_copy(update={"input": text, "stream_format": None, "stream": None})
         async with self.svc.admit(self.tenant, "websocket") as ticket:
             job = await self.svc.prepare(body, self.tenant, ticket.priority, split=False)
+            job.request_id = self.request_id.shown
             await self.send({"type": "audio.start", "sentence_index": index, "text": text})
             samples = await self.send_audio(job, index)
             self.totals["input_tokens"] += job.input_tokens
@@ -622,34 +723,47 @@ class SpeechSession:
             await self.send({"type": "audio.done", "sentence_index": index,
                              "audio_seconds": round(samples / SAMPLE_RATE, 3)})
 
-    async def send_audio(self, job: SpeechJob, index: int, text: AsyncIterator[str] | None = None) -> int:
-        """Synthesize `job` (its text in pieces from `text`, in token mode), sending the encoded
-        audio as it comes; the samples sent."""
-        samples = 0
+    async def send_audio(self, job: SpeechJob, index: int) -> int:
+        """Synthesize `job` (a sentence), sending its encoded audio as it comes; the samples sent."""
         with StreamingEncoder(self.template.response_format, SAMPLE_RATE) as encoder:
-            request_id = f"ws-{uuid.uuid4().hex[:8]}-{index}"
-            async with contextlib.aclosing(self.svc.pcm_stream(job, request_id, text)) as stream:
-                async for pcm in stream:
-                    samples += pcm.size
-                    data = encoder.write(pcm)
-                    if data:
-                        await self.send(data)
+            samples = await self.stream_audio(encoder, job, f"{self.request_id.unique}-{index}")
             tail = encoder.finish()
         if tail:
             await self.send(tail)
         return samples
 
+    async def stream_audio(self, encoder: StreamingEncoder, job: SpeechJob, request_id: str,
+                           text: AsyncIterator[str] | None = None) -> int:
+        """Synthesize `job` (token mode: its text arriving as `text`) as the engine's `request_id`,
+        sending the audio through `encoder` as it comes; the samples it made."""
+        samples = 0
+        async with contextlib.aclosing(self.svc.pcm_stream(job, request_id, text, self.min_text_tokens)) as stream:
+            async for pcm in stream:
+                samples += pcm.size
+                data = encoder.write(pcm)
+                if data:
+                    await self.send(data)
+        return samples
+
     async def speak_utterances(self) -> None:
         """Token mode's speaker: each utterance in order; one stopped by input.clear ends with
-        audio.done `"cleared": true`, and the session goes on."""
+        audio.done `"cleared": true`, and the session goes on. The text of one that failed or was
+        cleared is dropped: text sent after it starts the next utterance."""
         index = 0
         try:
-            while (pieces := await self.utterances.get()) is not None:
+            while (pieces := await self.from_client(self.utterances)) is not None:
+                self.spoken = pieces
                 self.speaking = asyncio.create_task(self.speak_utterance(pieces, index))
                 await asyncio.wait({self.speaking})
+                self.spoken = None
+                error = None if self.speaking.cancelled() else self.speaking.exception()
+                if self.speaking.cancelled() or error is not None:
+                    self.discard(pieces)
+                    if self.filling is pieces:
+                        self.filling = None
                 if self.speaking.cancelled():
                     await self.send({"type": "audio.done", "sentence_index": index, "cleared": True})
-                elif isinstance(error := self.speaking.exception(), APIError):
+                elif isinstance(error, APIError):
                     await self.send({"type": "error", **error.to_json(), "sentence_index": index})
                 elif error is not None:
                     raise error
@@ -661,70 +775,95 @@ class SpeechSession:
                 await asyncio.wait({self.speaking})
 
     async def speak_utterance(self, pieces: asyncio.Queue, index: int) -> None:
-        first = await pieces.get()
+        """One utterance: a request, or several in turn when it is long (`UtteranceText`), their
+        audio one stream between one audio.start and one audio.done (which counts the requests)."""
+        utterance = UtteranceText(lambda: self.from_client(pieces), self.svc.engine.tokenizer)
+        first = await utterance.next_start()
         if first is None:  # flushed before any text
             return
-        body = self.template.model_copy(update={"input": first, "stream_format": None, "stream": None,
-                                                "non_streaming_mode": False})
+        requests = samples = 0
         async with self.svc.admit(self.tenant, "websocket") as ticket:
-            job = await self.svc.prepare(body, self.tenant, ticket.priority, split=False)
-            written = [first]
-
-            async def text() -> AsyncIterator[str]:
-                yield first
-                while (piece := await pieces.get()) is not None:
-                    written.append(piece)
-                    yield piece
-
-            await self.send({"type": "audio.start", "sentence_index": index})
-            try:
-                samples = await self.send_audio(job, index, text())
-            except PromptError as e:
-                raise bad_request(str(e), param="input") from None
-            self.totals["input_tokens"] += len(self.svc.engine.tokenizer("".join(written), add_special_tokens=False)
+            with StreamingEncoder(self.template.response_format, SAMPLE_RATE) as encoder:
+                while first is not None:
+                    body = self.template.model_copy(update={"input": first, "stream_format": None, "stream": None,
+                                                            "non_streaming_mode": False})
+                    job = await self.svc.prepare(body, self.tenant, ticket.priority, split=False)
+                    job.request_id = self.request_id.shown
+                    if not requests:
+                        await self.send({"type": "audio.start", "sentence_index": index})
+                    request_id = f"{self.request_id.unique}-{index}" + (f".{requests}" if requests else "")
+                    text = utterance.pieces(first, TextCuts.for_frames(self.svc.request_frames(job)))
+                    try:
+                        async with contextlib.aclosing(text):
+                            samples += await self.stream_audio(encoder, job, request_id, text)
+                    except PromptError as e:
+                        raise bad_request(str(e), param="input") from None
+                    self.totals["output_tokens"] += job.frames
+                    requests += 1
+                    first = await utterance.next_start()
+                tail = encoder.finish()
+            if tail:
+                await self.send(tail)
+            self.totals["input_tokens"] += len(self.svc.engine.tokenizer(utterance.text, add_special_tokens=False)
                                                ["input_ids"])
-            self.totals["output_tokens"] += job.frames
-            await self.send({"type": "audio.done", "sentence_index": index, "text": "".join(written),
-                             "audio_seconds": round(samples / SAMPLE_RATE, 3)})
+            await self.send({"type": "audio.done", "sentence_index": index, "text": utterance.text,
+                             "audio_seconds": round(samples / SAMPLE_RATE, 3), "requests": requests})
 
-    async def next_message(self) -> dict | None:
-        """The client's next message, or None once the speaker has stopped early (`end_early`)."""
-        receiving = asyncio.ensure_future(self.ws.receive_json())
-        await asyncio.wait({receiving, self.speaker}, return_when=asyncio.FIRST_COMPLETED)
-        if receiving.done():
-            return receiving.result()
-        receiving.cancel()
-        await self.end_early()
-        return None
+    async def next_message(self) -> ClientMessage | None:
+        """The client's next message (APIError for a malformed one), or None once the session is
+        over without one: the speaker stopped early (`end_early`), or the session idled
+        (`end_idle`)."""
+        loop = asyncio.get_running_loop()
+        receiving = asyncio.ensure_future(self.ws.receive())
+        try:
+            while not receiving.done():
+                if self.speaker.done():
+                    await self.end_early()
+                    return None
+                if self.waiting.is_set():
+                    left = self.idle_timeout_s - (loop.time() - self.idle_since)
+                    if left <= 0:
+                        await self.end_idle()
+                        return None
+                    await asyncio.wait({receiving, self.speaker}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                else:  # something is being spoken: no idle clock until the speaker waits for text again
+                    waits = asyncio.ensure_future(self.waiting.wait())
+                    await asyncio.wait({receiving, self.speaker, waits}, return_when=asyncio.FIRST_COMPLETED)
+                    waits.cancel()
+        finally:
+            if not receiving.done():
+                receiving.cancel()
+        frame = receiving.result()
+        if frame["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(frame.get("code", 1000))
+        self.idle_since = loop.time()
+        return client_message(frame, self.text_mode)
+
+    async def end_idle(self) -> None:
+        """The session sent nothing for its idle timeout while nothing was being spoken: say so and
+        close it (`run` then stops what it held)."""
+        logger.info("speech session %s: nothing sent for %g s while nothing was being spoken; closed",
+                    self.request_id.shown, self.idle_timeout_s)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await _ws_error(self.ws, idle_timeout(self.idle_timeout_s))
+                await self.ws.close(code=1008)
 
     async def end_early(self) -> None:
         """The speaker stopped before input.done's sentences were spoken: the client stopped
         reading (the session is closed), went away, or synthesis failed (logged, reported)."""
         error = self.speaker.exception() if not self.speaker.cancelled() else None
         if isinstance(error, _ClientStalled):
-            logger.warning("speech session: the client took no audio for %g s; session ended", self.stall_s)
+            logger.warning("speech session %s: the client took no audio for %g s; session ended",
+                           self.request_id.shown, self.stall_s)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await self.ws.close(code=1008)
         elif error is not None and not isinstance(error, WebSocketDisconnect):
-            logger.error("speech session failed", exc_info=error)
+            logger.error("speech session %s failed", self.request_id.shown, exc_info=error)
             await _ws_error(self.ws, APIError(500, "speech synthesis failed", type="server_error"))
             with contextlib.suppress(Exception):
                 await self.ws.close(code=1011)
-
-
-async def _speaker_done_unless_client_leaves(ws: WebSocket, speaker: asyncio.Task) -> bool:
-    """Wait for `speaker` to finish; False as soon as the client disconnects instead (a sentence
-    queued in the engine would otherwise hold its slots until its first audio fails to send).
-    Messages after input.done are ignored."""
-    while not speaker.done():
-        leaving = asyncio.ensure_future(ws.receive())
-        await asyncio.wait({speaker, leaving}, return_when=asyncio.FIRST_COMPLETED)
-        if not leaving.done():
-            leaving.cancel()
-        elif leaving.exception() is not None or leaving.result()["type"] == "websocket.disconnect":
-            return False
-    return True
 
 
 async def _ws_error(ws: WebSocket, e: APIError, sentence_index: int | None = None) -> None:

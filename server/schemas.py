@@ -9,11 +9,12 @@ pydantic's errors into the one error shape every route and the WebSocket answer 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from ..base.params import (BOUNDS, INITIAL_CODEC_CHUNK_FRAMES, MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS, MAX_NAME_CHARS,
+from ..base.params import (BOUNDS, IDLE_TIMEOUT_S, INITIAL_CODEC_CHUNK_FRAMES, MAX_INPUT_CHARS, MIN_TEXT_TOKENS, MAX_INSTRUCTIONS_CHARS, MAX_NAME_CHARS,
                       MAX_NEW_TOKENS, MAX_REF_TEXT_CHARS, MIN_NEW_TOKENS, NOT_BLANK_PATTERN, REPETITION_PENALTY, SEED,
                       SPEED, SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K, SUBTALKER_TOP_P, TEMPERATURE, TOP_K, TOP_P, Bound,
                       quoted)
@@ -34,6 +35,8 @@ OPENAI_VOICES = {
     "sage": "ono_anna",
     "shimmer": "serena",
     "verse": "aiden",
+    "marin": "vivian",  # female
+    "cedar": "ryan",  # male
 }
 
 
@@ -239,12 +242,38 @@ def invalid_request(errors: list[dict[str, Any]]) -> APIError:
                            code="unknown_parameter")
     if kind == "missing":
         return bad_request(f"{param} is required{more}", param=param, code="missing_parameter")
+    if param == "voice" and isinstance(error.get("input"), dict):
+        return bad_request(_voice_object_problem(errors) + more, param="voice", code="invalid_value")
     reason = str(error.get("ctx", {}).get("error", ""))
     if kind == "value_error" and reason.startswith(OWN_REASON):  # our validators' words, not a library's
         return bad_request(f"{param} {reason}{more}", param=param, code="invalid_value")
     rule = BOUNDS[param].describe() if param in BOUNDS else RULES.get(param, "valid")
     return bad_request(f"{param} must be {rule}, got {quoted(error.get('input'))}{more}", param=param,
                        code="invalid_value")
+
+
+def _voice_object_problem(errors: list[dict[str, Any]]) -> str:
+    """What is wrong with a `voice` sent as an object: `{"id": name}` is the one form taken."""
+    for error in errors:
+        loc = [part for part in _body_loc(error.get("loc")) if part != "VoiceRef"]
+        if loc[:1] != ["voice"] or "VoiceRef" not in (error.get("loc") or ()):
+            continue
+        kind = error.get("type")
+        if kind == "missing":
+            return 'voice as an object must be {"id": name}: "id" is missing'
+        if kind == "extra_forbidden" and len(loc) == 2:
+            return f'voice as an object must be {{"id": name}}: unknown field {quoted(loc[1])}'
+        if loc[1:] == ["id"]:
+            reason = str(error.get("ctx", {}).get("error", ""))
+            if kind == "value_error" and reason.startswith(OWN_REASON):
+                return f"voice.id {reason}"
+            return f"voice.id must be a voice name of at most {MAX_NAME_CHARS} characters, got {quoted(error.get('input'))}"
+    return f"voice must be {RULES['voice']}"
+
+
+def _body_loc(loc: Any) -> list[Any]:
+    loc = list(loc or ())
+    return loc[1:] if loc and loc[0] in _LOCATIONS else loc
 
 
 def _param_of_loc(loc: Any) -> Any:
@@ -254,14 +283,26 @@ def _param_of_loc(loc: Any) -> Any:
     return loc[0] if loc else None
 
 
-TEXT_MODES = ("sentence", "token")
+TEXT_MODES = ("token", "sentence")
 
 
-def session_config(text: str | None) -> tuple[SpeechBody, str]:
-    """The WebSocket's first message, `{"type": "session.config", "text_mode": ..., ...SpeechBody
-    fields but input}`: the template of every utterance's request (the same 400s as HTTP
-    otherwise) and the text mode, "sentence" (a request per sentence, the default) or "token" (a
-    request per utterance, speaking while its text arrives)."""
+@dataclass(frozen=True)
+class SessionConfig:
+    """A WebSocket session's configuration: its session.config message, checked."""
+
+    template: SpeechBody  # the request of every utterance (sentence), but its input
+    text_mode: str = "token"  # "token": a request per utterance, fed as its text arrives; "sentence": per sentence
+    min_text_tokens: int = 0  # token mode: text tokens an utterance's request waits for before it starts
+    idle_timeout_s: float | None = None  # None: the server's websocket_idle_timeout_s
+
+
+def session_config(text: str | None, token_mode: bool = True) -> SessionConfig:
+    """The WebSocket's first message, `{"type": "session.config", "text_mode": ..., "min_text_tokens":
+    ..., "idle_timeout_s": ..., ...SpeechBody fields but input}`: the template of every utterance's
+    request (the same 400s as HTTP otherwise), the text mode ("token", the default, or "sentence"),
+    and the session's own settings, each a 400 naming it when out of its bounds. `token_mode`:
+    whether this server speaks text as it arrives (`TTSEngine.supports_text_streaming`); where it
+    does not, "sentence" is the default and "token" a 400."""
     try:
         message = json.loads(text) if text is not None else None
     except (ValueError, RecursionError):
@@ -270,9 +311,23 @@ def session_config(text: str | None) -> tuple[SpeechBody, str]:
         raise bad_request('the first message must be a JSON object {"type": "session.config", ...}',
                           param="type", code="invalid_session_config")
     config = {k: v for k, v in message.items() if k != "type"}
-    text_mode = config.pop("text_mode", "sentence")
+    text_mode = config.pop("text_mode", "token" if token_mode else "sentence")
     if text_mode not in TEXT_MODES:
         raise bad_request(f"text_mode must be one of {', '.join(TEXT_MODES)}", param="text_mode", code="invalid_value")
+    if text_mode == "token" and not token_mode:
+        raise bad_request("text_mode token is not available on this server (GPUs, for now); use text_mode sentence",
+                          param="text_mode", code="unsupported_value")
+    own = {}
+    for bound in (MIN_TEXT_TOKENS, IDLE_TIMEOUT_S):
+        if bound.name in config:
+            value = _whole_number(config.pop(bound.name)) if bound.kind is int else config.pop(bound.name)
+            if not bound.contains(value):
+                raise bad_request(f"{bound.name} must be {bound.describe()}, got {quoted(value)}", param=bound.name,
+                                  code="invalid_value")
+            own[bound.name] = value
+    if text_mode == "sentence" and "min_text_tokens" in own:
+        raise bad_request("min_text_tokens applies to text_mode token (sentence mode speaks whole sentences)",
+                          param="min_text_tokens", code="invalid_value")
     if "input" in config:
         raise bad_request("input is not a session.config field: send the text in input.text messages",
                           param="input", code="unknown_parameter")
@@ -283,4 +338,55 @@ def session_config(text: str | None) -> tuple[SpeechBody, str]:
     if text_mode == "token" and body.non_streaming_mode:
         raise bad_request("token mode speaks in streaming text mode: non_streaming_mode must be false",
                           param="non_streaming_mode")
-    return body, text_mode
+    return SessionConfig(body, text_mode, **own)
+
+
+# The messages a session takes after session.config, by text mode.
+CLIENT_MESSAGES = {"token": ("input.text", "input.flush", "input.clear", "input.done"),
+                   "sentence": ("input.text", "input.done")}
+
+
+@dataclass(frozen=True)
+class ClientMessage:
+    """A message of the client after session.config: its type, and an input.text's text."""
+
+    type: str
+    text: str = ""
+
+
+def client_message(frame: dict, text_mode: str) -> ClientMessage:
+    """The client's message in `frame` (an ASGI `websocket.receive` message), or a 400 APIError
+    saying what is wrong with it: not a JSON text frame, not an object, no or an unknown type,
+    an input.text without a string text."""
+    kinds = CLIENT_MESSAGES[text_mode]
+    expected = f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+    text = frame.get("text")
+    if text is None:
+        raise bad_request(f"messages are JSON text frames, not binary ones; expected {expected}", param="type",
+                          code="invalid_message")
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        message = None
+    if not isinstance(message, dict):
+        raise bad_request(f'a message must be a JSON object {{"type": ...}}; expected {expected}', param="type",
+                          code="invalid_message")
+    kind = message.get("type")
+    if kind is None:
+        raise bad_request(f"type is required: one of {expected}", param="type", code="missing_parameter")
+    if kind not in kinds:
+        raise bad_request(f"unknown message type {quoted(kind)}; expected {expected}"
+                          + (" (session.config comes once, first)" if kind == "session.config" else ""),
+                          param="type", code="unknown_message_type")
+    if kind != "input.text":
+        return ClientMessage(kind)
+    if "text" not in message:
+        raise bad_request("input.text needs its text: a string", param="text", code="missing_parameter")
+    piece = message["text"]
+    if not isinstance(piece, str):
+        raise bad_request(f"text must be a string, got {quoted(piece)}", param="text", code="invalid_value")
+    try:
+        _unicode_text(piece)
+    except ValueError as e:
+        raise bad_request(f"text {e}", param="text", code="invalid_value") from None
+    return ClientMessage(kind, piece)

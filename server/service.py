@@ -16,11 +16,13 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -31,7 +33,8 @@ from ..base.vllm_adapter import engine_errored
 from ..codec.client import CodecUnavailableError
 from ..codec.pool import CodecBusyError
 from ..codec.protocol import sum_stats
-from ..synthesis import SAMPLE_RATE, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
+from ..model.incremental_text import IncrementalTokenizer
+from ..synthesis import MAX_PROMPT_POSITIONS, SAMPLE_RATE, SynthesisParams, SynthesisRequest, TTSEngine, VoiceProfile
 from ..base.params import ParamError, PromptTooLong, is_blank, quoted
 from ..base.params import PromptError
 from .metrics import codec_stats_collector, speech_metrics
@@ -40,7 +43,7 @@ from .speed import TimeStretcher
 from .validation import input_limit, instructions_limit
 from .tenants import (AdmissionController, Overloaded, RateLimited, Tenant, TenantLimits, TenantRegistry,
                       TooManyConcurrent, Unauthorized)
-from .text_split import split_sentences
+from .text_split import IncrementalSplitter, first_cut, split_sentences
 from .voices import VoiceExists, VoiceNotFound, VoiceQuotaExceeded, VoiceStore
 
 logger = logging.getLogger("vllm.qwen3tts.server")  # under vLLM's logger: its handler and level apply
@@ -66,6 +69,7 @@ class SpeechJob:
     started: float = field(default_factory=time.perf_counter)
     frames: int = 0
     finish_reason: str = "stop"
+    request_id: str | None = None  # what the client and the log lines call it (X-Request-Id); None: pcm_stream's
 
 
 class SpeechService:
@@ -80,6 +84,16 @@ class SpeechService:
         self.codec_workers = codec_supervisor.workers if codec_supervisor is not None else list(codec_workers or [])
         self.engine_died = False  # vLLM's engine core died while serving (`watch_engine`)
         self._engine_shut_down = False  # vLLM was told to shut its engine down
+        # Shutting down (`drain`): draining refuses new speech requests and WebSocket sessions;
+        # stopping (the grace period is over) ends those left.
+        self.draining = False
+        self.stopping = False
+        self._open_work = 0  # speech requests and WebSocket sessions in flight (`admit`, `open_session`)
+        self._streams: dict[str, int] = {}  # request id -> its segments, of each pcm_stream running
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # built outside an event loop: no drain on shutdown
+            self._loop = None
         self.llm_priority = llm_priority  # vLLM runs with --scheduling-policy priority
         # Limits apply per key; with no keys configured everyone is one anonymous tenant,
         # bounded only by the global queue bound.
@@ -210,22 +224,84 @@ class SpeechService:
             return codec_unavailable(f"audio decoding failed: {error}", self.codec_retry_after_s())
         return None
 
+    def before_engine_shutdown(self) -> None:
+        """Called just before vLLM shuts its engine down (`vllm_adapter.before_engine_shutdown`).
+        On SIGTERM/SIGINT that call comes from a worker thread while the server still answers:
+        drain first (`drain`, up to `shutdown_grace_s`), so that what is in flight finishes.
+        Then no codec worker is restarted any more (stopping is part of the shutdown), and the
+        engine's end is a shutdown, not a death (`watch_engine`)."""
+        try:
+            asyncio.get_running_loop()
+            on_loop = True  # vLLM's second call, as it exits (or a shutdown from the loop): never block it
+        except RuntimeError:
+            on_loop = False
+        if not on_loop and self._loop is not None and not self.draining:
+            grace_s = self.settings.shutdown_grace_s
+            try:
+                asyncio.run_coroutine_threadsafe(self.drain(grace_s), self._loop).result(timeout=grace_s + 30)
+            except Exception:  # noqa: BLE001 - a failed drain must not stop the shutdown
+                logger.exception("draining the speech server failed; shutting down now")
+        self._engine_shut_down = True
+        if self.codec_supervisor is not None:
+            self.codec_supervisor.stop_restarting()
+
+    async def drain(self, grace_s: float, stop_wait_s: float = 10.0) -> None:
+        """Stop admitting and let what is in flight finish, for at most `grace_s` seconds.
+
+        New speech requests and WebSocket sessions get 503 `shutting_down` and /ready says 503
+        from now on; speech requests, streams and WebSocket sessions already open go on (a
+        session's next sentences too). When the grace period ends with some still open, they
+        are ended (`stopping`): their engine requests are aborted, so that each ends at once
+        as any failure after its first audio does (an error event on SSE and the WebSocket, an
+        early end of raw audio, a 503 for a whole file) instead of waiting on an engine that
+        is about to stop; this waits up to `stop_wait_s` for their synthesis to end."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.draining = True
+        logger.info("shutting down: draining %d speech requests and sessions in flight, for up to %g s",
+                    self._open_work, grace_s)
+        while self._open_work and loop.time() - started < grace_s:
+            await asyncio.sleep(0.05)
+        if self._open_work:
+            self.stopping = True
+            ids = [f"{rid}-{i}" for rid, segments in self._streams.items() for i in range(segments)]
+            logger.warning("shutdown grace period of %g s is over: ending %d speech requests and sessions still "
+                           "in flight (%d streams)", grace_s, self._open_work, len(self._streams))
+            if ids:
+                try:
+                    await self.engine.engine.abort(ids)
+                except Exception:  # noqa: BLE001 - the engine is going away anyway
+                    logger.warning("aborting the engine requests in flight failed", exc_info=True)
+            stopped = loop.time()
+            while self._streams and loop.time() - stopped < stop_wait_s:
+                await asyncio.sleep(0.05)
+        self.stopping = True  # nothing starts synthesis while the engine shuts down
+        logger.info("drained in %.1f s; %d speech requests and sessions left", loop.time() - started, self._open_work)
+
+    @contextlib.contextmanager
+    def open_session(self):
+        """Hold a WebSocket session open: `drain` waits for it (its sentences are admitted one by
+        one, as requests of the session). Refused (`check_accepting`) once the server drains."""
+        self.check_accepting()
+        self._open_work += 1
+        try:
+            yield
+        finally:
+            self._open_work -= 1
+
+    def check_accepting(self, every: bool = False) -> None:
+        """Raise 503 `shutting_down` + Retry-After for new work once the server drains (`every`:
+        also for the next sentence of an open session, once `drain`'s grace period is over)."""
+        if self.stopping or (self.draining and not every):
+            raise shutting_down()
+
     async def watch_engine(self, poll_s: float = 0.1, exit_after_s: float = 10.0) -> None:
         """Once vLLM's engine core dies, exit the process with ENGINE_DEAD_EXIT_STATUS, so that a
         supervisor restarts it: vLLM cannot restart its engine, and its own watchdog stops the HTTP
         server within seconds but exits 0. The exit happens when vLLM's shutdown cancels this task
         (or after `exit_after_s`, if vLLM keeps the server up). A shutdown vLLM was asked for (a
-        signal) is not a death."""
+        signal, `before_engine_shutdown`) is not a death."""
         client = self.engine.engine
-        shut_down = client.shutdown
-
-        def shutdown(*args, **kwargs):
-            self._engine_shut_down = True
-            if self.codec_supervisor is not None:  # a worker stopping now is part of the shutdown
-                self.codec_supervisor.stop_restarting()
-            return shut_down(*args, **kwargs)
-
-        client.shutdown = shutdown
         while not (engine_errored(client) and not self._engine_shut_down):
             await asyncio.sleep(poll_s)
         self.engine_died = True
@@ -257,11 +333,19 @@ class SpeechService:
 
     def admit(self, tenant: Tenant, endpoint: str):
         """Async context manager holding the tenant's admission and one codec stream slot; HTTP
-        errors on refusal, all before any audio headers."""
+        errors on refusal, all before any audio headers. `endpoint` "speech": a request of its
+        own, refused once the server drains, and waited for by `drain`; "websocket": a sentence
+        of an open session (`open_session` is what drains)."""
         service = self
+        new_work = endpoint == "speech"
 
         class _Admit:
             async def __aenter__(self):
+                try:
+                    service.check_accepting(every=not new_work)
+                except APIError:
+                    service.metrics.requests.labels(tenant.name, endpoint, "503").inc()
+                    raise
                 if service.codec_slots_free() == 0:
                     service.metrics.requests.labels(tenant.name, endpoint, "503").inc()
                     service.check_can_synthesize()  # no worker in service is not "busy"
@@ -273,6 +357,7 @@ class SpeechService:
                     service.codec_slots_reserved -= 1
                     raise
                 service.metrics.in_flight.inc()
+                service._open_work += int(new_work)
                 return ticket
 
             async def _enter(self):
@@ -281,13 +366,11 @@ class SpeechService:
                     return await self._cm.__aenter__()
                 except RateLimited as e:
                     service.metrics.requests.labels(tenant.name, endpoint, "429").inc()
-                    raise APIError(429, f"rate limit of {tenant.requests_per_minute} requests/minute exceeded",
-                                   type="rate_limit_error", code="rate_limit_exceeded",
+                    raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
                                    headers={"Retry-After": str(int(np.ceil(e.retry_after_s)))}) from e
                 except TooManyConcurrent as e:
                     service.metrics.requests.labels(tenant.name, endpoint, "429").inc()
-                    raise APIError(429, f"at most {tenant.max_concurrency} concurrent requests per key",
-                                   type="rate_limit_error", code="concurrency_limit_exceeded",
+                    raise APIError(429, str(e), type="rate_limit_error", code="concurrency_limit_exceeded",
                                    headers={"Retry-After": str(int(np.ceil(e.retry_after_s)))}) from e
                 except Overloaded as e:
                     service.metrics.requests.labels(tenant.name, endpoint, "503").inc()
@@ -295,6 +378,7 @@ class SpeechService:
                                    code="overloaded", headers={"Retry-After": "1"}) from e
 
             async def __aexit__(self, *exc):
+                service._open_work -= int(new_work)
                 service.metrics.in_flight.dec()
                 service.codec_slots_reserved -= 1
                 return await self._cm.__aexit__(*exc)
@@ -315,6 +399,8 @@ class SpeechService:
     def not_ready_reason(self) -> str | None:
         """Why /ready answers 503 now, or None: warming up, unable to serve
         (`unavailable_reason`), or every codec stream slot taken."""
+        if self.draining:
+            return f"shutting down: draining {self._open_work} speech requests and sessions in flight"
         if not self._warmed_up:
             return "warming up"
         reason = self.unavailable_reason()
@@ -407,6 +493,14 @@ class SpeechService:
         return SpeechJob(segments, body.speed, input_tokens, tenant, priority if self.llm_priority else 0,
                          started=received)
 
+    def request_frames(self, job: SpeechJob) -> int:
+        """The most frames the request of `job`'s one segment can make: its frame budget
+        (max_new_tokens, capped by --max-frames; else the checkpoint's), the model's room after its
+        prompt, and the talker's text track (MAX_PROMPT_POSITIONS). A long token-mode utterance
+        continues in a new request before its text nears it (`TextCuts`)."""
+        _, _, budget = self.engine.resolve_params(job.segments[0].params)
+        return max(1, min(budget, self.engine.max_model_len - job.input_tokens, MAX_PROMPT_POSITIONS))
+
     async def _resolve_voice(self, body: SpeechBody, tenant: Tenant) -> tuple[str | None, VoiceProfile | None]:
         kind = self.config.tts_model_type
         name = body.voice_name or ""
@@ -484,23 +578,29 @@ class SpeechService:
 
     # ------------------------------------------------------------------ synthesis
 
-    async def pcm_stream(self, job: SpeechJob, request_id: str,
-                         text: AsyncIterator[str] | None = None) -> AsyncIterator[np.ndarray]:
-        """float32 PCM of all segments in order, speed applied, as it is generated. `text`: the
-        text of the job's one segment, arriving in pieces while it is spoken (`TTSEngine.stream_text`)."""
+    async def pcm_stream(self, job: SpeechJob, request_id: str, text: AsyncIterator[str] | None = None,
+                         min_text_tokens: int = 0) -> AsyncIterator[np.ndarray]:
+        """float32 PCM of all segments in order, speed applied, as it is generated. `request_id`:
+        unique, the engine's requests are `request_id-0`, `-1`, ... `text`: the text of the job's
+        one segment, arriving in pieces while it is spoken (`TTSEngine.stream_text`, which starts
+        once `min_text_tokens` of it are final)."""
         stretcher = TimeStretcher(job.speed, SAMPLE_RATE) if job.speed != 1.0 else None
         first = True
         first_audio_s = None
         outcome = "cancelled"
         audio_samples = 0
         self.metrics.waiting_first_audio.inc()
+        self._streams[request_id] = len(job.segments)  # what `drain` aborts once its grace period is over
         try:
             for i, seg in enumerate(job.segments):
+                self.check_accepting(every=True)  # the grace period is over: no next sentence
                 # closed here and now when the consumer stops, not when the generator is collected
                 source = (self.engine.stream(seg, f"{request_id}-{i}", priority=job.priority) if text is None
-                          else self.engine.stream_text(seg, text, f"{request_id}-{i}", priority=job.priority))
+                          else self.engine.stream_text(seg, text, f"{request_id}-{i}", priority=job.priority,
+                                                       min_text_tokens=min_text_tokens))
                 async with contextlib.aclosing(source) as chunks:
                     async for chunk in chunks:
+                        self.check_accepting(every=True)  # the grace period is over: end it now
                         job.frames += len(chunk.codes)
                         if chunk.finish_reason == "length":
                             job.finish_reason = "length"
@@ -532,16 +632,128 @@ class SpeechService:
                 raise unavailable from e
             raise
         finally:
+            self._streams.pop(request_id, None)
             if first:
                 self.metrics.waiting_first_audio.dec()
             # one structured (JSON) line per request, for log pipelines
             logger.info(json.dumps({
-                "event": "speech", "request_id": request_id, "tenant": job.tenant.name, "outcome": outcome,
+                "event": "speech", "request_id": job.request_id or request_id,
+                **({"engine_request_id": request_id} if job.request_id not in (None, request_id) else {}),
+                "tenant": job.tenant.name, "outcome": outcome,
                 "segments": len(job.segments), "input_tokens": job.input_tokens, "frames": job.frames,
                 "audio_s": round(audio_samples / SAMPLE_RATE, 3), "speed": job.speed,
                 "ttfa_ms": None if first_audio_s is None else round(1000 * first_audio_s, 1),
                 "wall_s": round(time.perf_counter() - job.started, 3),
             }))
+
+
+@dataclass(frozen=True)
+class TextCuts:
+    """Where a request of a long token-mode utterance ends its text, in text tokens committed: at the
+    first sentence end from `sentence` on, else at the first word boundary from `word` on, else at
+    the next piece from `anywhere` on. The rest of the utterance continues in a new request."""
+
+    sentence: int
+    word: int
+    anywhere: int
+
+    @classmethod
+    def for_frames(cls, frames: int) -> "TextCuts":
+        """The cuts of a request that can make `frames` frames. Streaming text mode takes one text
+        token per frame, and speech runs at ~2-5 frames per text token: from frames/5 tokens on,
+        more text might not be spoken within the request; a text of frames/2 is cut anywhere, so
+        that every token it takes is still read (one a frame) before its frames run out."""
+        return cls(max(1, frames // 5), max(1, frames // 3), max(1, frames // 2))
+
+
+class UtteranceText:
+    """One token-mode utterance's text, handed out as the texts of the requests that speak it in turn.
+
+    `take()` gives the utterance's next piece (None: its text is complete). A request's text
+    (`pieces`) runs to the utterance's end or, once it nears what the request can speak
+    (`TextCuts`), to a sentence end (`text_split`'s rules), else a word boundary; the text after
+    the cut starts the next request (`next_start`). A cut never falls inside text a request has
+    taken already (the engine may have spoken it), so text a request took beyond a sentence end
+    (other than whitespace) lets that end pass. A request that ends by itself (EOS) leaves the
+    text it did not take to the next one."""
+
+    def __init__(self, take: Callable[[], Awaitable[str | None]], tokenizer: Any):
+        self._take = take
+        self._tokenizer = tokenizer  # the engine's text tokenizer
+        self.rest = ""  # text after the last cut: the next request's
+        self.ended = False  # `take` has said the utterance's text is complete
+        self._taken: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """Every piece taken so far, as sent."""
+        return "".join(self._taken)
+
+    async def _next_piece(self) -> str | None:
+        if self.ended:
+            return None
+        piece = await self._take()
+        if piece is None:
+            self.ended = True
+        else:
+            self._taken.append(piece)
+        return piece
+
+    async def next_start(self) -> str | None:
+        """The next request's first text (not blank, leading whitespace dropped), or None once the
+        utterance has nothing more to speak."""
+        while is_blank(self.rest):
+            piece = await self._next_piece()
+            if piece is None:
+                self.rest = ""
+                return None
+            self.rest += piece
+        first, self.rest = self.rest.lstrip(), ""
+        return first
+
+    async def pieces(self, first: str, cuts: TextCuts) -> AsyncIterator[str]:
+        """The text of the request that starts with `first` (`next_start`), in pieces, to its end."""
+        tokens = IncrementalTokenizer(self._tokenizer)  # counts as the engine's request does
+        sentences = IncrementalSplitter(max_chars=1 << 30, min_chars=0)  # sentence ends only, each at once
+        text, scan, unscanned = "", 0, 0  # text[:scan]: up to the last sentence end found
+        piece: str | None = first
+        parts, i, cut = [], 0, None
+        try:
+            while piece is not None:
+                parts = _PARTS.findall(piece)  # a long piece is weighed a few characters at a time
+                for i, part in enumerate(parts):
+                    start = len(text)  # text[:start] has been taken by the request
+                    text += part
+                    tokens.append(part)
+                    committed = len(tokens.ids)
+                    for sentence in sentences.feed(part):
+                        # the splitter keeps every non-whitespace character, in order: count them off
+                        unscanned += sum(not c.isspace() for c in sentence)
+                        while unscanned > 0 and scan < len(text):
+                            unscanned -= not text[scan].isspace()
+                            scan += 1
+                        if committed >= cuts.sentence and not text[scan:start].strip():
+                            cut = max(scan, start)
+                            break
+                    if cut is None and committed >= cuts.word:
+                        cut = first_cut(text, start)
+                    if cut is None and committed >= cuts.anywhere and start > 0:
+                        cut = start
+                    if cut is not None:
+                        self.rest = text[cut:] + "".join(parts[i + 1:])
+                        if cut > start:
+                            yield text[start:cut]
+                        return
+                    yield part
+                piece = await self._next_piece()
+        except GeneratorExit:  # the request ended by itself: the next one starts with what it did not take
+            if cut is None:
+                self.rest = "".join(parts[i + 1:])
+            raise
+
+
+# A piece's parts (`UtteranceText.pieces`): a word with the whitespace before it, at most 16 characters.
+_PARTS = re.compile(r"\s*\S{1,16}|\s+")
 
 
 def codec_unavailable(message: str, retry_after_s: int) -> APIError:
@@ -554,6 +766,13 @@ def engine_unavailable(message: str, retry_after_s: int) -> APIError:
     """503 + Retry-After once vLLM's engine has died (this server exits; its supervisor restarts it)."""
     return APIError(503, message, type="server_error", code="engine_unavailable",
                     headers={"Retry-After": str(retry_after_s)})
+
+
+def shutting_down() -> APIError:
+    """503 + Retry-After once the server drains for its shutdown: another instance (or this one
+    restarted) should take the request."""
+    return APIError(503, "the server is shutting down; retry shortly (another instance takes the request)",
+                    type="server_error", code="shutting_down", headers={"Retry-After": "1"})
 
 
 def codec_busy() -> APIError:
@@ -659,4 +878,5 @@ async def fetch_public_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
         raise bad_request(f"could not fetch ref_audio: {e}", param="ref_audio", code="invalid_ref_audio") from e
 
 
-__all__ = ["SpeechJob", "SpeechService", "fetch_public_url", "VoiceExists", "VoiceQuotaExceeded"]
+__all__ = ["SpeechJob", "SpeechService", "TextCuts", "UtteranceText", "fetch_public_url", "VoiceExists",
+           "VoiceQuotaExceeded"]

@@ -355,14 +355,18 @@ class AdmissionController:
             bucket = self._refilled_bucket(state, tenant.requests_per_minute, now)
             if bucket.tokens < 1.0:
                 state.stats.rejected_rate_limited += 1
-                wait_s = (1.0 - bucket.tokens) * 60.0 / tenant.requests_per_minute
+                wait_s = _whole_seconds((1.0 - bucket.tokens) * 60.0 / tenant.requests_per_minute)
                 raise RateLimited(
-                    f"rate limit of {tenant.requests_per_minute:g} requests per minute reached",
-                    retry_after_s=_whole_seconds(wait_s),
+                    f"rate limit reached: this API key may make {tenant.requests_per_minute:g} requests per minute "
+                    f"(requests_per_minute); retry in {wait_s} s",
+                    retry_after_s=wait_s,
                 )
         if tenant.max_concurrency is not None and state.stats.active >= tenant.max_concurrency:
             state.stats.rejected_too_many_concurrent += 1
-            raise TooManyConcurrent(f"at most {tenant.max_concurrency} concurrent requests per API key")
+            limit = tenant.max_concurrency
+            raise TooManyConcurrent(f"concurrency limit reached: this API key may have {limit} request"
+                                    f"{'s' if limit > 1 else ''} in flight at once (max_concurrency) and has "
+                                    f"{state.stats.active}; retry when one finishes")
         if self._in_flight >= self.max_queued_requests:
             state.stats.rejected_overloaded += 1
             raise Overloaded("server overloaded: too many requests in flight, retry later")

@@ -41,7 +41,7 @@ import re
 import unicodedata
 from typing import NamedTuple
 
-__all__ = ["DEFAULT_MAX_CHARS", "DEFAULT_MIN_CHARS", "IncrementalSplitter", "split_sentences"]
+__all__ = ["DEFAULT_MAX_CHARS", "DEFAULT_MIN_CHARS", "IncrementalSplitter", "first_cut", "split_sentences"]
 
 DEFAULT_MAX_CHARS = 300
 # In display columns: merges "Hi." / "OK." / "Yes." / "好。", keeps "Hello." and "你好。" alone.
@@ -262,6 +262,16 @@ def _can_cut(s: str, p: int) -> bool:
         return False  # after an opening bracket, inside an emoji ZWJ sequence
     regional = 0x1F1E6 <= ord(a) <= 0x1F1FF and 0x1F1E6 <= ord(b) <= 0x1F1FF
     return not regional  # a flag is two regional indicators
+
+
+def first_cut(text: str, start: int) -> int | None:
+    """The first place p >= start (0 < p < len(text)) where `text` may be cut in two when no sentence
+    ends in time: before whitespace, or where a long sentence may be cut (rule 3: between CJK
+    characters, never inside a Latin word, a number, a URL or an emoji sequence); None: none yet."""
+    for p in range(max(start, 1), len(text)):
+        if text[p].isspace() or _can_cut(text, p):
+            return p
+    return None
 
 
 def _clause_cut(s: str, max_chars: int) -> int | None:

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from ..base.params import MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS
+from .guard import MAX_REQUEST_ID_CHARS, REQUEST_ID_PATHS
 from .schemas import OPENAI_VOICES, APIError, embedding_pattern, invalid_request
 
 logger = logging.getLogger("vllm.qwen3tts.server")
@@ -46,6 +47,9 @@ ERROR_STATUSES = {
     "503": "At capacity or a dependency is restarting (see Retry-After)",
 }
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
+REQUEST_ID = {"X-Request-Id": {"description": "The request's X-Request-Id header where it sent one (1 to "
+                               f"{MAX_REQUEST_ID_CHARS} printable ASCII characters, no spaces), else the id the server gave it (as its log lines)",
+                               "required": True, "schema": {"type": "string"}}}
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -70,7 +74,9 @@ class SpeechRoute(APIRoute):
                 return error_response(APIError(e.status_code, message[:200], code="invalid_body",
                                                headers=dict(e.headers or {})))
             except Exception:
-                logger.exception("%s %s failed", request.method, request.url.path)
+                request_id = getattr(request.state, "request_id", None)
+                logger.exception("%s %s failed (request %s)", request.method, request.url.path,
+                                 getattr(request_id, "shown", "-"))
                 return error_response(APIError(500, "internal error; the server log has the details",
                                                type="server_error", code="internal_error"))
 
@@ -125,6 +131,9 @@ def describe_errors(schema: dict[str, Any]) -> None:
                 "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
             if status in ("429", "503"):
                 responses[status]["headers"] = copy.deepcopy(RETRY_AFTER)
+        if path.startswith(REQUEST_ID_PATHS):
+            for response in responses.values():
+                response.setdefault("headers", {}).update(copy.deepcopy(REQUEST_ID))
     components = schema.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):  # unless vLLM's own routes still use them
         if name in components and not _referenced(schema, name):

@@ -82,3 +82,59 @@ def test_the_talker_request_checks_the_code_predictor_bounds(field, name):
         with pytest.raises(ParamError) as refused:
             SubtalkerParams(**{field: value}).validate()
         assert refused.value.param == name and bound.describe() in str(refused.value)
+
+
+GENERATION_CONFIGS = [
+    {},  # none given: the official hard defaults
+    {"do_sample": True, "temperature": 0.7, "top_k": 30, "top_p": 0.8, "repetition_penalty": 1.2,
+     "subtalker_dosample": True, "subtalker_temperature": 0.6, "subtalker_top_k": 20, "subtalker_top_p": 0.9,
+     "max_new_tokens": 500},
+    {"do_sample": False, "subtalker_dosample": True, "subtalker_temperature": 0.5},  # greedy code 0 only
+    {"do_sample": True, "subtalker_dosample": False, "temperature": 1.1},  # greedy code predictor only
+]
+
+
+@pytest.mark.parametrize("generation", GENERATION_CONFIGS)
+def test_generation_config_defaults_apply_as_the_official_code_applies_them(generation):
+    """What a request that names no sampling parameter gets from a checkpoint's
+    generation_config.json is what the official code's merge gives (`do_sample: false` is a
+    temperature of 0 here); a value the request names wins in both."""
+    from types import SimpleNamespace
+
+    from oracle import qwen_tts
+
+    qwen_tts()  # the official package, importable without its 25 Hz tokenizer's dependencies
+    from qwen_tts.inference.qwen3_tts_model import Qwen3TTSModel
+
+    from vllm_qwen3tts.base.config import GenerationDefaults
+    from vllm_qwen3tts.synthesis import sampling_with_defaults
+
+    def official(**given):
+        return Qwen3TTSModel._merge_generate_kwargs(SimpleNamespace(generate_defaults=generation), **given)
+
+    def ours(**given):
+        code0, sub, frames = sampling_with_defaults(SynthesisParams(**given), GenerationDefaults.from_dict(generation))
+        return code0, sub, frames
+
+    o = official()
+    code0, sub, frames = ours()
+    assert code0.temperature == (o["temperature"] if o["do_sample"] else 0.0)
+    assert (code0.top_k, code0.top_p, code0.repetition_penalty) == (o["top_k"], o["top_p"], o["repetition_penalty"])
+    assert sub.temperature == (o["subtalker_temperature"] if o["subtalker_dosample"] else 0.0)
+    assert (sub.top_k, sub.top_p) == (o["subtalker_top_k"], o["subtalker_top_p"])
+    assert frames == o["max_new_tokens"] - 1  # the official count includes its final, unexpanded sample
+    o = official(top_k=7, subtalker_top_p=0.5, max_new_tokens=40)
+    code0, sub, frames = ours(top_k=7, subtalker_top_p=0.5, max_frames=39)
+    assert (code0.top_k, sub.top_p, frames) == (o["top_k"], o["subtalker_top_p"], o["max_new_tokens"] - 1)
+
+
+def test_a_server_without_text_streaming_defaults_the_websocket_to_sentences_and_refuses_token_mode():
+    """Where `TTSEngine.supports_text_streaming` is False (GPUs, for now), a session that names no
+    text mode gets sentence mode, and one that asks for token mode a 400 naming text_mode."""
+    from vllm_qwen3tts.server.schemas import APIError, session_config
+
+    assert session_config('{"type": "session.config"}', token_mode=False).text_mode == "sentence"
+    assert session_config('{"type": "session.config"}', token_mode=True).text_mode == "token"
+    with pytest.raises(APIError) as refused:
+        session_config('{"type": "session.config", "text_mode": "token"}', token_mode=False)
+    assert refused.value.status == 400 and refused.value.body.error.param == "text_mode"

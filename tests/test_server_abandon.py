@@ -198,8 +198,9 @@ def test_websockets_closed_mid_utterance_free_everything(base, speech_server):
 
     async def abandon(i: int, http: httpx.AsyncClient) -> None:
         async with websockets.connect(url) as ws:
-            await ws.send(json.dumps({"type": "session.config", "voice": "vivian",
-                                      "response_format": ("pcm", "mp3", "opus", "flac")[i % 4], **LONG}))
+            await ws.send(json.dumps({"type": "session.config", "voice": "vivian", **LONG,
+                                      "text_mode": ("token", "sentence")[i % 2],  # with i % 3: every mode, every point
+                                      "response_format": ("pcm", "mp3", "opus", "flac")[i % 4]}))
             assert json.loads(await ws.recv())["type"] == "session.created"
             await ws.send(json.dumps({"type": "input.text", "text": TEXT}))
             await ws.send(json.dumps({"type": "input.done"}))

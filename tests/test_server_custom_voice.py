@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import av
@@ -145,14 +147,17 @@ def test_initial_codec_chunk_frames_sets_the_first_streamed_chunk_and_not_the_au
     )
 
 
-async def websocket_session(server: str, text_mode: str, send) -> tuple[list[dict], dict[int, bytes]]:
-    """A WebSocket session: `send(ws, events)` writes the client's messages (it may wait on the
-    events so far); returns every event and the audio bytes by sentence (utterance) index."""
+async def websocket_session(server: str, text_mode: str | None, send, voice: str | dict = "aiden", **config
+                            ) -> tuple[list[dict], dict[int, bytes]]:
+    """A WebSocket session (`text_mode` None: the default), `config` added to its session.config:
+    `send(ws, events)` writes the client's messages (it may wait on the events so far); returns
+    every event and the audio bytes by sentence (utterance) index."""
     events, audio = [], {}
+    mode = {} if text_mode is None else {"text_mode": text_mode}
     async with websockets.connect(f"{server.replace('http', 'ws')}/v1/audio/speech/stream?api_key=bob-key",
                                   max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.config", "text_mode": text_mode, "voice": "aiden",
-                                  "response_format": "pcm", **GREEDY, "max_new_tokens": FRAMES}))
+        await ws.send(json.dumps({"type": "session.config", **mode, "voice": voice, "response_format": "pcm",
+                                  **GREEDY, "max_new_tokens": FRAMES, **config}))
         writer = asyncio.create_task(send(ws, events))
         current = None
         async for message in ws:
@@ -163,7 +168,7 @@ async def websocket_session(server: str, text_mode: str, send) -> tuple[list[dic
             events.append(event)
             if event["type"] == "audio.start":
                 current = event["sentence_index"]
-            if event["type"] in ("session.done", "error"):
+            if event["type"] == "session.done":
                 break
         await writer
     return events, audio
@@ -192,9 +197,10 @@ def test_websocket_text_in_pieces_audio_out_per_sentence(server):
     assert_renders_one_generation(over_websocket, sentence_by_sentence)
 
 
-def test_websocket_token_mode_speaks_each_utterance_as_its_text_arrives(server):
+def test_websocket_token_mode_is_the_default_and_speaks_each_utterance_as_its_text_arrives(server):
     """Text cut anywhere (inside words too) in input.text messages, two utterances split by
-    input.flush: each is one request, its audio that of its whole text in streaming text mode."""
+    input.flush: each is one request (well within its 40 frames), its audio that of its whole
+    text in streaming text mode."""
     utterances = ["The first utterance arrives in small pieces.", "Then a second, after a flush."]
     rng = np.random.default_rng(3)
 
@@ -207,17 +213,18 @@ def test_websocket_token_mode_speaks_each_utterance_as_its_text_arrives(server):
             await ws.send(json.dumps({"type": "input.flush" if i == 0 else "input.done"}))
 
     def over_websocket() -> bytes:
-        events, audio = asyncio.run(websocket_session(server, "token", send))
+        events, audio = asyncio.run(websocket_session(server, None, send, max_new_tokens=40))
         assert events[0] == {"type": "session.created", "response_format": "pcm", "sample_rate": 24000,
                              "text_mode": "token"}
         done = [e for e in events if e["type"] == "audio.done"]
-        assert [e["text"] for e in done] == utterances and sorted(audio) == [0, 1], events
+        assert [(e["text"], e["requests"]) for e in done] == [(text, 1) for text in utterances], events
+        assert sorted(audio) == [0, 1], events
         assert events[-1]["type"] == "session.done" and events[-1]["usage"]["sentences"] == 2
         return audio[0] + audio[1]
 
     def one_shot() -> bytes:
         return b"".join(speak(server, key="bob-key", response_format="pcm", input=text, voice="aiden",
-                              extra_body={"non_streaming_mode": False}) for text in utterances)
+                              extra_body={"non_streaming_mode": False, "max_new_tokens": 40}) for text in utterances)
 
     assert_renders_one_generation(over_websocket, one_shot)
 
@@ -236,7 +243,7 @@ def test_websocket_token_mode_input_clear_stops_speaking_and_the_session_goes_on
         await ws.send(json.dumps({"type": "input.text", "text": "After the barge-in."}))
         await ws.send(json.dumps({"type": "input.done"}))
 
-    events, audio = asyncio.run(websocket_session(server, "token", send))
+    events, audio = asyncio.run(websocket_session(server, None, send))
     done = [e for e in events if e["type"] == "audio.done"]
     assert done[0] == {"type": "audio.done", "sentence_index": 0, "cleared": True}, events
     assert done[1]["sentence_index"] == 1 and done[1]["text"] == "After the barge-in." and len(audio[1]) > 0
@@ -245,6 +252,176 @@ def test_websocket_token_mode_input_clear_stops_speaking_and_the_session_goes_on
     while metric(server, "qwen3tts_requests_in_flight") or metric(server, "vllm:num_requests_running") \
             or metric(server, "vllm:num_requests_waiting"):
         assert time.monotonic() < deadline, "the session left requests behind"
+        time.sleep(0.1)
+
+
+def llm_words(text: str) -> list[str]:
+    """`text` as an LLM's tokenizer hands it out, roughly: words with the space before them."""
+    words = text.split(" ")
+    return words[:1] + [" " + w for w in words[1:]]
+
+
+def ws_url(server: str) -> str:
+    return f"{server.replace('http', 'ws')}/v1/audio/speech/stream?api_key=bob-key"
+
+
+def test_websocket_min_text_tokens_holds_speech_for_a_lead_and_keeps_the_codes(server):
+    """With min_text_tokens, an utterance's request starts only once that many of its text tokens
+    are final, or its text is complete: no audio while fewer have come (for seconds), where the
+    same words without a lead are heard at once. The audio is the whole text's, whatever the lead."""
+    text = "Hold on for the lead here."
+    words = llm_words(text)  # after three words, two tokens are final ("Hold", " on")
+
+    async def session(lead: int | None) -> bytes:
+        config = {} if lead is None else {"min_text_tokens": lead}
+        async with websockets.connect(ws_url(server), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "session.config", "voice": "aiden", "response_format": "pcm", **GREEDY,
+                                      "max_new_tokens": 40, **config}))
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            for word in words[:3]:
+                await ws.send(json.dumps({"type": "input.text", "text": word}))
+            early = b""
+            try:
+                async with asyncio.timeout(2.0 if lead else 120):  # without a lead: until the first audio
+                    while not early:
+                        if isinstance(message := await ws.recv(), bytes):
+                            early += message
+            except TimeoutError:
+                pass
+            assert bool(early) == (not lead), (lead, len(early))
+            for word in words[3:]:
+                await ws.send(json.dumps({"type": "input.text", "text": word}))
+            await ws.send(json.dumps({"type": "input.done"}))
+            audio, events = early, []
+            async for message in ws:
+                if isinstance(message, bytes):
+                    audio += message
+                elif (event := json.loads(message))["type"] == "session.done":
+                    break
+                else:
+                    events.append(event)
+        assert [e["type"] for e in events] in (["audio.start", "audio.done"], ["audio.done"]), events
+        return audio
+
+    assert_renders_one_generation(
+        lambda: speak(server, key="bob-key", response_format="pcm", input=text, voice="aiden",
+                      extra_body={"non_streaming_mode": False, "max_new_tokens": 40}),
+        lambda: asyncio.run(session(None)), lambda: asyncio.run(session(5)), lambda: asyncio.run(session(64)))
+
+
+def test_websocket_a_long_utterance_continues_in_a_new_request_at_a_sentence_end(server):
+    """An utterance whose text nears what one request can speak (20 frames here, its
+    max_new_tokens: from 4 text tokens on, it ends at the next sentence end) goes on at a sentence
+    end as a new request in the same voice: one audio.start and one audio.done (saying two
+    requests), no error, and the audio is both requests', whole, back to back on the same stream."""
+    sentences = ["The first one is here.", "Then a second follows."]
+    forced = {"max_new_tokens": 20, "min_new_tokens": 20}
+
+    async def send(ws, events):
+        for word in llm_words(" ".join(sentences)):
+            await ws.send(json.dumps({"type": "input.text", "text": word}))
+        await ws.send(json.dumps({"type": "input.done"}))
+
+    def over_websocket() -> bytes:
+        events, audio = asyncio.run(websocket_session(server, None, send, **forced))
+        assert [e["type"] for e in events] == ["session.created", "audio.start", "audio.done", "session.done"], events
+        assert events[2]["requests"] == 2 and events[2]["text"] == " ".join(sentences), events
+        assert events[3]["usage"]["output_tokens"] == 2 * 20 and len(audio[0]) == 2 * 20 * 1920 * 2
+        return audio[0]
+
+    def request_by_request() -> bytes:
+        return b"".join(speak(server, key="bob-key", response_format="pcm", input=text, voice="aiden",
+                              extra_body={"non_streaming_mode": False, **forced}) for text in sentences)
+
+    assert_renders_one_generation(over_websocket, request_by_request)
+
+
+def test_websocket_malformed_messages_and_input_after_done_get_errors_and_the_session_goes_on(server):
+    bad = [b"binary", "not json", "[1, 2]", json.dumps({"text": "no type"}), json.dumps({"type": "input.texts"}),
+           json.dumps({"type": "input.text"}), json.dumps({"type": "input.text", "text": 5}),
+           json.dumps({"type": "session.config"})]
+
+    async def send(ws, events):
+        for message in bad:
+            await ws.send(message)
+        await ws.send(json.dumps({"type": "input.text", "text": "Still spoken after them."}))
+        await ws.send(json.dumps({"type": "input.done"}))
+        await ws.send(json.dumps({"type": "input.text", "text": "Too late."}))  # while the utterance is spoken
+
+    events, audio = asyncio.run(websocket_session(server, None, send, max_new_tokens=40, min_new_tokens=40))
+    errors = [e["error"] for e in events if e["type"] == "error"]
+    assert [(e["param"], e["code"]) for e in errors] == [
+        ("type", "invalid_message"), ("type", "invalid_message"), ("type", "invalid_message"),
+        ("type", "missing_parameter"), ("type", "unknown_message_type"), ("text", "missing_parameter"),
+        ("text", "invalid_value"), ("type", "unknown_message_type"), ("type", "input_after_done")], errors
+    assert "input.flush" in errors[4]["message"], errors[4]  # what a token-mode session takes
+    done = [e for e in events if e["type"] == "audio.done"]
+    assert [e["text"] for e in done] == ["Still spoken after them."] and len(audio[0]) == 40 * 1920 * 2, events
+    assert events[-1]["type"] == "session.done" and events[-1]["usage"]["sentences"] == 1
+
+
+def test_websocket_text_beyond_what_may_wait_is_refused_and_the_session_goes_on(server):
+    """At most max_input_chars (20000 on this server) may wait to be spoken: text beyond is refused
+    with an error naming the limit; what was accepted is still being spoken (until input.clear
+    here), and text sent afterwards is spoken."""
+    chunk = "word " * 1800  # 9000 characters, hundreds of requests' worth: most of it waits
+
+    async def send(ws, events):
+        await ws.send(json.dumps({"type": "input.text", "text": chunk}))
+        await ws.send(json.dumps({"type": "input.text", "text": chunk}))  # 18000 waiting at most: accepted
+        await ws.send(json.dumps({"type": "input.text", "text": "word " * 2400}))  # 21000 at least: refused
+        while not any(e["type"] == "error" for e in events) or not any(e["type"] == "audio.start" for e in events):
+            await asyncio.sleep(0.01)
+        await ws.send(json.dumps({"type": "input.clear"}))
+        while not any(e["type"] == "audio.done" for e in events):
+            await asyncio.sleep(0.01)
+        await ws.send(json.dumps({"type": "input.text", "text": "After the refusal."}))
+        await ws.send(json.dumps({"type": "input.done"}))
+
+    events, audio = asyncio.run(websocket_session(server, None, send))
+    errors = [e["error"] for e in events if e["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["code"] == "text_queue_full" and errors[0]["param"] == "text", errors
+    assert "20000" in errors[0]["message"] and "max_input_chars" in errors[0]["message"]
+    done = [e for e in events if e["type"] == "audio.done"]
+    assert done[0] == {"type": "audio.done", "sentence_index": 0, "cleared": True}, events
+    assert done[1]["text"] == "After the refusal." and len(audio[1]) > 0 and events[-1]["type"] == "session.done"
+
+
+@pytest.mark.parametrize("ending", ["the client closes the socket", "the session idles"])
+def test_a_websocket_session_left_mid_utterance_frees_its_request_at_once(server, ending):
+    """An utterance's request holds while it waits for more text. When the client closes the
+    socket, or sends nothing for the session's idle timeout (1 s here) while nothing is being
+    spoken, the request is freed: vLLM's running and waiting requests and the server's requests
+    in flight return to 0 (the idle session first gets an idle_timeout error, then is closed)."""
+    idle = ending == "the session idles"
+
+    async def session() -> tuple[list[dict], int | None]:
+        async with websockets.connect(ws_url(server), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "session.config", "voice": "aiden", "response_format": "pcm", **GREEDY,
+                                      "max_new_tokens": 40, **({"idle_timeout_s": 1} if idle else {})}))
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            for word in llm_words("Some words arrive, and then"):
+                await ws.send(json.dumps({"type": "input.text", "text": word}))
+            while not isinstance(await ws.recv(), bytes):  # spoken as far as its text goes, then it holds
+                pass
+            assert metric(server, "qwen3tts_requests_in_flight") >= 1
+            if not idle:
+                return [], None
+            events = []
+            async with asyncio.timeout(120):  # the server closes the session (else: a failure, not a hang)
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    async for message in ws:
+                        if isinstance(message, str):
+                            events.append(json.loads(message))
+            return events, ws.close_code
+
+    events, code = asyncio.run(session())
+    if idle:
+        assert [e["error"]["code"] for e in events if e["type"] == "error"] == ["idle_timeout"] and code == 1008, events
+    deadline = time.monotonic() + 30  # the abort reaches vLLM's gauges within a step or two
+    while metric(server, "qwen3tts_requests_in_flight") or metric(server, "vllm:num_requests_running") \
+            or metric(server, "vllm:num_requests_waiting"):
+        assert time.monotonic() < deadline, "the session left its request behind"
         time.sleep(0.1)
 
 
@@ -289,9 +466,147 @@ def test_min_new_tokens_equal_to_max_forces_the_length(server):
 
 
 def test_openai_voice_names_map_to_builtin_speakers(server):
-    for alias, speaker in (("coral", "vivian"), ("echo", "ryan")):
+    for alias, speaker in (("coral", "vivian"), ("echo", "ryan"), ("marin", "vivian"), ("cedar", "ryan")):
         assert_renders_one_generation(lambda: speak(server, voice=alias, response_format="pcm"),
                                       lambda: speak(server, voice=speaker, response_format="pcm"))
+
+
+def test_every_voice_name_the_openai_sdk_lists_is_served(server):
+    from openai.types.audio.speech_create_params import Voice
+
+    sdk_names = {name for arg in typing.get_args(Voice) if typing.get_origin(arg) is typing.Literal
+                 for name in typing.get_args(arg)}
+    assert {"alloy", "marin", "cedar"} <= sdk_names  # the SDK still lists its names as a Literal
+    served = httpx.get(f"{server}/v1/audio/voices", headers={"Authorization": "Bearer alice-key"}, timeout=30)
+    assert sdk_names <= set(served.json()["voices"]), sdk_names - set(served.json()["voices"])
+    for name in sorted(sdk_names):
+        assert len(pcm16(speak(server, voice=name, response_format="pcm",
+                               extra_body={"max_new_tokens": 2, "min_new_tokens": 2}))) == 2 * 1920, name
+
+
+def test_a_voice_object_names_a_voice_as_its_name_does_on_every_route(server):
+    """`{"id": name}`, the SDK's form for custom voices: whole file, stream and WebSocket speak
+    with the voice named; an unknown one is refused as an unknown name is."""
+    def streamed(voice) -> bytes:
+        with client(server).audio.speech.with_streaming_response.create(
+                model="tts-1", voice=voice, input="Hello there.", response_format="pcm", stream_format="audio",
+                extra_body={**GREEDY, "max_new_tokens": FRAMES}) as response:
+            return response.read()
+
+    async def over_websocket(voice) -> bytes:
+        async def send(ws, events):
+            await ws.send(json.dumps({"type": "input.text", "text": "Hello there."}))
+            await ws.send(json.dumps({"type": "input.done"}))
+
+        events, audio = await websocket_session(server, "sentence", send, voice=voice)
+        assert events[-1]["type"] == "session.done", events
+        return audio[0]
+
+    assert_renders_one_generation(lambda: speak(server, voice="ryan", response_format="pcm"),
+                                  lambda: speak(server, voice={"id": "ryan"}, response_format="pcm"),
+                                  lambda: streamed({"id": "RYAN"}),
+                                  lambda: asyncio.run(over_websocket({"id": "ryan"})))
+    refusals = []
+    for voice in ("nobody", {"id": "nobody"}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            speak(server, voice=voice)
+        refusals.append((refused.value.status_code, refused.value.code, refused.value.param))
+    assert refusals[0] == refusals[1] == (400, "voice_not_found", "voice")
+
+
+@pytest.mark.parametrize("voice,says", [
+    ({}, '"id" is missing'),
+    ({"name": "ryan"}, '"id" is missing'),
+    ({"id": 7}, "voice.id must be a voice name"),
+    ({"id": "ryan", "style": "calm"}, "unknown field 'style'"),
+])
+def test_a_malformed_voice_object_is_a_400_saying_what_is_wrong(server, voice, says):
+    r = httpx.post(f"{server}/v1/audio/speech", json={"input": "hi", "voice": voice},
+                   headers={"Authorization": "Bearer alice-key"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "voice" and says in r.json()["error"]["message"], \
+        r.text
+
+
+def test_x_request_id_is_echoed_on_every_speech_response(speech_server):
+    server = speech_server.base
+    sdk = client(server)
+    whole = sdk.audio.speech.with_raw_response.create(
+        model="tts-1", voice="ryan", input="Hello there.", response_format="pcm",
+        extra_headers={"X-Request-Id": "client-whole-1"}, extra_body={**GREEDY, "max_new_tokens": 2})
+    assert whole.status_code == 200 and whole.request_id == "client-whole-1"
+    for stream_format in ("audio", "sse"):
+        with sdk.audio.speech.with_streaming_response.create(
+                model="tts-1", voice="ryan", input="Hello there.", response_format="pcm", stream_format=stream_format,
+                extra_headers={"X-Request-Id": f"client-{stream_format}"},
+                extra_body={**GREEDY, "max_new_tokens": 2}) as streamed:
+            assert streamed.headers["X-Request-Id"] == f"client-{stream_format}" and streamed.read()
+    with pytest.raises(openai.BadRequestError) as refused:  # refused by the route
+        sdk.audio.speech.create(model="tts-1", voice="nobody", input="hi", extra_headers={"X-Request-Id": "bad-voice"})
+    assert refused.value.request_id == "bad-voice"
+    with pytest.raises(openai.BadRequestError) as refused:  # refused by the body's validation
+        sdk.audio.speech.create(model="tts-1", voice="ryan", input="", extra_headers={"X-Request-Id": "empty-input"})
+    assert refused.value.request_id == "empty-input"
+    with pytest.raises(openai.AuthenticationError) as refused:  # refused before the body is read
+        client(server, key="wrong").audio.speech.create(model="tts-1", voice="ryan", input="hi",
+                                                         extra_headers={"X-Request-Id": "no-key"})
+    assert refused.value.request_id == "no-key"
+    voices = httpx.get(f"{server}/v1/audio/voices", headers={"Authorization": "Bearer alice-key",
+                                                             "X-Request-Id": "list-1"}, timeout=30)
+    assert voices.headers["X-Request-Id"] == "list-1"
+
+    async def handshake() -> str:
+        async with websockets.connect(f"{server.replace('http', 'ws')}/v1/audio/speech/stream?api_key=bob-key",
+                                      additional_headers={"X-Request-Id": "client-ws-1"}) as ws:
+            return ws.response.headers["X-Request-Id"]
+
+    assert asyncio.run(handshake()) == "client-ws-1"
+    log = speech_server.log.read_text(errors="replace")
+    events = [json.loads(line[line.index("{"):]) for line in log.splitlines() if '"event": "speech"' in line]
+    assert {"client-whole-1", "client-audio", "client-sse"} <= {e["request_id"] for e in events}
+
+
+@pytest.mark.parametrize("sent", [None, "x" * 129, "has space", "caf\xe9".encode("latin-1"), ""])
+def test_without_a_safe_x_request_id_the_server_gives_one_its_log_names(speech_server, sent):
+    headers = {"Authorization": "Bearer alice-key", **({} if sent is None else {"X-Request-Id": sent})}
+    body = {"input": "Hello there.", "voice": "ryan", "response_format": "pcm", "max_new_tokens": 2}
+    ids = []
+    for _ in range(2):
+        r = httpx.post(f"{speech_server.base}/v1/audio/speech", json=body, headers=headers, timeout=120)
+        assert r.status_code == 200 and re.fullmatch(r"speech-[0-9a-f]{12}", r.headers["X-Request-Id"]), r.headers
+        ids.append(r.headers["X-Request-Id"])
+    assert ids[0] != ids[1]
+    log = speech_server.log.read_text(errors="replace")
+    assert f'"request_id": "{ids[0]}"' in log and f'"request_id": "{ids[1]}"' in log
+
+
+def test_a_websocket_session_gets_an_x_request_id_its_log_lines_name(speech_server):
+    """The handshake answers with the session's id (the client's, else one of the server's), a
+    refused session.config's too; each sentence's log line names it and its engine request."""
+    url = f"{speech_server.base.replace('http', 'ws')}/v1/audio/speech/stream?api_key=bob-key"
+
+    async def session(headers: dict, config: dict) -> tuple[str, list[dict]]:
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            await ws.send(json.dumps({"type": "session.config", **config}))
+            if "error" in (first := json.loads(await ws.recv())):
+                return ws.response.headers["X-Request-Id"], [first]
+            await ws.send(json.dumps({"type": "input.text", "text": "The first one. The second one."}))
+            await ws.send(json.dumps({"type": "input.done"}))
+            return ws.response.headers["X-Request-Id"], [first] + [json.loads(m) async for m in ws
+                                                                   if isinstance(m, str)]
+
+    config = {"text_mode": "sentence", "voice": {"id": "aiden"}, "response_format": "pcm", **GREEDY,
+              "max_new_tokens": 2}
+    shown, events = asyncio.run(session({}, config))
+    assert re.fullmatch(r"ws-[0-9a-f]{12}", shown) and events[-1]["type"] == "session.done", events
+    own, events = asyncio.run(session({"X-Request-Id": "client-session-9"}, config))
+    assert own == "client-session-9" and events[-1]["type"] == "session.done", events
+    refused, events = asyncio.run(session({"X-Request-Id": "client-refused"}, {**config, "voice": {"id": 7}}))
+    assert refused == "client-refused" and events[0]["error"]["param"] == "voice", events
+    log = speech_server.log.read_text(errors="replace")
+    lines = [json.loads(line[line.index("{"):]) for line in log.splitlines() if '"event": "speech"' in line]
+    for request_id in (shown, own):
+        engine = sorted(e.get("engine_request_id") for e in lines if e["request_id"] == request_id)
+        assert len(engine) == 2 and all(e and e.startswith("ws-") and e != request_id for e in engine), engine
 
 
 @pytest.mark.parametrize("body,status,param", [
@@ -324,7 +639,11 @@ def test_missing_or_wrong_key_is_401(server):
         speak(server, key="wrong")
 
 
-def test_per_key_concurrency_and_rate_limits_answer_429_with_retry_after(server):
+def test_per_key_concurrency_and_rate_limits_answer_429_naming_the_limit_with_retry_after(server):
+    """The tight key may have 1 request in flight and make 2 a minute; the SDK's RateLimitError
+    carries which limit was reached and its value."""
+    sdk = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="tight-key", max_retries=0, timeout=300)
+
     async def run():
         async with httpx.AsyncClient(base_url=server, timeout=300, headers={"Authorization": "Bearer tight-key"}) as c:
             body = {"input": "A long streamed answer.", "voice": "ryan", "response_format": "pcm",
@@ -333,20 +652,27 @@ def test_per_key_concurrency_and_rate_limits_answer_429_with_retry_after(server)
                 assert first.status_code == 200
                 pieces = first.aiter_bytes()
                 await pieces.__anext__()  # admitted and streaming
-                second = await c.post("/v1/audio/speech", json=body)
-                assert second.status_code == 429
-                assert second.json()["error"]["code"] == "concurrency_limit_exceeded"
-                assert int(second.headers["Retry-After"]) >= 1
+                with pytest.raises(openai.RateLimitError) as second:
+                    await sdk.audio.speech.create(model="tts-1", voice="ryan", input="A second one.",
+                                                  extra_headers={"X-Request-Id": "second-of-tight"})
+                error = second.value
+                assert error.code == error.body["code"] == "concurrency_limit_exceeded"
+                assert "1 request in flight" in error.message and "max_concurrency" in error.message, error.message
+                assert int(error.response.headers["Retry-After"]) >= 1 and error.request_id == "second-of-tight"
                 async for _ in pieces:
                     pass
-            statuses = []
+            outcomes = []
             for _ in range(3):  # 2 requests per minute: the first one used a token
-                r = await c.post("/v1/audio/speech", json={**body, "stream_format": None, "max_new_tokens": 2})
-                statuses.append(r.status_code)
-                if r.status_code == 429:
-                    assert r.json()["error"]["code"] == "rate_limit_exceeded"
-                    assert int(r.headers["Retry-After"]) >= 1
-            assert statuses.count(200) == 1 and statuses[-1] == 429
+                try:
+                    await sdk.audio.speech.create(model="tts-1", voice="ryan", input="Short.", response_format="pcm",
+                                                  extra_body={"max_new_tokens": 2})
+                    outcomes.append(200)
+                except openai.RateLimitError as e:
+                    outcomes.append(429)
+                    assert e.code == e.body["code"] == "rate_limit_exceeded"
+                    assert "2 requests per minute" in e.message and "requests_per_minute" in e.message, e.message
+                    assert int(e.response.headers["Retry-After"]) >= 1
+            assert outcomes.count(200) == 1 and outcomes[-1] == 429
 
     asyncio.run(run())
 
@@ -480,6 +806,13 @@ def test_health_ready_models_and_metrics(server):
         assert metric(server, "qwen3tts_codec_frames_total", {"worker": worker}) > 0, worker
 
 
+def example(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run examples/NAME with `args`; it must succeed."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / name), *args], timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, (name, done.stdout[-2000:], done.stderr[-2000:])
+    return done
+
+
 def test_examples_produce_audio(server, tmp_path):
     out = tmp_path / "hello.wav"
     subprocess.run([sys.executable, str(EXAMPLES / "speech.py"), "--base-url", f"{server}/v1", "--api-key", "alice-key",
@@ -489,6 +822,12 @@ def test_examples_produce_audio(server, tmp_path):
     subprocess.run([sys.executable, str(EXAMPLES / "speech_stream.py"), "--base-url", f"{server}/v1", "--api-key",
                     "alice-key", "--out", str(tmp_path / "s.pcm")], check=True, timeout=300)
     assert (tmp_path / "s.pcm").stat().st_size > 0
+    sse = example("speech_sse.py", "--base-url", f"{server}/v1", "--api-key", "alice-key", "--out", str(tmp_path / "e.pcm"))
+    assert "done: " in sse.stdout and len(pcm16((tmp_path / "e.pcm").read_bytes())) > 0
+    info = example("server_info.py", "--base-url", f"{server}/v1", "--api-key", "alice-key").stdout
+    assert "health: 200" in info and "model: " in info and "qwen3tts_requests_total{" in info, info
+    assert "vivian" in json.loads(example("voices.py", "--base-url", f"{server}/v1", "--api-key", "alice-key",
+                                          "list").stdout)["voices"]
     for mode in ("token", "sentence"):
         done = subprocess.run([sys.executable, str(EXAMPLES / "websocket_client.py"), "--url",
                                f"{server.replace('http', 'ws')}/v1/audio/speech/stream", "--api-key", "alice-key",

@@ -143,7 +143,8 @@ async def websocket(out: Outcome, base: str, text: str) -> Outcome:
     try:
         async with websockets.connect(f"{base.replace('http', 'ws')}/v1/audio/speech/stream?api_key={KEY}",
                                       open_timeout=60, close_timeout=10) as ws:
-            await ws.send(json.dumps({"type": "session.config", **{k: v for k, v in BODY.items() if k != "model"}}))
+            await ws.send(json.dumps({"type": "session.config", "text_mode": "sentence",  # a request per sentence
+                                      **{k: v for k, v in BODY.items() if k != "model"}}))
             await ws.send(json.dumps({"type": "input.text", "text": text}))
             await ws.send(json.dumps({"type": "input.done"}))
             async for message in ws:

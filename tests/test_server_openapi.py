@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-EXAMPLES_PER_ROUTE = 30
+EXAMPLES_PER_ROUTE = 15  # with the coverage and fuzzing phases: CI time (was 30, ~106 s)
 
 
 def test_schemathesis_with_its_default_checks_finds_no_failure(speech_server, tmp_path):

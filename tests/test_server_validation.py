@@ -148,12 +148,28 @@ def test_each_invalid_body_is_one_short_error_naming_its_parameter(body, param, 
     ('{"type": "session.config", "text_mode": "words"}', "text_mode"),
     ('{"type": "session.config", "text_mode": ["token"]}', "text_mode"),
     ('{"type": "session.config", "text_mode": "token", "non_streaming_mode": true}', "non_streaming_mode"),
+    ('{"type": "session.config", "non_streaming_mode": true}', "non_streaming_mode"),  # token mode by default
+    ('{"type": "session.config", "min_text_tokens": 65}', "min_text_tokens"),
+    ('{"type": "session.config", "min_text_tokens": -1}', "min_text_tokens"),
+    ('{"type": "session.config", "min_text_tokens": "8"}', "min_text_tokens"),
+    ('{"type": "session.config", "min_text_tokens": true}', "min_text_tokens"),
+    ('{"type": "session.config", "min_text_tokens": 2.5}', "min_text_tokens"),
+    ('{"type": "session.config", "text_mode": "sentence", "min_text_tokens": 4}', "min_text_tokens"),
+    ('{"type": "session.config", "idle_timeout_s": 0}', "idle_timeout_s"),
+    ('{"type": "session.config", "idle_timeout_s": "60"}', "idle_timeout_s"),
+    ('{"type": "session.config", "idle_timeout_s": 1e9}', "idle_timeout_s"),
 ])
 def test_a_bad_session_config_is_a_400_naming_the_parameter(message, param):
     with pytest.raises(APIError) as refused:
         session_config(message)
     assert refused.value.status == 400
     assert_clean_error(refused.value.to_json()["error"], param)
+
+
+def test_a_session_config_takes_a_lead_and_an_idle_timeout_within_their_bounds():
+    config = session_config('{"type": "session.config", "min_text_tokens": 8.0, "idle_timeout_s": 1.5}')
+    assert (config.text_mode, config.min_text_tokens, config.idle_timeout_s) == ("token", 8, 1.5)
+    assert session_config('{"type": "session.config", "text_mode": "sentence"}').text_mode == "sentence"
 
 
 @pytest.mark.parametrize("ref", ["data:audio/wav;base64", "data:audio/wav,UklGRg==", "%%% not base64 %%%"])
@@ -332,6 +348,8 @@ def test_the_openapi_document_states_the_bounds_the_server_applies(server):
     ({"type": "session.config", "temperature": 3}, "temperature"),
     ({"type": "session.config", "voice": {"id": 7}}, "voice"),
     ({"type": "session.config", "response_format": ["wav"]}, "response_format"),
+    ({"type": "session.config", "min_text_tokens": 65}, "min_text_tokens"),
+    ({"type": "session.config", "idle_timeout_s": 301}, "idle_timeout_s"),  # above the server's (300 s)
 ])
 def test_a_bad_websocket_config_gets_an_error_message_naming_the_parameter(server, config, param):
     async def run():

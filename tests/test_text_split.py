@@ -392,3 +392,59 @@ def test_splitting_a_piece_again_gives_the_piece_for_text_without_quotes():
         for max_chars in (300, 40):
             for piece in split_sentences(text, max_chars=max_chars):
                 assert split_sentences(piece, max_chars=max_chars) == [piece], (text, piece)
+
+
+# --- a long token-mode utterance, cut into requests (server.service.UtteranceText) -------------
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    from vllm_qwen3tts.model.text_tokenizer import load_text_tokenizer
+
+    return load_text_tokenizer(tiny_checkpoint("0.6b-custom_voice"))
+
+
+def requests_of(tokenizer, pieces: list[str], frames: int, taken: int | None = None) -> list[str]:
+    """The texts of the requests that speak an utterance sent as `pieces`, each request able to
+    make `frames` frames; with `taken`, each request ends by itself after taking that many pieces."""
+    import asyncio
+
+    from vllm_qwen3tts.server.service import TextCuts, UtteranceText
+
+    async def run() -> list[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for piece in [*pieces, None]:
+            queue.put_nowait(piece)
+        utterance, texts = UtteranceText(queue.get, tokenizer), []
+        while (first := await utterance.next_start()) is not None:
+            request = utterance.pieces(first, TextCuts.for_frames(frames))
+            texts.append("".join([piece async for piece in request] if taken is None else
+                                 [await anext(request) for _ in range(taken)]))
+            await request.aclose()
+        assert utterance.text == "".join(pieces)
+        return texts
+
+    return asyncio.run(run())
+
+
+def test_a_long_utterance_goes_on_in_new_requests_at_sentence_ends_losing_no_text_however_it_is_cut(tokenizer):
+    text = " ".join(f"Point {i} is made here." for i in range(12)) + " 你好。我们走吧！ The end."
+    rng = random.Random(5)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 150)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        texts = requests_of(tokenizer, pieces, frames=60)  # from 12 tokens on, the next sentence end
+        assert non_ws("".join(texts)) == non_ws(text), texts
+        assert 1 < len(texts) < 14 and all(t.rstrip()[-1] in ".。！" for t in texts), texts  # sentences, grouped
+    assert requests_of(tokenizer, [text], frames=10_000) == [text]  # within one request's reach: one request
+
+
+def test_without_a_sentence_end_a_long_utterance_is_cut_between_words(tokenizer):
+    words = " ".join(f"w{i}" for i in range(150))
+    texts = requests_of(tokenizer, [words[i:i + 3] for i in range(0, len(words), 3)], frames=40)
+    assert " ".join(texts).split() == words.split() and len(texts) > 2, texts
+    assert all(len(tokenizer(t)["input_ids"]) <= 20 for t in texts), texts  # half the frames at most
+
+
+def test_a_request_that_ends_by_itself_leaves_the_text_it_did_not_take_to_the_next(tokenizer):
+    assert requests_of(tokenizer, ["one two three four", " five six"], frames=1000, taken=2) == [
+        "one two", "three four", "five six"]

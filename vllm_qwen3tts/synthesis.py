@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .base.config import TTSConfig, load_tts_config
+from .base.config import GenerationDefaults, TTSConfig, load_tts_config
 from .base.params import (LARGEST_CHUNK_FRAMES, MAX_NEW_TOKENS, MIN_NEW_TOKENS, REPETITION_PENALTY, SEED,
                      SUBTALKER_TEMPERATURE, SUBTALKER_TOP_K, SUBTALKER_TOP_P, TEMPERATURE, TOP_K, TOP_P, ParamError,
                      PromptTooLong)
@@ -162,6 +162,32 @@ class _BudgetSpent(Exception):
     """An incremental request has made every frame its budget allows: it ends ("length")."""
 
 
+
+def sampling_with_defaults(p: SynthesisParams, g: GenerationDefaults) -> tuple[Code0Params, SubtalkerParams, int]:
+    """A request's sampling with `generation_config.json`'s defaults filled in as the official
+    code fills them (a value the request gives wins; `do_sample: false` makes code 0 greedy,
+    `subtalker_dosample: false` the code predictor), plus one rule of ours: a request's
+    temperature 0 makes the code predictor greedy too unless it names its own temperature.
+    Returns (code 0's, the code predictor's, the most frames)."""
+    def pick(value, default):
+        return default if value is None else value
+
+    code0 = Code0Params(
+        temperature=float(pick(p.temperature, g.temperature if g.do_sample else 0.0)),
+        top_k=int(pick(p.top_k, g.top_k)),
+        top_p=float(pick(p.top_p, g.top_p)),
+        repetition_penalty=float(pick(p.repetition_penalty, g.repetition_penalty)),
+    )
+    sub_default_t = 0.0 if (p.temperature == 0 or not g.subtalker_dosample) else g.subtalker_temperature
+    sub = SubtalkerParams(
+        temperature=float(pick(p.subtalker_temperature, sub_default_t)),
+        top_k=int(pick(p.subtalker_top_k, g.subtalker_top_k)),
+        top_p=float(pick(p.subtalker_top_p, g.subtalker_top_p)),
+    )
+    # the reference's max_new_tokens counts its final, unexpanded sample
+    return code0, sub, int(pick(p.max_frames, g.max_new_tokens - 1))
+
+
 class TTSEngine:
     def __init__(self, engine_client: Any, codec: Any, model_dir: str | Path, max_model_len: int,
                  chunk_schedule: ChunkSchedule = ChunkSchedule()):
@@ -213,7 +239,7 @@ class TTSEngine:
                            else len(self.tokenizer(req.text, add_special_tokens=False)["input_ids"]))
             max_frames = min(max_frames, max(DEFAULT_MIN_FRAME_BUDGET, FRAMES_PER_TEXT_TOKEN_BUDGET * text_tokens))
         max_frames = min(max_frames, room)  # the model's room caps any request
-        treq = TalkerRequest(recipe, sub, seed=req.params.seed, input_closed=input_closed)
+        treq = TalkerRequest(recipe, sub, seed=req.params.seed, input_closed=input_closed, incremental=tokens is not None)
         # EOS never among the first two samples (as the reference); a minimum above the maximum is the maximum
         min_frames = min(max(2, req.params.min_frames), max_frames)
         # a later turn of an incremental request counts its frames anew (vLLM moves them into the prompt)
@@ -234,32 +260,12 @@ class TTSEngine:
             value = getattr(p, field_name)
             if value is not None:
                 bound.check(value, field_name)
-        g = self.config.generation
-
-        def pick(value, default):
-            return default if value is None else value
-
-        greedy_default = p.temperature == 0 or not g.do_sample
-        temperature = pick(p.temperature, g.temperature if g.do_sample else 0.0)
-        code0 = Code0Params(
-            temperature=float(temperature),
-            top_k=int(pick(p.top_k, g.top_k)),
-            top_p=float(pick(p.top_p, g.top_p)),
-            repetition_penalty=float(pick(p.repetition_penalty, g.repetition_penalty)),
-        )
-        sub_default_t = 0.0 if (greedy_default or not g.subtalker_dosample) else g.subtalker_temperature
-        sub = SubtalkerParams(
-            temperature=float(pick(p.subtalker_temperature, sub_default_t)),
-            top_k=int(pick(p.subtalker_top_k, g.subtalker_top_k)),
-            top_p=float(pick(p.subtalker_top_p, g.subtalker_top_p)),
-        )
+        code0, sub, max_frames = sampling_with_defaults(p, self.config.generation)
         # the checkpoint's own defaults must be usable too
         for bound, value in ((TEMPERATURE, code0.temperature), (TOP_K, code0.top_k), (TOP_P, code0.top_p),
                              (REPETITION_PENALTY, code0.repetition_penalty)):
             bound.check(value)
         sub.validate()
-        # the reference's max_new_tokens counts its final, unexpanded sample
-        max_frames = int(pick(p.max_frames, g.max_new_tokens - 1))
         MAX_NEW_TOKENS.check(max_frames, "max_frames")
         return code0, sub, max_frames
 
@@ -277,11 +283,13 @@ class TTSEngine:
             yield chunk
 
     async def stream_text(self, req: SynthesisRequest, pieces: AsyncIterator[str], request_id: str | None = None,
-                          priority: int = 0) -> AsyncIterator[AudioChunk]:
+                          priority: int = 0, min_text_tokens: int = 0) -> AsyncIterator[AudioChunk]:
         """Audio chunks of `req` (its `text` ignored) spoken while its text arrives as `pieces`.
 
-        The request starts once the text's first token is final (`IncrementalTokenizer`) and
-        speaks one text token per frame (streaming text mode). When the next frame needs a token
+        The request starts once the text's first token is final (`IncrementalTokenizer`), or, with
+        `min_text_tokens`, once that many are (or the text is complete): a lead for a client whose
+        text may arrive more slowly than it is spoken. It speaks one text token per frame (streaming
+        text mode). When the next frame needs a token
         that has not arrived, the talker ends the turn with HOLD: vLLM's streaming-input session
         keeps the request's KV cache and slot, out of the batch, and the next turn starts when more
         text (or its end) comes. The codes equal a one-shot `stream` of the whole text with
@@ -293,7 +301,7 @@ class TTSEngine:
         if req.non_streaming_mode:
             raise PromptError("text arriving in pieces is spoken in streaming text mode (non_streaming_mode false)")
         if not self.supports_text_streaming():
-            raise PromptError("text arriving in pieces is not supported on Model Runner V2 (GPU) yet")
+            raise PromptError("text arriving in pieces is not available on GPUs (Model Runner V2) yet")
         req = replace(req, non_streaming_mode=False)
         request_id = request_id or self.new_request_id()
         text = IncrementalTokenizer(self.tokenizer)
@@ -316,9 +324,11 @@ class TTSEngine:
             tokens = (text.role_ids, list(text.ids))
             return self.prepare(replace(req, text=text.text), tokens, text.closed, frames_done)
 
-        # the first turn: as soon as the layout of the prompt is fixed
+        # the first turn: as soon as the layout of the prompt is fixed (and the lead is there)
         while True:
             open_input = await more_text()
+            if open_input and len(text.ids) < min_text_tokens:
+                continue
             try:
                 prompt, sp = turn(0)
                 break
@@ -377,8 +387,10 @@ class TTSEngine:
 
     @staticmethod
     def supports_text_streaming() -> bool:
-        """Whether `stream_text` works here: on the V1 model runner (the CPU build), whose sampler
-        hands vLLM the HOLD token; Model Runner V2 (GPUs) does not yet."""
+        """Whether `stream_text` is served here: on the V1 model runner (the CPU build). Model
+        Runner V2 (GPUs) hands vLLM the HOLD token too, and the adapter rolls back vLLM 0.26's
+        in-flight step of a paused request, but that path has not run on a GPU yet: it stays off
+        there until `test_gpu.py`'s text-in-pieces test has passed (NOTES §25)."""
         from .base.vllm_adapter import current_platform
 
         return current_platform.device_type != "cuda"

@@ -109,6 +109,9 @@ MIN_NEW_TOKENS = Bound("min_new_tokens", int, 1, MAX_FRAMES, engine_name="min_fr
 SEED = Bound("seed", int, 0, 2**53 - 1)  # exact as a JSON number everywhere (a double)
 SPEED = Bound("speed", float, 0.25, 4.0)
 INITIAL_CODEC_CHUNK_FRAMES = Bound("initial_codec_chunk_frames", int, 0, LARGEST_CHUNK_FRAMES)
+# The WebSocket's session.config only (not fields of a speech request):
+MIN_TEXT_TOKENS = Bound("min_text_tokens", int, 0, 64)  # token mode: text tokens buffered before a request starts
+IDLE_TIMEOUT_S = Bound("idle_timeout_s", float, 0.0, 86_400.0, lo_open=True)  # the server's setting caps it lower
 
 # Every bound, by request parameter name.
 BOUNDS: dict[str, Bound] = {b.name: b for b in (
