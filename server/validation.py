@@ -200,10 +200,11 @@ def describe_voice_upload(schema: dict[str, Any], operation: dict[str, Any], cfg
     form["oneOf"] = [{"required": ["audio_sample"]}, {"required": ["speaker_embedding"]}]
     size = cfg.talker.decoder.hidden_size
     embedding = form["properties"]["speaker_embedding"]
-    for branch in embedding.get("anyOf", [embedding]):
-        if branch.get("type") == "string":
-            branch["pattern"] = embedding_pattern(size)
-    embedding["description"] = f"Instead of audio: the speaker embedding (x-vector), a JSON list of {size} numbers"
+    text = next((b for b in embedding.get("anyOf", [embedding]) if b.get("type") == "string"), embedding)
+    # a form field is text or absent: a null branch would let a client send the text "null"
+    form["properties"]["speaker_embedding"] = {
+        **text, "pattern": embedding_pattern(size),
+        "description": f"Instead of audio: the speaker embedding (x-vector), a JSON list of {size} numbers"}
     audio = form["properties"]["audio_sample"]
     binary = next((b for b in audio.get("anyOf", [audio]) if b.get("type") == "string"), None)
     if binary is not None:  # a file part or none: a text part ("null") is no file
