@@ -389,8 +389,8 @@ class TTSEngine:
     def supports_text_streaming() -> bool:
         """Whether `stream_text` is served here: on the V1 model runner (the CPU build). Model
         Runner V2 (GPUs) hands vLLM the HOLD token too, and the adapter rolls back vLLM 0.26's
-        in-flight step of a paused request, but that path has not run on a GPU yet: it stays off
-        there until `test_gpu.py`'s text-in-pieces test has passed (NOTES §25)."""
+        in-flight step of a paused request, but with them `test_gpu.py`'s text-in-pieces test
+        failed on an H100: the path stays off there until it passes (NOTES §25)."""
         from .base.vllm_adapter import current_platform
 
         return current_platform.device_type != "cuda"
