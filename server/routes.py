@@ -836,8 +836,12 @@ class SpeechSession:
         frame = receiving.result()
         if frame["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(frame.get("code", 1000))
-        self.idle_since = loop.time()
-        return client_message(frame, self.text_mode)
+        message = client_message(frame, self.text_mode)  # a malformed one raises: not activity
+        if message.type != "input.text" or message.text.strip():
+            # only a message that moves the session restarts the idle clock: empty text, sent every
+            # few seconds, must not hold a paused request (and its slots) for ever
+            self.idle_since = loop.time()
+        return message
 
     async def end_idle(self) -> None:
         """The session sent nothing for its idle timeout while nothing was being spoken: say so and

@@ -281,8 +281,8 @@ class SpeechService:
     @contextlib.contextmanager
     def open_session(self):
         """Hold a WebSocket session open: `drain` waits for it (its sentences are admitted one by
-        one, as requests of the session). Refused (`check_accepting`) once the server drains."""
-        self.check_accepting()
+        one, as requests of the session). The caller has checked `check_accepting` (the route,
+        where a refusal becomes the session's error event), with no await since."""
         self._open_work += 1
         try:
             yield

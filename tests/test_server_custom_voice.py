@@ -387,13 +387,16 @@ def test_websocket_text_beyond_what_may_wait_is_refused_and_the_session_goes_on(
     assert done[1]["text"] == "After the refusal." and len(audio[1]) > 0 and events[-1]["type"] == "session.done"
 
 
-@pytest.mark.parametrize("ending", ["the client closes the socket", "the session idles"])
+@pytest.mark.parametrize("ending", ["the client closes the socket", "the session idles",
+                                    "the session sends only empty text and junk"])
 def test_a_websocket_session_left_mid_utterance_frees_its_request_at_once(server, ending):
     """An utterance's request holds while it waits for more text. When the client closes the
     socket, or sends nothing for the session's idle timeout (1 s here) while nothing is being
     spoken, the request is freed: vLLM's running and waiting requests and the server's requests
-    in flight return to 0 (the idle session first gets an idle_timeout error, then is closed)."""
-    idle = ending == "the session idles"
+    in flight return to 0 (the idle session first gets an idle_timeout error, then is closed).
+    Empty text and malformed messages, every 0.3 s, are not activity: they cannot hold it."""
+    idle = ending != "the client closes the socket"
+    junk = ending == "the session sends only empty text and junk"
 
     async def session() -> tuple[list[dict], int | None]:
         async with websockets.connect(ws_url(server), max_size=None) as ws:
@@ -407,13 +410,24 @@ def test_a_websocket_session_left_mid_utterance_frees_its_request_at_once(server
             assert metric(server, "qwen3tts_requests_in_flight") >= 1
             if not idle:
                 return [], None
+
+            async def keep_poking():
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    while True:
+                        await ws.send(json.dumps({"type": "input.text", "text": ""}))
+                        await ws.send("not json")
+                        await asyncio.sleep(0.3)
+
+            poking = asyncio.create_task(keep_poking()) if junk else None
             events = []
             async with asyncio.timeout(120):  # the server closes the session (else: a failure, not a hang)
                 with contextlib.suppress(websockets.ConnectionClosed):
                     async for message in ws:
                         if isinstance(message, str):
                             events.append(json.loads(message))
-            return events, ws.close_code
+            if poking is not None:
+                poking.cancel()
+            return [e for e in events if e.get("error", {}).get("code") != "invalid_message"], ws.close_code
 
     events, code = asyncio.run(session())
     if idle:

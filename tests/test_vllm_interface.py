@@ -258,7 +258,8 @@ def check_plugins(module):
             callers.append(inspect.getsource(importlib.import_module(name)))
         except ImportError:
             pass
-    assert any("from vllm.plugins import load_endpoint_plugins" in src for src in callers)
+    # imported inside the caller's function, at each call: a module-level import would keep the original
+    assert any(re.search(r"\n[ \t]+from vllm\.plugins import load_endpoint_plugins\b", src) for src in callers)
 
 
 def check_scheduler(cls):

@@ -298,8 +298,10 @@ def install_session_rollback() -> None:
     `Scheduler._handle_stopped_request` (its "safe frontier"). 0.26 leaves that step in the
     session's `num_computed_tokens`, so the next turn's tokens would land one position late.
     The stale step's output, still in flight, is dropped by 0.26's own counter for such frames
-    (`async_tokens_to_discard`, which its forced preemption uses). Inert without async
-    scheduling (no placeholders) and on 0.32. Idempotent."""
+    (`async_tokens_to_discard`, which its forced preemption uses). Only for a Qwen3-TTS model's
+    requests (the plugin loads wherever the package is installed), only where that counter
+    exists (0.26; later versions renamed it), inert without async scheduling and on 0.32.
+    Idempotent."""
     import functools
 
     if vllm_version() >= (0, 32):
@@ -312,7 +314,8 @@ def install_session_rollback() -> None:
     @functools.wraps(original)
     def _handle_stopped_request(self, request):
         in_flight = request.num_output_placeholders
-        if request.resumable and in_flight > 0:
+        if (request.resumable and in_flight > 0 and hasattr(request, "async_tokens_to_discard")
+                and getattr(self.vllm_config.model_config.hf_config, "model_type", None) == "qwen3_tts"):
             request.num_computed_tokens -= in_flight
             request.async_tokens_to_discard += in_flight
             request.num_output_placeholders = 0

@@ -49,8 +49,9 @@ def place_in_hub_cache(checkpoint: str | Path, repo_id: str, cache_dir: str | Pa
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(os.path.relpath(repo / "blobs" / digest, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
+    ref = repo / "refs" / revision  # a revision may hold slashes (refs/pr/1)
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
     return snapshot
 
 
