@@ -92,42 +92,54 @@ def test_greedy_fp32_codes_through_the_engine_equal_the_official_ones(gpu_engine
         assert result.codes.tolist() == codes, f"request {i}: codes differ from the official ones"
 
 
-@pytest.mark.skip(reason="text in pieces is gated off on GPUs (TTSEngine.supports_text_streaming): with the gate "
-                         "lifted this test failed on an H100 (59 frames against 48; NOTES §25); lift it to debug")
-def test_text_in_pieces_on_model_runner_v2_gives_the_codes_of_the_whole_text(gpu_engine, reference):
+def test_text_in_pieces_on_model_runner_v2_gives_the_codes_of_the_whole_text(gpu_engine, reference, monkeypatch):
     """`stream_text` on the production path (Model Runner V2, CUDA graphs, and the async scheduling
-    vLLM 0.26 runs on GPUs, whose paused sessions the adapter rolls back): text cut into pieces
-    fed with pauses, beside an ordinary request, gives the codes of the whole text spoken at once
-    in streaming text mode; the request beside is unaffected."""
+    vLLM 0.26 runs on GPUs, whose paused sessions the adapter rolls back), with the GPU gate
+    (`TTSEngine.supports_text_streaming`) lifted for the test: the text cut at random with pauses,
+    beside an ordinary request; a request whose first frame already holds; and one whose length is
+    forced (every turn holds as text comes, min frames = max frames). Each gives the codes of the
+    whole text spoken at once in streaming text mode; the request beside is unaffected."""
     import random
     import threading
     import time
 
+    from vllm_qwen3tts.synthesis import TTSEngine
+
+    monkeypatch.setattr(TTSEngine, "supports_text_streaming", staticmethod(lambda: True))
     vllm_config = gpu_engine._running.llm.vllm_config
     assert getattr(vllm_config, "use_v2_model_runner", False)
     assert vllm_config.scheduler_config.async_scheduling, "the rollback under test is async scheduling's"
     items = reference["references"]
+
+    def random_cuts(text, rng):
+        i = 0
+        while i < len(text):
+            step = rng.randint(1, 4)
+            yield text[i:i + step]
+            i += step
+            time.sleep(rng.choice([0.0, 0.0, 0.02, 0.15]))  # some pauses longer than many frames
+
+    def first_frame_holds(text, rng):
+        first, rest = text.split(" ", 1)
+        yield first
+        yield " "  # the first word is final: the request starts with one text token, none after it
+        time.sleep(0.3)
+        yield rest
+
     for n, item in enumerate(items[:2]):
-        req = dataclasses.replace(reference_request(item, 48), non_streaming_mode=False)
-        whole = gpu_engine.generate([req])[0]
-        rng = random.Random(n)
-
-        def pieces(text=req.text, rng=rng):
-            i = 0
-            while i < len(text):
-                step = rng.randint(1, 4)
-                yield text[i:i + step]
-                i += step
-                time.sleep(rng.choice([0.0, 0.0, 0.02, 0.15]))  # some pauses longer than many frames
-
-        other = reference_request(items[-1], 48)
-        beside: list = []
-        running = threading.Thread(target=lambda: beside.append(gpu_engine.generate([other])[0]))
-        running.start()
-        codes = np.concatenate([c.codes for c in gpu_engine.stream_text(req, pieces())])
-        running.join(300)
-        np.testing.assert_array_equal(codes, whole.codes, err_msg=f"request {n}")
-        assert beside[0].codes.tolist() == gpu_engine.generate([other])[0].codes.tolist()
+        ordinary = dataclasses.replace(reference_request(item, 48), non_streaming_mode=False)
+        forced = dataclasses.replace(ordinary, params=dataclasses.replace(ordinary.params, min_frames=48))
+        for name, req, writer in [("random cuts", ordinary, random_cuts), ("first frame holds", ordinary, first_frame_holds),
+                                  ("forced length", forced, random_cuts)]:
+            whole = gpu_engine.generate([req])[0]
+            other = reference_request(items[-1], 48)
+            beside: list = []
+            running = threading.Thread(target=lambda: beside.append(gpu_engine.generate([other])[0]))
+            running.start()
+            codes = np.concatenate([c.codes for c in gpu_engine.stream_text(req, writer(req.text, random.Random(n)))])
+            running.join(300)
+            np.testing.assert_array_equal(codes, whole.codes, err_msg=f"request {n}, {name}")
+            assert beside[0].codes.tolist() == gpu_engine.generate([other])[0].codes.tolist()
 
 
 @pytest.fixture(scope="module")

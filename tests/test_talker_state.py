@@ -246,7 +246,7 @@ def test_sampler_wrapper_emits_all_codes_with_codebook_offsets(parts):
     base = BaseSampler()
     wrapper = TalkerSampler(base, talker)
     talker.sample_hidden = torch.randn(1, comp.config.talker.decoder.hidden_size)
-    batch = SimpleNamespace(req_ids=["req-a"], idx_mapping=torch.tensor([1], dtype=torch.int32),
+    batch = SimpleNamespace(num_reqs=1, req_ids=["req-a"], idx_mapping=torch.tensor([1], dtype=torch.int32),
                             positions=torch.arange(64), logits_indices=torch.tensor([L - 1]))
     out = wrapper(torch.zeros(1, 3072), batch)
     ids = out.logprobs_tensors.logprob_token_ids[0]
@@ -265,8 +265,57 @@ def test_sampler_wrapper_emits_all_codes_with_codebook_offsets(parts):
     idx, given = base.added
     assert (idx, given.logprobs, given.max_tokens) == (2, None, 50)
     assert sp.logprobs == 16 - 1  # the engine's copy still asks for the channel
-    dummy = SimpleNamespace(req_ids=["req_0_dummy"], idx_mapping=torch.tensor([1], dtype=torch.int32),
+    dummy = SimpleNamespace(num_reqs=1, req_ids=["req_0_dummy"], idx_mapping=torch.tensor([1], dtype=torch.int32),
                             positions=torch.arange(64), logits_indices=torch.tensor([L - 1]))
     before = state.history[1].clone()
     wrapper(torch.zeros(1, 3072), dummy)  # vLLM's profiling batch: touches the null slot only
     assert torch.equal(state.history[1], before)
+
+
+def test_an_incremental_request_keeps_eos_back_itself_so_a_turn_may_stop_at_any_frame(parts):
+    """A turn of an incremental request must be able to stop on HOLD at its first frame, so it has
+    no vLLM min_tokens (vLLM 0.26 would not stop on any stop id before it); the talker holds EOS
+    back itself until the request's min_frames, before vLLM samples. An ordinary request's minimum
+    stays vLLM's."""
+    import dataclasses
+
+    from vllm.v1.worker.gpu.sample.output import SamplerOutput
+
+    from vllm_qwen3tts.talker.model_state_v2 import TalkerSampler
+    from vllm_qwen3tts.talker.protocol import Code0Params, hold_token_id, talker_sampling_params
+
+    comp, _ = parts
+    cfg = comp.config.talker
+    eos = cfg.codec_eos_id
+    state = new_state(parts)
+    talker = talker_of(parts, state)
+    incremental = dataclasses.replace(request(parts, "Speak as it comes."), incremental=True, min_frames=3)
+    ordinary = request(parts, "Spoken at once.")
+    L, Lo = len(incremental.recipe), len(ordinary.recipe)
+    state.add_request(1, "inc", incremental.to_extra_args(), L, L)
+    state.add_request(2, "ord", ordinary.to_extra_args(), Lo, Lo)
+
+    class Argmax:  # vLLM's sampler, reduced to greedy sampling
+        def __call__(self, logits, input_batch):
+            ids = logits.argmax(-1, keepdim=True)
+            return SamplerOutput(sampled_token_ids=ids, logprobs_tensors=None, num_nans=None,
+                                 num_sampled=torch.ones(len(ids), dtype=torch.int32),
+                                 num_rejected=torch.zeros(len(ids), dtype=torch.int32))
+
+    wrapper = TalkerSampler(Argmax(), talker)
+    for frame in range(5):
+        logits = torch.zeros(2, cfg.vocab_size)
+        logits[:, eos] = 10.0  # EOS would win every time
+        talker.sample_hidden = torch.randn(2, cfg.decoder.hidden_size)
+        batch = SimpleNamespace(num_reqs=2, req_ids=["inc", "ord"], idx_mapping=torch.tensor([1, 2], dtype=torch.int32),
+                                positions=torch.arange(512), logits_indices=torch.tensor([L - 1 + frame, Lo - 1 + frame]))
+        sampled = wrapper(logits, batch).sampled_token_ids[:, 0].tolist()
+        assert (sampled[0] == eos) == (frame >= 3), f"frame {frame}: {sampled}"
+        assert sampled[1] == eos  # the ordinary request's minimum is vLLM's min_tokens, not the talker's
+
+    hold = hold_token_id(cfg)
+    turn = talker_sampling_params(incremental, Code0Params(), 50, eos, min_frames=3, hold_id=hold)
+    assert turn.min_tokens == 0 and set(turn.stop_token_ids) == {eos, hold}
+    assert talker_sampling_params(ordinary, Code0Params(), 50, eos, min_frames=3).min_tokens == 3
+    state.remove_request("inc")
+    assert not state.early_eos_slots  # ordinary steps skip the mask again

@@ -269,8 +269,14 @@ def check_scheduler(cls):
 
     source = inspect.getsource(Request.__init__)
     assert "self.num_output_placeholders" in source and "self.resumable" in source
+    # ... and _update_request_as_session(self, session, update), whose update carries max_tokens
+    assert params(cls._update_request_as_session) == ["self", "session", "update"]
+    from vllm.v1.request import StreamingUpdate
+
+    assert "max_tokens" in {f.name for f in dataclasses.fields(StreamingUpdate)}
     if vllm_adapter.vllm_version() >= (0, 32):
         assert "num_output_placeholders" in inspect.getsource(cls._handle_stopped_request)
+        assert "session.max_tokens = update.max_tokens" in inspect.getsource(cls._update_request_as_session)
     else:
         assert "self.async_tokens_to_discard" in source
 

@@ -192,11 +192,14 @@ class Qwen3TTS:
         """Audio chunks of one request as they are produced."""
         return self._chunks_of(lambda: self.engine.stream(request))
 
-    def stream_text(self, request: SynthesisRequest, pieces: Iterable[str] | AsyncIterable[str]) -> Iterator[AudioChunk]:
+    def stream_text(self, request: SynthesisRequest, pieces: Iterable[str] | AsyncIterable[str],
+                    min_text_tokens: int = 0) -> Iterator[AudioChunk]:
         """Audio chunks of `request` spoken while its text arrives: `pieces` (strings cut anywhere,
         e.g. an LLM's output as it is written; a plain iterable is read in a thread of its own, so
         it may block) replace `request.text`. Streaming text mode; the codes equal those of
-        `stream` of the whole text with `non_streaming_mode=False`. CPU build only for now."""
+        `stream` of the whole text with `non_streaming_mode=False`. `min_text_tokens`: text tokens
+        to wait for before speaking starts (a lead for text that arrives more slowly than speech).
+        CPU build only for now."""
         if isinstance(pieces, AsyncIterable):
             source = pieces
         else:
@@ -205,7 +208,7 @@ class Qwen3TTS:
                 while (piece := await asyncio.to_thread(next, it, end)) is not end:
                     yield piece
             source = source_from_thread()
-        return self._chunks_of(lambda: self.engine.stream_text(request, source))
+        return self._chunks_of(lambda: self.engine.stream_text(request, source, min_text_tokens=min_text_tokens))
 
     def _chunks_of(self, make_stream) -> Iterator[AudioChunk]:
         """Iterate, in the caller's thread, the chunks of the async stream `make_stream()` made and

@@ -239,15 +239,17 @@ class TTSEngine:
                            else len(self.tokenizer(req.text, add_special_tokens=False)["input_ids"]))
             max_frames = min(max_frames, max(DEFAULT_MIN_FRAME_BUDGET, FRAMES_PER_TEXT_TOKEN_BUDGET * text_tokens))
         max_frames = min(max_frames, room)  # the model's room caps any request
-        treq = TalkerRequest(recipe, sub, seed=req.params.seed, input_closed=input_closed, incremental=tokens is not None)
         # EOS never among the first two samples (as the reference); a minimum above the maximum is the maximum
         min_frames = min(max(2, req.params.min_frames), max_frames)
+        incremental = tokens is not None
+        treq = TalkerRequest(recipe, sub, seed=req.params.seed, input_closed=input_closed, incremental=incremental,
+                             min_frames=min_frames if incremental else 0)
         # a later turn of an incremental request counts its frames anew (vLLM moves them into the prompt)
         if frames_done >= max_frames:
             raise _BudgetSpent()
         sp = talker_sampling_params(treq, code0, max_frames - frames_done, cfg.talker.codec_eos_id,
-                                    seed=req.params.seed, min_frames=max(0, min_frames - frames_done),
-                                    hold_id=None if input_closed and not tokens else hold_token_id(cfg.talker))
+                                    seed=req.params.seed, min_frames=min_frames,
+                                    hold_id=hold_token_id(cfg.talker) if incremental else None)
         prompt = TokensPrompt(prompt_token_ids=[cfg.talker.codec_pad_id] * len(recipe), cache_salt=treq.cache_salt())
         return prompt, sp
 
@@ -388,9 +390,10 @@ class TTSEngine:
     @staticmethod
     def supports_text_streaming() -> bool:
         """Whether `stream_text` is served here: on the V1 model runner (the CPU build). Model
-        Runner V2 (GPUs) hands vLLM the HOLD token too, and the adapter rolls back vLLM 0.26's
-        in-flight step of a paused request, but with them `test_gpu.py`'s text-in-pieces test
-        failed on an H100: the path stays off there until it passes (NOTES §25)."""
+        Runner V2 (GPUs) hands vLLM the HOLD token too, and the adapter carries what vLLM 0.26
+        lacks, but the path stays off on GPUs until `test_gpu.py`'s text-in-pieces test (which
+        lifts this gate for itself) passes there: its last run found the two defects fixed since
+        and no other (NOTES §27)."""
         from .base.vllm_adapter import current_platform
 
         return current_platform.device_type != "cuda"

@@ -301,7 +301,9 @@ def install_session_rollback() -> None:
     (`async_tokens_to_discard`, which its forced preemption uses). Only for a Qwen3-TTS model's
     requests (the plugin loads wherever the package is installed), only where that counter
     exists (0.26; later versions renamed it), inert without async scheduling and on 0.32.
-    Idempotent."""
+    Also as 0.32 does: the next turn's `max_tokens` applies (0.26's
+    `Scheduler._update_request_as_session` keeps the first turn's, so a later turn could run on
+    past the budget left to it). Idempotent."""
     import functools
 
     if vllm_version() >= (0, 32):
@@ -324,3 +326,13 @@ def install_session_rollback() -> None:
 
     _handle_stopped_request.qwen3tts_rollback = True
     scheduler._handle_stopped_request = _handle_stopped_request
+
+    update_session = scheduler._update_request_as_session
+
+    @functools.wraps(update_session)
+    def _update_request_as_session(self, session, update):
+        update_session(self, session, update)
+        if getattr(self.vllm_config.model_config.hf_config, "model_type", None) == "qwen3_tts":
+            session.max_tokens = update.max_tokens
+
+    scheduler._update_request_as_session = _update_request_as_session

@@ -90,15 +90,18 @@ class TalkerSampler:
         self.base.add_request(req_idx, *rest, sp)
 
     def __call__(self, logits: torch.Tensor, input_batch):
-        out = self.base(logits, input_batch)
         state = self.talker.state
-        num_reqs = out.sampled_token_ids.shape[0]
+        num_reqs = input_batch.num_reqs
+        real = bool(input_batch.req_ids) and input_batch.req_ids[0] in state.slot_of
+        last_positions = input_batch.positions[input_batch.logits_indices][:num_reqs]
+        if real:
+            state.mask_early_eos(logits, input_batch.idx_mapping[:num_reqs], last_positions)
+        out = self.base(logits, input_batch)
         code0 = out.sampled_token_ids[:, 0]
-        if input_batch.req_ids and input_batch.req_ids[0] in state.slot_of:
+        if real:
             slots = input_batch.idx_mapping[:num_reqs]
         else:  # profiling / warm-up batch: exercise the predictor on the null slot
             slots = torch.full_like(code0, state.null_slot)
-        last_positions = input_batch.positions[input_batch.logits_indices][:num_reqs]
         sampled = torch.ones_like(code0, dtype=torch.bool)
         codes = self.talker.complete_frames(slots, last_positions, code0, sampled)
         out.logprobs_tensors = codes_as_logprobs(codes, out.logprobs_tensors)

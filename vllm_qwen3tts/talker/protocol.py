@@ -53,6 +53,9 @@ class TalkerRequest:
     # Every turn of an incremental request (`TTSEngine.stream_text`): vLLM moves the frames of
     # earlier turns into the prompt, so the talker's prompt is the recipe's, not vLLM's.
     incremental: bool = False
+    # An incremental request's EOS is held back by the talker (`TalkerState.mask_early_eos`) until
+    # this frame, not by vLLM's min_tokens: that would hold back its HOLD stop too.
+    min_frames: int = 0
 
     def to_extra_args(self) -> dict[str, Any]:
         return {
@@ -62,6 +65,7 @@ class TalkerRequest:
                 "seed": self.seed,
                 "input_closed": self.input_closed,
                 "incremental": self.incremental,
+                "min_frames": self.min_frames,
             }
         }
 
@@ -75,7 +79,8 @@ class TalkerRequest:
             sub = SubtalkerParams(float(t), int(k), float(p))
             seed = d.get("seed")
             return cls(PromptRecipe.from_dict(d["recipe"]), sub, None if seed is None else int(seed),
-                       bool(d.get("input_closed", True)), bool(d.get("incremental", False)))
+                       bool(d.get("input_closed", True)), bool(d.get("incremental", False)),
+                       int(d.get("min_frames", 0)))
         except PromptError:
             raise
         except Exception as e:  # malformed payload from a client we do not control
@@ -118,8 +123,9 @@ def talker_sampling_params(
     last sample is never expanded into a frame, ours always is).
 
     `hold_id`: a turn of an incremental request (`TTSEngine.stream_text`), which also stops on
-    HOLD, and whose `min_frames` and `max_frames` count this turn's frames only (the two-frame
-    floor applies to the whole request, not to each turn).
+    HOLD, and whose `max_frames` counts this turn's frames only. Such a turn has no min_tokens:
+    vLLM would not stop on HOLD before it (a turn may hold at its first frame), so the talker
+    keeps EOS back itself (`TalkerRequest.min_frames`) and `min_frames` is ignored here.
     """
     from ..base.vllm_adapter import RequestOutputKind, SamplingParams
 
@@ -129,7 +135,7 @@ def talker_sampling_params(
         top_p=code0.top_p,
         repetition_penalty=code0.repetition_penalty,
         max_tokens=max_frames,
-        min_tokens=min(min_frames if hold_id is not None else max(2, min_frames), max_frames),
+        min_tokens=0 if hold_id is not None else min(max(2, min_frames), max_frames),
         stop_token_ids=[eos_id] if hold_id is None else [eos_id, hold_id],
         # The text tokenizer's EOS (<|im_end|>, 151645) is not a talker id: vLLM would add it
         # to the min_tokens mask of a 3072-entry vocabulary and fail inside the worker.

@@ -139,12 +139,15 @@ class V1TalkerSampler:
     def __call__(self, logits: torch.Tensor, sampling_metadata, *args, **kwargs):
         generators = getattr(sampling_metadata, "generators", None) or {}
         before = restore_rewound_generators(generators)
-        out = self.base(logits, sampling_metadata, *args, **kwargs)
         driver = self.driver
         model = driver._model()
         rows = driver.row_slots
+        real = rows is not None and rows.shape[0] == logits.shape[0]
+        if real:
+            model.state.mask_early_eos(logits, rows, driver.last_positions)
+        out = self.base(logits, sampling_metadata, *args, **kwargs)
         code0 = out.sampled_token_ids[:, 0]
-        if rows is None or rows.shape[0] != code0.shape[0]:
+        if not real:
             return out  # profiling run
         runner = driver._runner()
         discard_np = runner.discard_request_mask.np[: rows.shape[0]].copy()

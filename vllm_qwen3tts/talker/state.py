@@ -74,6 +74,7 @@ class TalkerState:
         self.trailing_len = ints(n)
         self.pad_text = ints(n)
         self.input_closed = torch.ones(n, dtype=torch.bool, device=self.device)
+        self.min_frames = ints(n)  # EOS held back before this frame (incremental requests; 0: vLLM does it)
         self.xvector = torch.zeros(n, cfg.decoder.hidden_size, dtype=dtype, device=self.device)
         self.ref_codes = ints(n, max(max_ref_frames, 1), q)
         self.history = ints(n, max_frames, q, dt=torch.int16)
@@ -85,6 +86,7 @@ class TalkerState:
 
         self.slot_of: dict[str, int] = {}
         self.open_input_slots: set[int] = set()  # slots of requests whose input is not closed
+        self.early_eos_slots: set[int] = set()  # slots whose EOS the talker holds back (min_frames > 0)
         # Histories of removed requests, kept because removal may be a preemption:
         # the request then comes back as "new" with its generated tokens appended
         # to the prompt, and re-prefilling them needs their residual codes.
@@ -143,6 +145,11 @@ class TalkerState:
         self.sub_top_k[slot].fill_(sub.top_k)
         self.sub_top_p[slot].fill_(sub.top_p)
         self.seed[slot].fill_(req.seed if req.seed is not None else random.getrandbits(62))
+        self.min_frames[slot].fill_(req.min_frames)
+        if req.min_frames > 0:
+            self.early_eos_slots.add(slot)
+        else:
+            self.early_eos_slots.discard(slot)
 
         generated = prefill_len - prompt_len
         if generated > 0:
@@ -221,6 +228,18 @@ class TalkerState:
         frame = last_positions.long() + 1 - self.prompt_len[slots].long()
         return (~self.input_closed[slots]) & (frame >= self.trailing_len[slots].long()) & (code0 != self.cfg.codec_eos_id)
 
+    def mask_early_eos(self, logits: torch.Tensor, slots: torch.Tensor, last_positions: torch.Tensor) -> None:
+        """Before sampling: EOS out of reach for rows whose next frame comes before their request's
+        `min_frames` (vLLM's min_tokens does this for other requests). In place; only while some
+        loaded request asks for it (`early_eos_slots`, a host-side check)."""
+        if not self.early_eos_slots:
+            return
+        slots = slots.long()
+        frame = last_positions.long() + 1 - self.prompt_len[slots].long()
+        early = frame < self.min_frames[slots].long()
+        eos = self.cfg.codec_eos_id
+        logits[:, eos] = torch.where(early, torch.full_like(logits[:, eos], float("-inf")), logits[:, eos])
+
     @property
     def any_open_input(self) -> bool:
         """Whether a loaded request may still get text (so may have to hold): a host-side check
@@ -232,6 +251,7 @@ class TalkerState:
         if slot is None:
             return
         self.open_input_slots.discard(slot)
+        self.early_eos_slots.discard(slot)
         self.parked[req_id] = self.history[slot].clone()
         while len(self.parked) > self.max_parked:
             self.parked.popitem(last=False)
