@@ -1,4 +1,4 @@
-import json, glob, re, statistics as st, sys
+import json, glob, re, statistics as st
 rows = []
 for d in sorted(glob.glob('/tmp/apicost/runs/r*')) + sorted(glob.glob('/tmp/apicost/runs/x*')):
     out = open(d + '/out.txt').read()
