@@ -70,6 +70,75 @@ def test_speech_starts_before_the_text_is_complete_and_waits_for_it(custom_voice
     np.testing.assert_array_equal(beside[0].codes, tts.generate([other])[0].codes)
 
 
+@pytest.mark.parametrize("forced", [False, True], ids=["eos-free", "length-forced"])
+def test_a_request_may_hold_at_its_first_frame_whatever_its_minimum_length(custom_voice, forced):
+    """The request starts with one text token, the prompt's, and none for its trailing track, then
+    the text pauses: its first frame already holds. With the length forced (min frames = max
+    frames) every turn holds as text comes. EOS is still kept out of the first frames, and the codes
+    are the whole text's."""
+    import dataclasses
+
+    tts, _ = custom_voice
+    req = streaming_text(CUSTOM_VOICE_CASES[0])
+    if forced:
+        req = dataclasses.replace(req, params=dataclasses.replace(req.params, min_frames=FRAMES, max_frames=FRAMES))
+    first, rest = req.text.split(" ", 1)
+
+    def writer():
+        yield first
+        yield " "  # "Hello" is final now: the request starts with it and nothing after it
+        time.sleep(0.3)  # many frames' time: the first frame holds
+        for word in rest.split(" "):
+            yield word + " " if word != rest.split(" ")[-1] else word
+            time.sleep(0.02)
+
+    chunks = list(tts.stream_text(req, writer()))
+    whole = tts.generate([req])[0]
+    np.testing.assert_array_equal(np.concatenate([c.codes for c in chunks]), whole.codes)
+    if forced:
+        assert whole.codes.shape[0] == FRAMES
+
+
+def test_min_text_tokens_waits_for_a_lead_of_text_before_speaking(custom_voice):
+    """With `min_text_tokens`, speech starts only once that many text tokens are final, although
+    the writer pauses after every word for longer than a first frame takes; the codes are still
+    the whole text's."""
+    from vllm_qwen3tts.model.incremental_text import IncrementalTokenizer
+
+    tts, _ = custom_voice
+    req = streaming_text(CUSTOM_VOICE_CASES[0])
+    words = req.text.split(" ")
+    heard = threading.Event()
+    lead = 6
+
+    def committed(text: str) -> int:
+        tokens = IncrementalTokenizer(tts.engine.tokenizer)
+        tokens.append(text)
+        return len(tokens.ids)
+
+    for min_text_tokens in (0, lead):
+        heard.clear()
+        written: list[str] = []
+
+        def writer():
+            for i, word in enumerate(words):
+                written.append(word if i == 0 else " " + word)
+                yield written[-1]
+                heard.wait(1.5)  # without a lead, speech starts within this pause
+
+        chunks, at_first_audio = [], None
+        for chunk in tts.stream_text(req, writer(), min_text_tokens=min_text_tokens):
+            chunks.append(chunk)
+            if at_first_audio is None and chunk.audio.size:
+                at_first_audio = committed("".join(written))
+                heard.set()
+        np.testing.assert_array_equal(np.concatenate([c.codes for c in chunks]), tts.generate([req])[0].codes)
+        if min_text_tokens:
+            assert at_first_audio >= lead, f"speech started with {at_first_audio} tokens final"
+        else:
+            assert at_first_audio < lead, "without a lead, speech should start at the first words"
+
+
 def test_text_in_pieces_refuses_non_streaming_mode_and_empty_text(custom_voice):
     tts, _ = custom_voice
     with pytest.raises(Exception, match="streaming text mode"):
