@@ -11,11 +11,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from server_harness import starts_in_background  # noqa: E402
 from vllm_qwen3tts.tools.checkpoint import VARIANTS, make_checkpoint  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ends_speech_server: ends the shared `speech_server`, so runs after every "
+                                       "other test")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need a CUDA GPU: without one they are skipped, saying so (CI has none)."""
+    """A test that ends the shared speech server runs last. `gpu` tests need a CUDA GPU: without
+    one they are skipped, saying so (CI has none)."""
+    items.sort(key=lambda item: item.get_closest_marker("ends_speech_server") is not None)  # stable: order kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: run `pytest -m gpu` there (scripts/gpu_tests.sh on a bare GPU machine)")
@@ -90,19 +98,39 @@ def official(tiny_checkpoint):
 ALL_VARIANTS = VARIANTS
 
 
-@pytest.fixture(scope="session")
-def speech_server(tmp_path_factory):
-    """The README's server (`vllm-qwen3tts serve`, embedded default CustomVoice checkpoint) with
-    the three keys of `server_harness.KEYS`, 4 sequences at a time, a global bound of 12 requests
-    in flight, two codec workers (as with two GPUs) and a
-    5 s write stall bound (a client that stops reading is cut off sooner than by default). Started once and shared by the server
-    tests and the reliability suite: a test that disturbs it (kills a worker) leaves it serving."""
+@pytest.fixture(scope="session", autouse=True)
+def background(request):
+    """The servers the selected tests use, of those registered with `server_harness.starts_in_background`
+    (the shared speech server, and some modules' own), started one after another as the session
+    begins, in threads, while the first modules' tests run (`server_harness.Background`)."""
+    from server_harness import Background
+
+    started = Background(request)
+    yield started
+    started.close()
+
+
+@starts_in_background("*", "speech_server")
+def start_speech_server(tmp_path_factory):
+    """The context of the shared speech server (`speech_server`)."""
     from server_harness import KEYS, running_server
 
     tmp = tmp_path_factory.mktemp("server-cv")
     env = {"QWEN3TTS_CACHE_DIR": str(tmp / "cache")}  # no --model: the default checkpoint is generated here
-    with running_server(tmp, ["--max-queued-requests", "12", "--max-frames", "40", "--max-num-seqs", "4",
-                              "--max-model-len", "512", "--codec-device", "cpu", "--codec-device", "cpu",
-                              "--write-stall-timeout", "5"],
-                        keys=KEYS, env=env, as_server=True) as server:
+    return running_server(tmp, ["--max-queued-requests", "12", "--max-frames", "40", "--max-num-seqs", "4",
+                                "--max-model-len", "512", "--codec-device", "cpu", "--codec-device", "cpu",
+                                "--write-stall-timeout", "5"],
+                          keys=KEYS, env=env, as_server=True)
+
+
+@pytest.fixture(scope="session")
+def speech_server(request, background):
+    """The README's server (`vllm-qwen3tts serve`, embedded default CustomVoice checkpoint) with
+    the three keys of `server_harness.KEYS`, 4 sequences at a time, a global bound of 12 requests
+    in flight, two codec workers (as with two GPUs) and a
+    5 s write stall bound (a client that stops reading is cut off sooner than by default). Started once and shared by the server
+    tests and the reliability suite: a test that disturbs it (kills a worker) leaves it serving,
+    except the one marked `ends_speech_server`, which runs after all others and ends it. It starts
+    as the session begins (`background`)."""
+    with background.server(request, "speech_server", module="*") as server:
         yield server

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,17 +45,24 @@ PLAIN_VLLM_SERVE = (
 )
 
 
-@contextmanager
 def running_server(tmp: Path, args: list[str], keys: list[dict] | None = None, env: dict | None = None,
                    timeout_s: float = 300, plain_vllm: bool = False, as_server: bool = False, device: str = "cpu",
                    vllm_serve: bool = False):
     """Yields (base_url, log_path), or a `Server` with `as_server`. Arguments go to `vllm-qwen3tts serve`; with `plain_vllm`, to
     vLLM's server as that command sets it up, but with no codec worker started before it; with `vllm_serve`, to
     the `vllm serve` command itself (`vllm serve ARGS --host 127.0.0.1 --port P`, VLLM_PLUGINS unset: installing
-    the package is all it has; `keys` and the rest of the speech settings are the caller's to pass)."""
+    the package is all it has; `keys` and the rest of the speech settings are the caller's to pass). The server's
+    environment is this process's as of this call, plus `env` (the context may be entered later, in another thread
+    (`StartedInBackground`), while a test has changed the environment for itself)."""
+    return _running_server(dict(os.environ), tmp, args, keys, env, timeout_s, plain_vllm, as_server, device, vllm_serve)
+
+
+@contextmanager
+def _running_server(environ: dict, tmp: Path, args: list[str], keys, env, timeout_s, plain_vllm, as_server, device,
+                    vllm_serve):
     port = free_port()
     log = tmp / "server.log"
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**environ, **(env or {})}
     if vllm_serve:
         cmd = [str(Path(sys.executable).with_name("vllm")), "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
         full_env.pop("VLLM_PLUGINS", None)
@@ -91,6 +101,108 @@ def running_server(tmp: Path, args: list[str], keys: list[dict] | None = None, e
             except ProcessLookupError:
                 pass
             proc.wait(timeout=10)
+
+
+class StartedInBackground:
+    """A context (a `running_server(...)`) entered in a thread of its own, once `after` (another
+    one) has started, if given: the caller goes on while it starts, and `get()` waits until it has
+    (raising what its start raised) and returns what it yields. `close()` leaves the context (stops
+    the server) and waits for that."""
+
+    def __init__(self, context, after: "StartedInBackground | None" = None):
+        self._context = context
+        self._after = after
+        self._ready = threading.Event()
+        self._closing = threading.Event()
+        self._value = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="server-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self._after is not None:
+                self._after._ready.wait()
+            if self._closing.is_set():
+                return
+            with self._context as value:
+                self._value = value
+                self._ready.set()
+                self._closing.wait()
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the server
+            if not self._ready.is_set():
+                self._error = e
+        finally:
+            self._ready.set()
+
+    def get(self):
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join()
+
+
+# Contexts started in the background as the session begins, one after another (conftest's
+# `background`), by (test module name, or "*" for a session fixture, fixture name): a function of
+# session fixtures, called in the main thread, that returns the context (`running_server(...)`).
+BACKGROUND: dict[tuple[str, str], Callable] = {}
+
+
+def starts_in_background(module: str, fixture: str):
+    """Registers the decorated function as the start of `fixture` (of test module `module`, or of
+    the session where "*") for conftest's `background`: when a selected test uses that fixture, the
+    server starts as the session begins, after those registered and used before it, in a thread,
+    while other tests run (a server's start is mostly process starts that leave the second core
+    idle), and the fixture takes it from `Background.server`."""
+    def register(start: Callable) -> Callable:
+        BACKGROUND[(module, fixture)] = start
+        return start
+    return register
+
+
+class Background:
+    """The servers of BACKGROUND that the selected tests use, started one after another from now on."""
+
+    def __init__(self, request):  # the session's request
+        items = request.session.items
+
+        def first_use(module: str, fixture: str) -> int | None:
+            return next((i for i, item in enumerate(items) if fixture in getattr(item, "fixturenames", ())
+                         and module in ("*", getattr(getattr(item, "module", None), "__name__", None))), None)
+
+        used = sorted((i, key) for key in BACKGROUND if (i := first_use(*key)) is not None)
+        self._started: dict[tuple[str, str], StartedInBackground] = {}
+        previous = None
+        for _, key in used:
+            previous = self._started[key] = StartedInBackground(self._context(key, request), after=previous)
+
+    @staticmethod
+    def _context(key, request):
+        start = BACKGROUND[key]
+        return start(**{name: request.getfixturevalue(name) for name in inspect.signature(start).parameters})
+
+    @contextmanager
+    def server(self, request, fixture: str, module: str | None = None):
+        """The server of `fixture` (of the requesting test's module, or `module`): the one started in
+        the background, else started now; stopped when the context ends."""
+        key = (module or request.module.__name__, fixture)
+        started = self._started.pop(key, None)
+        if started is None:
+            with self._context(key, request) as value:
+                yield value
+            return
+        try:
+            yield started.get()
+        finally:
+            started.close()
+
+    def close(self) -> None:
+        for started in reversed(list(self._started.values())):
+            started.close()
 
 
 @dataclass(frozen=True)

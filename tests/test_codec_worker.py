@@ -52,13 +52,16 @@ def max_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def spawned_processes() -> set[int]:
-    """Pids of this process's multiprocessing-spawned children (not its resource tracker)."""
+    """Pids of this process's multiprocessing-spawned children (not its resource tracker), in its
+    session (not those of the servers that conftest's `background` starts meanwhile, each in a
+    session of its own)."""
     pids = set()
+    session = os.getsid(0)
     for child in psutil.Process().children(recursive=True):
         try:
-            if any("spawn_main" in arg for arg in child.cmdline()):
+            if any("spawn_main" in arg for arg in child.cmdline()) and os.getsid(child.pid) == session:
                 pids.add(child.pid)
-        except psutil.Error:  # exited meanwhile
+        except (psutil.Error, ProcessLookupError):  # exited meanwhile
             pass
     return pids
 

@@ -36,6 +36,12 @@ def engine_for(path, **options) -> Qwen3TTS:
     return Qwen3TTS(path, device="cpu", engine_args=engine_args, **options)
 
 
+# The VoiceDesign, Base and preemption engines below run eagerly (`enforce_eager`): vLLM compiles
+# the same talker code for every variant, and compiled engines are covered by the CustomVoice one
+# here (1.7B), the shared speech server (1.7B) and test_server_hub.py's `vllm serve` (0.6B).
+EAGER = dict(enforce_eager=True)
+
+
 def official_codes(official, method, **kwargs):
     codes, wav = official_generate(official, method, do_sample=False, subtalker_dosample=False,
                                    max_new_tokens=FRAMES + 1, **kwargs)
@@ -229,7 +235,7 @@ def test_voice_design_matches_official(tiny_checkpoint):
         dict(text="Guten Morgen!", instructions="", language="German", non_streaming_mode=False),
     ]
     official = load_official(path)
-    with engine_for(path) as tts:
+    with engine_for(path, **EAGER) as tts:
         results = tts.generate([as_request(c) for c in cases])
         in_pieces = codes_in_pieces(tts, as_request(cases[1]), random.Random(5))
     for case, result in zip(cases, results):
@@ -249,7 +255,7 @@ def reference_audio(seconds: float, seed: int) -> tuple[np.ndarray, int]:
 def test_base_voice_clone_matches_official(tiny_checkpoint):
     path = tiny_checkpoint("0.6b-base")
     official = load_official(path)
-    with engine_for(path) as tts:
+    with engine_for(path, **EAGER) as tts:
         icl = tts.clone_voice(reference_audio(2.0, 1), "This is the reference voice.")
         xvec = tts.clone_voice(reference_audio(1.5, 2), x_vector_only=True)
         cases = [
@@ -289,7 +295,7 @@ def test_forced_preemption_keeps_every_frame(tiny_checkpoint, custom_voice):
                    if s.name.endswith("_total"))
 
     before = preemptions()
-    with engine_for(tiny_checkpoint("1.7b-custom_voice"), max_model_len=256,
+    with engine_for(tiny_checkpoint("1.7b-custom_voice"), max_model_len=256, **EAGER,
                     engine_args={"num_gpu_blocks_override": 9, "block_size": 32}) as tts:
         results = tts.generate(requests)
     assert preemptions() > before, "the test did not force any preemption"

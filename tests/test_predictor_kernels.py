@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -195,23 +196,49 @@ def compare_sampler(device: str, rows_per_case: int = 8, draws: int = 2) -> int:
     return compared
 
 
-def run_in_interpreter(what: str, **env_vars: str) -> str:
+def in_interpreter(what: str) -> subprocess.CompletedProcess:
+    """This file run as a script under Triton's interpreter, comparing `what`."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, __file__, "cpu", what], env=env, capture_output=True, text=True, timeout=600)
+
+
+# The comparison each interpreter test runs in its child process, the longest first.
+INTERPRETER_RUNS = {
+    "test_small_batch_layer_matches_pytorch_layer_in_triton_interpreter": "layer",
+    "test_kernel_matches_pytorch_attention_in_triton_interpreter": "attention",
+    "test_fused_sampler_draws_the_tokens_of_the_pytorch_sampler_in_triton_interpreter": "sampler",
+    "test_layer_comparison_notices_a_missing_residual": "broken-layer",
+}
+
+
+@pytest.fixture(scope="module")
+def run_in_interpreter(request):
+    """`run_in_interpreter(what)` -> the stdout of `in_interpreter(what)`, which must exit 0. The
+    children of every selected interpreter test run two at a time from the first such test on
+    (each is one single-threaded interpreter: with two cores, the longest runs while the others
+    do); each test then waits for its own."""
     pytest.importorskip("triton", reason="Triton is not installed with this build of torch")
-    env = dict(os.environ, TRITON_INTERPRET="1", **env_vars)
-    done = subprocess.run([sys.executable, __file__, "cpu", what], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {what: pool.submit(in_interpreter, what) for name, what in INTERPRETER_RUNS.items() if name in selected}
+
+        def result(what: str) -> str:
+            done = (runs.get(what) or runs.setdefault(what, pool.submit(in_interpreter, what))).result()
+            assert done.returncode == 0, done.stdout + done.stderr
+            return done.stdout
+
+        yield result
 
 
-def test_kernel_matches_pytorch_attention_in_triton_interpreter():
+def test_kernel_matches_pytorch_attention_in_triton_interpreter(run_in_interpreter):
     assert "float32 max diff" in run_in_interpreter("attention")
 
 
-def test_small_batch_layer_matches_pytorch_layer_in_triton_interpreter():
+def test_small_batch_layer_matches_pytorch_layer_in_triton_interpreter(run_in_interpreter):
     assert "layer float32 max diff" in run_in_interpreter("layer")
 
 
-def test_layer_comparison_notices_a_missing_residual():
+def test_layer_comparison_notices_a_missing_residual(run_in_interpreter):
     """The comparison itself can fail: a down projection that drops the residual is caught."""
     assert "a dropped residual is caught" in run_in_interpreter("broken-layer")
 
@@ -237,7 +264,7 @@ def compare_broken_layer() -> str:
     raise AssertionError("the comparison passed a layer without its MLP residual")
 
 
-def test_fused_sampler_draws_the_tokens_of_the_pytorch_sampler_in_triton_interpreter():
+def test_fused_sampler_draws_the_tokens_of_the_pytorch_sampler_in_triton_interpreter(run_in_interpreter):
     assert "sampler: 432 draws identical" in run_in_interpreter("sampler")
 
 

@@ -25,7 +25,7 @@ import pytest
 import soundfile as sf
 import websockets.sync.client
 
-from server_harness import assert_renders_one_generation, metric, running_server
+from server_harness import assert_renders_one_generation, metric, running_server, starts_in_background
 
 pytestmark = pytest.mark.engine
 
@@ -44,8 +44,8 @@ def reference_wav(seconds: float = 1.5, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_checkpoint):
+@starts_in_background(__name__, "served")
+def start_served(tmp_path_factory, tiny_checkpoint):
     """Plain `vllm serve CHECKPOINT` (no `vllm-qwen3tts serve`, no VLLM_PLUGINS): the server starts its own codec
     worker once the engine is up and takes its speech settings from vLLM's `--additional-config`. vLLM's own API
     key (VLLM_API_KEY, as vLLM's `--api-key`) is set beside the tenants' keys file."""
@@ -54,10 +54,16 @@ def served(tmp_path_factory, tiny_checkpoint):
     speech = {"api_keys_file": str(tmp / "keys.json"), "voices_dir": str(tmp / "voices"), "max_frames": 40,
               "allow_url_ref_audio": True, "max_ref_audio_bytes": 400_000, "codec_streams": CODEC_STREAMS,
               "shutdown_grace": GRACE_S}
-    with running_server(tmp, [str(tiny_checkpoint("0.6b-base")), "--max-num-seqs", "4", "--max-model-len", "1024",
-                              "--enforce-eager",  # no compile: these tests are about voices and keys
-                              "--additional-config", json.dumps({"qwen3tts": speech})],
-                        env={"VLLM_API_KEY": "vllm-key"}, vllm_serve=True, as_server=True) as served:
+    return running_server(tmp, [str(tiny_checkpoint("0.6b-base")), "--max-num-seqs", "4", "--max-model-len", "1024",
+                                "--enforce-eager",  # no compile: these tests are about voices and keys
+                                "--additional-config", json.dumps({"qwen3tts": speech})],
+                          env={"VLLM_API_KEY": "vllm-key"}, vllm_serve=True, as_server=True)
+
+
+@pytest.fixture(scope="module")
+def served(request, background):
+    """`start_served`'s server, started as the session began (conftest's `background`)."""
+    with background.server(request, "served") as served:
         yield served  # the last test ends it: the harness's teardown finds it gone
 
 

@@ -3,7 +3,7 @@
 The codec tests use the shared `speech_server` (two CPU codec workers, children of the API
 server) and leave it serving: in-flight requests fail with a clear error, `/health` and `/ready`
 say so at once, the worker comes back by itself and every kind of request succeeds again. The
-engine test starts a server of its own, since it ends it.
+engine test ends that server, so it runs after every other test of the session.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import httpx
 import psutil
 import pytest
 import websockets
-
-from server_harness import running_server
 
 pytestmark = pytest.mark.engine
 
@@ -288,27 +286,27 @@ def test_with_every_codec_worker_killed_requests_fail_clearly_and_new_ones_get_5
         assert_whole(outcome, 2)
 
 
-def test_when_the_engine_core_dies_health_says_so_and_the_server_exits_non_zero(tmp_path, tiny_checkpoint):
-    """Its own small server (one codec worker, 10 frames a sentence), which this test ends. vLLM
-    cannot restart its engine core; the server must not live on as a zombie that says healthy."""
-    args = ["--model", str(tiny_checkpoint("0.6b-custom_voice")), "--max-num-seqs", "2", "--max-model-len", "512",
-            "--max-frames", "10", "--codec-device", "cpu", "--enforce-eager"]  # no compile: it is about to die
-    with running_server(tmp_path, args, as_server=True) as server:
-        api = psutil.Process(server.pid)
-        (engine,) = [p for p in api.children(recursive=True) if "EngineCore" in p.name()]
-        workers = codec_workers(server)
-        assert status_of(server.base) == (200, 200)
-        os.kill(engine.pid, signal.SIGKILL)
-        seen, deadline = [], time.monotonic() + 120
-        while True:
-            try:
-                seen.append(status_of(server.base))
-            except httpx.HTTPError:  # it stopped listening
-                break
-            assert time.monotonic() < deadline, seen
-            time.sleep(0.1)
-        status = api.wait(timeout=120)
-        _, alive = psutil.wait_procs(workers, timeout=30)
+@pytest.mark.ends_speech_server
+def test_when_the_engine_core_dies_health_says_so_and_the_server_exits_non_zero(speech_server):
+    """The shared server, which this test ends: it runs after every other test of the session
+    (`ends_speech_server`), once the server serves again with both codec workers. vLLM cannot
+    restart its engine core; the server must not live on as a zombie that says healthy."""
+    server = speech_server
+    api = psutil.Process(server.pid)
+    (engine,) = [p for p in api.children(recursive=True) if "EngineCore" in p.name()]
+    workers = wait_until_serving(server)
+    assert status_of(server.base) == (200, 200)
+    os.kill(engine.pid, signal.SIGKILL)
+    seen, deadline = [], time.monotonic() + 120
+    while True:
+        try:
+            seen.append(status_of(server.base))
+        except httpx.HTTPError:  # it stopped listening
+            break
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.1)
+    status = api.wait(timeout=120)
+    _, alive = psutil.wait_procs(workers, timeout=30)
     assert status == 1
     assert (503, 503) in seen, seen  # said before it went away
     assert (200, 200) not in seen[seen.index((503, 503)):], seen  # and never healthy again

@@ -17,7 +17,7 @@ import openai
 import pytest
 import soundfile as sf
 
-from server_harness import running_server
+from server_harness import running_server, starts_in_background
 from vllm_qwen3tts.base.config import CheckpointError
 from vllm_qwen3tts.base.model_source import resolve_checkpoint
 from vllm_qwen3tts.tools.checkpoint import make_checkpoint
@@ -30,20 +30,36 @@ FRAMES = 6
 SAMPLES_PER_FRAME = 1920
 
 
+_HF_HOME: list[Path] = []  # made once a session
+
+
+def make_hf_home(tmp_path_factory) -> Path:
+    if not _HF_HOME:
+        home = tmp_path_factory.mktemp("hf-home")
+        made = make_checkpoint("0.6b-custom_voice", "tiny", home / "made", seed=0, shards=3, extra_speaker="Narrator")
+        place_in_hub_cache(made, REPO, home / "hub")
+        _HF_HOME.append(home)
+    return _HF_HOME[0]
+
+
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf-home")
-    made = make_checkpoint("0.6b-custom_voice", "tiny", home / "made", seed=0, shards=3, extra_speaker="Narrator")
-    place_in_hub_cache(made, REPO, home / "hub")
-    return home
+    return make_hf_home(tmp_path_factory)
+
+
+@starts_in_background(__name__, "served")
+def start_served(tmp_path_factory):
+    hf_home = make_hf_home(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("server-hub")
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "QWEN3TTS_VOICES_DIR": str(tmp / "voices")}
+    return running_server(tmp, [REPO], env=env, vllm_serve=True, timeout_s=480)
 
 
 @pytest.fixture(scope="module")
-def served(hf_home, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server-hub")
-    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "QWEN3TTS_VOICES_DIR": str(tmp / "voices")}
-    with running_server(tmp, [REPO], env=env, vllm_serve=True, timeout_s=480) as (base, log):
-        yield base, log
+def served(request, background):
+    """(base URL, log) of `vllm serve REPO`, started as the session began (conftest's `background`)."""
+    with background.server(request, "served") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
