@@ -313,11 +313,13 @@ def install_session_rollback() -> None:
     if getattr(original, "qwen3tts_rollback", False):
         return
 
+    def serves_qwen3_tts(scheduler) -> bool:
+        return getattr(scheduler.vllm_config.model_config.hf_config, "model_type", None) == "qwen3_tts"
+
     @functools.wraps(original)
     def _handle_stopped_request(self, request):
         in_flight = request.num_output_placeholders
-        if (request.resumable and in_flight > 0 and hasattr(request, "async_tokens_to_discard")
-                and getattr(self.vllm_config.model_config.hf_config, "model_type", None) == "qwen3_tts"):
+        if request.resumable and in_flight > 0 and hasattr(request, "async_tokens_to_discard") and serves_qwen3_tts(self):
             request.num_computed_tokens -= in_flight
             request.async_tokens_to_discard += in_flight
             request.num_output_placeholders = 0
@@ -332,7 +334,7 @@ def install_session_rollback() -> None:
     @functools.wraps(update_session)
     def _update_request_as_session(self, session, update):
         update_session(self, session, update)
-        if getattr(self.vllm_config.model_config.hf_config, "model_type", None) == "qwen3_tts":
+        if serves_qwen3_tts(self):
             session.max_tokens = update.max_tokens
 
     scheduler._update_request_as_session = _update_request_as_session

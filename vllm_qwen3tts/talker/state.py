@@ -225,7 +225,7 @@ class TalkerState:
         """Rows whose frame just sampled leaves the next step without its text token: the input
         is not closed and the trailing text ends at that frame (an EOS ends the request instead)."""
         slots = slots.long()
-        frame = last_positions.long() + 1 - self.prompt_len[slots].long()
+        frame = self._frame_sampled(slots, last_positions)
         return (~self.input_closed[slots]) & (frame >= self.trailing_len[slots].long()) & (code0 != self.cfg.codec_eos_id)
 
     def mask_early_eos(self, logits: torch.Tensor, slots: torch.Tensor, last_positions: torch.Tensor) -> None:
@@ -235,10 +235,12 @@ class TalkerState:
         if not self.early_eos_slots:
             return
         slots = slots.long()
-        frame = last_positions.long() + 1 - self.prompt_len[slots].long()
-        early = frame < self.min_frames[slots].long()
-        eos = self.cfg.codec_eos_id
-        logits[:, eos] = torch.where(early, torch.full_like(logits[:, eos], float("-inf")), logits[:, eos])
+        early = self._frame_sampled(slots, last_positions) < self.min_frames[slots].long()
+        logits[:, self.cfg.codec_eos_id].masked_fill_(early, float("-inf"))
+
+    def _frame_sampled(self, slots: torch.Tensor, last_positions: torch.Tensor) -> torch.Tensor:
+        """The frame index that the logits at `last_positions` (of requests in `slots`, long) sample."""
+        return last_positions.long() + 1 - self.prompt_len[slots].long()
 
     @property
     def any_open_input(self) -> bool:
@@ -302,7 +304,7 @@ class TalkerState:
         """Complete each sampled frame with codes 1..15, record it, and return [B, 16]."""
         slots = slots.long()
         code0 = code0.long()
-        frame = last_positions.long() + 1 - self.prompt_len[slots].long()
+        frame = self._frame_sampled(slots, last_positions)
         valid = (
             sampled
             & (last_positions.long() + 1 >= self.prefill_len[slots].long())
