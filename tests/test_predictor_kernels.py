@@ -149,7 +149,7 @@ def sample_keeping_ties_at_the_cut(logits, params, counter) -> torch.Tensor:
     cut = processed.masked_fill(processed == float("-inf"), float("inf")).amin(dim=-1, keepdim=True)
     kept = top_k_only.masked_fill(top_k_only < cut, float("-inf"))
     gumbel = -torch.log(-torch.log(uniform_noise(params.seed, counter, logits.shape[-1])))
-    return (kept + (params.temperature > 0).float().unsqueeze(-1) * gumbel).argmax(dim=-1)
+    return torch.where((params.temperature > 0).unsqueeze(-1), kept + gumbel, kept).argmax(dim=-1)
 
 
 def compare_sampler(device: str, rows_per_case: int = 8, draws: int = 2) -> int:
@@ -193,7 +193,26 @@ def compare_sampler(device: str, rows_per_case: int = 8, draws: int = 2) -> int:
         if not torch.equal(got, expected):
             raise AssertionError(f"signed zeros ({dtype}): drew {got.tolist()[:8]}, expected {expected.tolist()[:8]}")
         compared += n
+    check_top_noise_bucket(device)
     return compared
+
+
+def check_top_noise_bucket(device: str) -> None:
+    """The noise's top bucket (test_sampling.py's TOP_BUCKET) forces no draw in the kernel either:
+    greedy and top-k 1 rows draw the best token, as the PyTorch sampler does."""
+    from test_sampling import TOP_BUCKET
+    from vllm_qwen3tts.model.predictor_kernels import fused_sample
+
+    seed, counter, column = TOP_BUCKET
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = torch.zeros(2, 2048, dtype=dtype)
+        logits[:, 3] = 1.0
+        logits = logits.to(device)
+        got = fused_sample(logits, torch.tensor([0.0, 1.0], device=device), torch.tensor([0, 1], device=device),
+                           torch.ones(2, device=device), torch.full((2,), seed, device=device),
+                           torch.full((2,), counter, device=device))
+        if got.tolist() != [3, 3]:
+            raise AssertionError(f"the top noise bucket (column {column}) drew {got.tolist()} ({dtype}), not [3, 3]")
 
 
 def in_interpreter(what: str) -> subprocess.CompletedProcess:

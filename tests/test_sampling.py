@@ -61,6 +61,25 @@ def test_greedy_rows_take_the_argmax_and_masked_ids_are_never_drawn():
     assert (draws.unsqueeze(-1) == allowed).any(-1).all()
 
 
+# (seed, counter, column) whose hash is the largest 24-bit value (found by search): the centre of
+# that bucket rounds to 1.0 in float32, whose Gumbel noise is inf
+TOP_BUCKET = (1141, 17, 1757)
+
+
+def test_the_top_noise_bucket_forces_no_draw():
+    """At the top bucket the noise is held just below 1. It once was 1.0: a greedy row then read
+    0 * inf = NaN there and drew that column (greedy codes of one request differed between runs
+    whose random seeds differed), and a sampled row drew it whatever top-k had cut."""
+    seed, counter, column = TOP_BUCKET
+    u = uniform_noise(torch.tensor([seed]), torch.tensor([counter]), 2048)[0]
+    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
+    assert u[column] == below_one and (u < 1).all()
+    logits = torch.zeros(2, 2048)
+    logits[:, 3] = 1.0
+    params = SamplingTensors(torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), torch.ones(2), torch.full((2,), seed))
+    assert sample(logits, params, torch.full((2,), counter)).tolist() == [3, 3]
+
+
 def test_noise_is_a_pure_function_of_seed_counter_and_column():
     seeds = torch.tensor([1, 2, 2**40 + 5, -7])
     counters = torch.tensor([0, 0, 3, 9])

@@ -375,7 +375,7 @@ if triton is not None:
         ctr = (tl.load(counter_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
         h = _hash32(ctr ^ _hash32(s_hi ^ _hash32(s_lo)))
         n = _hash32(_hash32(cols.to(tl.uint32) ^ h) ^ 0x9E3779B9)
-        u = ((n >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u = tl.minimum(((n >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 1.0 - 1.0 / 16777216.0)
         if LIBDEVICE_LOG:  # the logf that PyTorch's CUDA log calls
             gumbel = -libdevice.log(-libdevice.log(u))
         else:  # Triton's interpreter has no libdevice

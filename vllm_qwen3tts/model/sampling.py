@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 _MASK32 = 0xFFFFFFFF
+BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
 
 
 @dataclass
@@ -66,8 +67,9 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, n: int) -> torch.Te
     ctr = (counter & _MASK32).unsqueeze(-1)
     x = _hash32(col.unsqueeze(0) ^ _hash32(ctr ^ _hash32(s_hi ^ _hash32(s_lo))))
     x = _hash32(x ^ 0x9E3779B9)
-    # 24 random bits, centred in their bucket: never exactly 0 or 1
-    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 24 random bits, centred in their bucket; the top bucket's centre rounds to 1.0 in float32
+    # (whose Gumbel noise is inf), so it is held just below 1
+    return (((x >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp(max=BELOW_ONE)
 
 
 def process_logits(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
@@ -111,5 +113,5 @@ def sample(logits: torch.Tensor, params: SamplingTensors, counter: torch.Tensor)
     greedy = params.temperature <= 0
     u = uniform_noise(params.seed, counter, logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
-    noisy = processed + torch.where(greedy, torch.zeros_like(params.temperature), torch.ones_like(params.temperature)).unsqueeze(-1) * gumbel
+    noisy = torch.where(greedy.unsqueeze(-1), processed, processed + gumbel)  # greedy rows never see the noise
     return noisy.argmax(dim=-1)
