@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 
 # The keys of the shared speech server (`speech_server` in conftest.py): two ordinary tenants and
 # one tightly limited.
