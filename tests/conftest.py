@@ -134,3 +134,13 @@ def speech_server(request, background):
     as the session begins (`background`)."""
     with background.server(request, "speech_server", module="*") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def custom_voice_engine(tiny_checkpoint):
+    """`Qwen3TTS` on the CPU with the tiny 1.7B CustomVoice checkpoint (compiled), one start for
+    every module that tests the engine API on it (test_engine_cpu.py, test_engine_text_stream.py)."""
+    from test_engine_cpu import engine_for
+
+    with engine_for(tiny_checkpoint("1.7b-custom_voice")) as tts:
+        yield tts

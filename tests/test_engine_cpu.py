@@ -49,10 +49,8 @@ def official_codes(official, method, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def custom_voice(tiny_checkpoint):
-    path = tiny_checkpoint("1.7b-custom_voice")
-    with engine_for(path) as tts:
-        yield tts, load_official(path)
+def custom_voice(custom_voice_engine, tiny_checkpoint):
+    return custom_voice_engine, load_official(tiny_checkpoint("1.7b-custom_voice"))
 
 
 def test_prompt_ids_outside_the_talker_vocabulary_are_refused_and_the_engine_keeps_serving(custom_voice):

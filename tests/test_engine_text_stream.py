@@ -13,16 +13,14 @@ import time
 import numpy as np
 import pytest
 
-from test_engine_cpu import (CUSTOM_VOICE_CASES, FRAMES, WAVE_TOL, as_request, codes_in_pieces, engine_for,
-                             streaming_text)
+from test_engine_cpu import (CUSTOM_VOICE_CASES, FRAMES, WAVE_TOL, as_request, codes_in_pieces, streaming_text)
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def custom_voice(tiny_checkpoint):
-    with engine_for(tiny_checkpoint("1.7b-custom_voice")) as tts:
-        yield tts, None
+def custom_voice(custom_voice_engine):
+    return custom_voice_engine, None  # test_engine_cpu.py's engine (conftest.py)
 
 
 @pytest.mark.parametrize("case", CUSTOM_VOICE_CASES[:3], ids=["english", "chinese", "french-instructed"])
