@@ -20,7 +20,7 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def custom_voice(custom_voice_engine):
-    return custom_voice_engine, None  # test_engine_cpu.py's engine (conftest.py)
+    return custom_voice_engine, None  # the session's engine (conftest.py), test_engine_cpu.py's too
 
 
 @pytest.mark.parametrize("case", CUSTOM_VOICE_CASES[:3], ids=["english", "chinese", "french-instructed"])

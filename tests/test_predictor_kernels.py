@@ -200,19 +200,14 @@ def compare_sampler(device: str, rows_per_case: int = 8, draws: int = 2) -> int:
 def check_top_noise_bucket(device: str) -> None:
     """The noise's top bucket (test_sampling.py's TOP_BUCKET) forces no draw in the kernel either:
     greedy and top-k 1 rows draw the best token, as the PyTorch sampler does."""
-    from test_sampling import TOP_BUCKET
+    from test_sampling import TOP_BUCKET, top_bucket_rows
     from vllm_qwen3tts.model.predictor_kernels import fused_sample
 
-    seed, counter, column = TOP_BUCKET
     for dtype in (torch.bfloat16, torch.float32):
-        logits = torch.zeros(2, 2048, dtype=dtype)
-        logits[:, 3] = 1.0
-        logits = logits.to(device)
-        got = fused_sample(logits, torch.tensor([0.0, 1.0], device=device), torch.tensor([0, 1], device=device),
-                           torch.ones(2, device=device), torch.full((2,), seed, device=device),
-                           torch.full((2,), counter, device=device))
+        logits, p, counter = top_bucket_rows(device, dtype)
+        got = fused_sample(logits, p.temperature, p.top_k, p.top_p, p.seed, counter)
         if got.tolist() != [3, 3]:
-            raise AssertionError(f"the top noise bucket (column {column}) drew {got.tolist()} ({dtype}), not [3, 3]")
+            raise AssertionError(f"the top noise bucket (column {TOP_BUCKET[2]}) drew {got.tolist()} ({dtype}), not [3, 3]")
 
 
 def in_interpreter(what: str) -> subprocess.CompletedProcess:

@@ -66,6 +66,17 @@ def test_greedy_rows_take_the_argmax_and_masked_ids_are_never_drawn():
 TOP_BUCKET = (1141, 17, 1757)
 
 
+def top_bucket_rows(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(logits, params, counter) of two rows drawn at TOP_BUCKET: one greedy, one sampled with top-k
+    1; the best token is 3, the bucket's column is another."""
+    seed, counter, _ = TOP_BUCKET
+    logits = torch.zeros(2, 2048, dtype=dtype, device=device)
+    logits[:, 3] = 1.0
+    params = SamplingTensors(torch.tensor([0.0, 1.0], device=device), torch.tensor([0, 1], device=device),
+                             torch.ones(2, device=device), torch.full((2,), seed, device=device))
+    return logits, params, torch.full((2,), counter, device=device)
+
+
 def test_the_top_noise_bucket_forces_no_draw():
     """At the top bucket the noise is held just below 1. It once was 1.0: a greedy row then read
     0 * inf = NaN there and drew that column (greedy codes of one request differed between runs
@@ -74,10 +85,7 @@ def test_the_top_noise_bucket_forces_no_draw():
     u = uniform_noise(torch.tensor([seed]), torch.tensor([counter]), 2048)[0]
     below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
     assert u[column] == below_one and (u < 1).all()
-    logits = torch.zeros(2, 2048)
-    logits[:, 3] = 1.0
-    params = SamplingTensors(torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), torch.ones(2), torch.full((2,), seed))
-    assert sample(logits, params, torch.full((2,), counter)).tolist() == [3, 3]
+    assert sample(*top_bucket_rows()).tolist() == [3, 3]
 
 
 def test_noise_is_a_pure_function_of_seed_counter_and_column():
